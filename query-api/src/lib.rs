@@ -1,0 +1,2 @@
+//! Meterline's query API: usage, margins, top spenders and alerts over the
+//! store. Built under the query issue.
