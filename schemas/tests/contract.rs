@@ -1,5 +1,6 @@
 //! The event contract as a client sees it: validation answers, the published
 //! JSON Schema agreeing with the Rust rules, and the wire encoding round trip.
+#![allow(clippy::unwrap_used)]
 
 use chrono::{DateTime, Duration, Utc};
 use meterline_schemas::event::{FIELDS, MAX_ID_BYTES, MAX_NAME_BYTES, REQUIRED_FIELDS};

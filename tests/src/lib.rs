@@ -1,1 +1,255 @@
-//! Shared harness for the end-to-end tests.
+//! Harness for the end-to-end tests: the stack's addresses, private brokers
+//! that tests may kill, services on port 0, and polling with deadlines.
+//!
+//! Addresses come from the variables `scripts/stack up` prints. A test that
+//! needs them and finds them unset fails with instructions; it never passes
+//! without having run.
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// An environment variable the stack sets, or a panic telling how to set it.
+pub fn stack_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: this test needs the real stack. Run `scripts/test`, or \
+             `eval \"$(scripts/stack up)\"` and then cargo test"
+        )
+    })
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` with `what`.
+pub async fn poll_until<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// A free loopback port (bound and released; good enough for private servers).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A private tansu broker that a test may kill and restart on the same port.
+#[derive(Debug)]
+pub struct Broker {
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl Broker {
+    pub async fn start() -> Broker {
+        let mut broker = Broker { port: free_port(), child: None };
+        broker.restart().await;
+        broker
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker process (again) on its port and waits until it accepts connections.
+    pub async fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = tokio::process::Command::new(stack_var("METERLINE_TANSU_BIN"))
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tansu");
+        self.child = Some(child);
+        let addr: SocketAddr = self.addr().parse().expect("addr");
+        poll_until(Duration::from_secs(20), "the broker to listen", || async move {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// SIGKILLs the broker and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill tansu");
+            child.wait().await.expect("reap tansu");
+        }
+    }
+}
+
+/// Creates `topic` with `partitions` on `brokers`.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let results = admin
+        .create_topics([&NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for r in results {
+        if let Err((_, code)) = r {
+            assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create {topic}");
+        }
+    }
+}
+
+/// One record read back from the topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads every partition of `topic` from the beginning until `expected` records
+/// have arrived (then waits `settle` more to catch extras), or the deadline passes.
+pub fn read_topic(brokers: &str, topic: &str, expected: usize, deadline: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterline-tests-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            assignment.add_partition_offset(topic, p.id(), Offset::Beginning).expect("assign");
+        }
+    }
+    consumer.assign(&assignment).expect("assign");
+    let start = Instant::now();
+    let mut records = Vec::new();
+    // Once the expected count is in, keep reading briefly so that extra
+    // (duplicate) records would be seen too.
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        if let Some(until) = settle_until {
+            if Instant::now() > until {
+                break;
+            }
+        } else if records.len() >= expected {
+            settle_until = Some(Instant::now() + Duration::from_millis(500));
+        }
+        if start.elapsed() > deadline {
+            break;
+        }
+        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+            let m = result.expect("consume");
+            records.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                payload: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    records
+}
+
+/// An ingest server running in this process on a port-0 listener.
+#[derive(Debug)]
+pub struct Ingest {
+    pub url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ingest {
+    pub async fn start(config: meterline_ingest::Config) -> Ingest {
+        init_tracing();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            meterline_ingest::serve(config, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("ingest serve");
+        });
+        Ingest { url, shutdown: Some(tx), task }
+    }
+
+    /// Asks for graceful shutdown and waits for the server to finish draining.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("ingest task");
+    }
+}
+
+/// Keys of the test tenants: (tenant, ingest key, read key).
+pub const TENANTS: &[(&str, &str, &str)] =
+    &[("acme", "acme-ingest-key", "acme-read-key"), ("globex", "globex-ingest-key", "globex-read-key")];
+
+/// An ingest config for `brokers` and `topic` with the test tenants.
+pub fn ingest_config(brokers: &str, topic: &str, extra: &str) -> meterline_ingest::Config {
+    let mut text = format!(
+        "{extra}\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\npartitions = 4\nproduce_timeout_ms = 3000\n"
+    );
+    for (tenant, ingest, read) in TENANTS {
+        text.push_str(&format!(
+            "[[tenants]]\nid = \"{tenant}\"\ncredit_price_usd = \"0.001\"\n\
+             [[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
+             [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+            meterline_schemas::tenants::hash_key(ingest),
+            meterline_schemas::tenants::hash_key(read),
+        ));
+    }
+    meterline_ingest::Config::load(&text, []).expect("test config")
+}
+
+/// A unique topic name for one test.
+pub fn unique_topic(test: &str) -> String {
+    format!("t-{test}-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ rand_u64())
+}
+
+fn rand_u64() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(1);
+    u128::from(h.finish())
+}
+
+/// A valid event for `user` with a key unique to `n`, stamped a minute ago.
+pub fn event(user: &str, n: usize) -> serde_json::Value {
+    serde_json::json!({
+        "idempotency_key": format!("{user}-{n}"),
+        "timestamp": (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339(),
+        "user_id": user,
+        "customer_id": "cust-1",
+        "feature": "chat",
+        "model": "gpt-4o",
+        "input_tokens": 100 + n,
+        "output_tokens": 20,
+        "cost_usd": format!("0.{:09}", n + 1),
+    })
+}
+
+/// Sends service logs to the test's captured output (shown when a test fails).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .try_init();
+}

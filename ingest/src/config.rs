@@ -1,0 +1,144 @@
+//! Ingest configuration: a TOML file with `METERLINE_*` env overrides, validated at startup.
+
+use meterline_schemas::tenants::{KeyRing, TenantConfig};
+use meterline_schemas::{TimeBounds, config::load_toml_with_env};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::IngestError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub events: TimeBounds,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds (the binary only; tests pass a listener).
+    pub listen: SocketAddr,
+    /// Requests processed at once; more get 429 with `Retry-After`. Worst-case
+    /// request memory is about this times three times `max_body_bytes`.
+    pub max_in_flight_requests: usize,
+    /// Largest body, after decompression, in bytes.
+    pub max_body_bytes: usize,
+    /// Most events in one request.
+    pub max_events_per_request: usize,
+    /// How long shutdown waits for in-flight requests and unacked messages.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_in_flight_requests: 32,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_events_per_request: 10_000,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    #[serde(default = "KafkaConfig::default_topic")]
+    pub topic: String,
+    /// Create the topic (with `partitions`) when it is missing, and recreate it
+    /// if a broker comes back without it. Off where topics are provisioned.
+    #[serde(default = "yes")]
+    pub create_topic: bool,
+    #[serde(default = "KafkaConfig::default_partitions")]
+    pub partitions: i32,
+    /// How long one event may wait for the broker's ack before the request
+    /// answers 503 (librdkafka `message.timeout.ms`).
+    #[serde(default = "KafkaConfig::default_produce_timeout_ms")]
+    pub produce_timeout_ms: u64,
+    /// `none`, `gzip`, `lz4`, `zstd` or `snappy`.
+    #[serde(default = "KafkaConfig::default_compression")]
+    pub compression: String,
+    #[serde(default = "KafkaConfig::default_linger_ms")]
+    pub linger_ms: u64,
+    /// Further librdkafka producer properties, passed through as given.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl KafkaConfig {
+    fn default_topic() -> String {
+        "meterline.events.v1".to_owned()
+    }
+    fn default_partitions() -> i32 {
+        8
+    }
+    fn default_produce_timeout_ms() -> u64 {
+        5_000
+    }
+    fn default_compression() -> String {
+        "lz4".to_owned()
+    }
+    fn default_linger_ms() -> u64 {
+        5
+    }
+}
+
+impl Config {
+    /// Parses TOML text and applies overrides from `vars`, then validates.
+    pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, IngestError> {
+        let config: Config = load_toml_with_env(text, vars)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot; every message names its key.
+    pub fn validate(&self) -> Result<(), IngestError> {
+        let bad = |key: &str, message: &str| Err(IngestError::Config(format!("{key}: {message}")));
+        if self.server.max_in_flight_requests == 0 {
+            return bad("server.max_in_flight_requests", "must be at least 1");
+        }
+        if self.server.max_body_bytes < 1024 {
+            return bad("server.max_body_bytes", "must be at least 1024");
+        }
+        if self.server.max_events_per_request == 0 {
+            return bad("server.max_events_per_request", "must be at least 1");
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return bad("kafka.brokers", "must name at least one host:port");
+        }
+        if self.kafka.topic.is_empty() || self.kafka.topic.len() > 249 {
+            return bad("kafka.topic", "must be 1-249 characters");
+        }
+        if self.kafka.partitions < 1 {
+            return bad("kafka.partitions", "must be at least 1");
+        }
+        if !(100..=300_000).contains(&self.kafka.produce_timeout_ms) {
+            return bad("kafka.produce_timeout_ms", "must be between 100 and 300000");
+        }
+        if !["none", "gzip", "lz4", "zstd", "snappy"].contains(&self.kafka.compression.as_str()) {
+            return bad("kafka.compression", "must be one of none, gzip, lz4, zstd, snappy");
+        }
+        if self.events.max_past_secs == 0 {
+            return bad("events.max_past_secs", "must be positive");
+        }
+        if self.tenants.is_empty() {
+            return bad("tenants", "configure at least one tenant with a key");
+        }
+        KeyRing::from_config(&self.tenants)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,264 @@
+//! The HTTP server: `POST /v1/events`, health, readiness and metrics.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use meterline_schemas::prices::{Catalog, PriceBook};
+use meterline_schemas::tenants::{KeyRing, Principal, Scope};
+use meterline_schemas::wire::{self, Envelope};
+use meterline_schemas::{TimeBounds, batch, parse_event};
+use serde::Serialize;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::body;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics;
+use crate::producer::{EventProducer, Outgoing};
+use crate::IngestError;
+
+/// Everything a request needs, shared by all requests.
+#[derive(Debug)]
+pub struct AppState {
+    keys: KeyRing,
+    catalog: Catalog,
+    bounds: TimeBounds,
+    producer: EventProducer,
+    permits: Semaphore,
+    max_body_bytes: usize,
+    max_events: usize,
+}
+
+impl AppState {
+    pub fn new(config: &Config) -> Result<AppState, IngestError> {
+        Ok(AppState {
+            keys: KeyRing::from_config(&config.tenants)?,
+            catalog: Catalog::builtin()?,
+            bounds: config.events,
+            producer: EventProducer::new(&config.kafka)?,
+            permits: Semaphore::new(config.server.max_in_flight_requests),
+            max_body_bytes: config.server.max_body_bytes,
+            max_events: config.server.max_events_per_request,
+        })
+    }
+}
+
+/// The answer to a batch: how many events are durable, and why each other one is not.
+#[derive(Debug, Serialize)]
+pub struct BatchResponse {
+    pub accepted: usize,
+    pub rejected: Vec<RejectedEvent>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejectedEvent {
+    pub index: usize,
+    pub idempotency_key: Option<String>,
+    pub errors: Vec<EventError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventError {
+    pub field: Option<String>,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains
+/// in-flight requests and waits for outstanding broker acks, within the grace period.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), IngestError> {
+    let state = Arc::new(AppState::new(&config)?);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let keeper = tokio::spawn(keep_topic(state.producer.clone()));
+    let app = router(state.clone());
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    keeper.abort();
+    let producer = state.producer.clone();
+    let _ = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
+    Ok(())
+}
+
+/// Creates the topic at start, and again if readiness finds it gone.
+async fn keep_topic(producer: EventProducer) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if !producer.ready().await {
+            match producer.ensure_topic().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ensure the events topic; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let handle = metrics::handle();
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .fallback(|| async { ApiError::not_found() })
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.producer.ready().await {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        ApiError::unavailable("the Kafka broker is not reachable or the topic is missing").into_response()
+    }
+}
+
+fn authenticate<'a>(keys: &'a KeyRing, headers: &HeaderMap, scope: Scope) -> Result<&'a Principal, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <key>").with_field("Authorization"))?;
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::unauthenticated("Authorization must be Bearer <key>").with_field("Authorization"))?;
+    let principal = keys.authenticate(key).ok_or_else(|| ApiError::unauthenticated("unknown API key").with_field("Authorization"))?;
+    if !principal.allows(scope) {
+        return Err(ApiError::forbidden(format!("this key lacks the {scope:?} scope").to_lowercase()));
+    }
+    Ok(principal)
+}
+
+async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, request: Body) -> Response {
+    let started = Instant::now();
+    let response = match state.permits.try_acquire() {
+        Err(_) => ApiError::overloaded().into_response(),
+        Ok(_permit) => {
+            metrics::in_flight(1.0);
+            let response = handle_events(&state, &headers, request).await.unwrap_or_else(IntoResponse::into_response);
+            metrics::in_flight(-1.0);
+            response
+        }
+    };
+    metrics::request(response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+/// What the blocking stage hands back: events to send and events refused.
+struct Validated {
+    outgoing: Vec<Outgoing>,
+    unpriced: u64,
+    rejected: Vec<RejectedEvent>,
+    rejected_reasons: Vec<&'static str>,
+    total: usize,
+}
+
+async fn handle_events(state: &Arc<AppState>, headers: &HeaderMap, request: Body) -> Result<Response, ApiError> {
+    let principal = authenticate(&state.keys, headers, Scope::Ingest)?.clone();
+    let format = body::format(headers)?;
+    let encoding = body::encoding(headers)?;
+    let raw = body::collect(request, state.max_body_bytes).await?;
+
+    let worker_state = state.clone();
+    let tenant = principal.tenant.clone();
+    // Decompression, parsing and validation are CPU work: keep them off the
+    // async threads so one large batch cannot stall other connections.
+    let validated = tokio::task::spawn_blocking(move || validate(&worker_state, &tenant, raw, encoding, format))
+        .await
+        .map_err(|_| ApiError::internal())??;
+
+    metrics::batch(validated.total);
+    for reason in &validated.rejected_reasons {
+        metrics::rejected(&principal.tenant, reason);
+    }
+    let accepted = validated.outgoing.len();
+    if accepted > 0 {
+        let started = Instant::now();
+        let sent = state.producer.send_all(&validated.outgoing).await;
+        metrics::produced(started.elapsed().as_secs_f64(), sent.is_ok());
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, tenant = %principal.tenant, events = accepted, "broker did not ack; answering 503");
+            return Err(ApiError::unavailable("the event log did not acknowledge the batch; retry it unchanged"));
+        }
+        metrics::accepted(&principal.tenant, accepted as u64, validated.unpriced);
+    }
+    let status = if accepted == 0 && !validated.rejected.is_empty() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, axum::Json(BatchResponse { accepted, rejected: validated.rejected })).into_response())
+}
+
+fn validate(
+    state: &AppState,
+    tenant_id: &str,
+    raw: Vec<u8>,
+    encoding: body::Encoding,
+    format: batch::BodyFormat,
+) -> Result<Validated, ApiError> {
+    let decoded = body::decode(raw, encoding, state.max_body_bytes)?;
+    let text = body::text(decoded)?;
+    let items = batch::split(&text, format, state.max_events).map_err(|e| match e {
+        batch::BatchError::TooManyEvents { .. } => ApiError::too_large(e.to_string()),
+        batch::BatchError::Syntax { .. } => ApiError::bad_request("invalid_json", e.to_string()),
+        batch::BatchError::Shape => ApiError::bad_request("invalid_shape", e.to_string()),
+    })?;
+    let tenant = state.keys.tenant(tenant_id);
+    let empty = Default::default();
+    let prices = PriceBook { overrides: tenant.map_or(&empty, |t| &t.prices), catalog: &state.catalog };
+    let now = Utc::now();
+    let mut out = Validated {
+        outgoing: Vec::with_capacity(items.len()),
+        unpriced: 0,
+        rejected: Vec::new(),
+        rejected_reasons: Vec::new(),
+        total: items.len(),
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        match parse_event(item, &state.bounds, now) {
+            Ok(event) => {
+                if prices.cost_of(&event).is_none() {
+                    out.unpriced += 1;
+                }
+                let key = wire::message_key(tenant_id, &event.user_id);
+                let envelope = Envelope { tenant: tenant_id.to_owned(), received_at: now, event };
+                out.outgoing.push(Outgoing { key, payload: wire::encode(&envelope) });
+            }
+            Err(rejection) => {
+                out.rejected_reasons.push(rejection.errors.first().map_or("invalid", |e| e.code.as_str()));
+                out.rejected.push(RejectedEvent {
+                    index,
+                    idempotency_key: rejection.idempotency_key,
+                    errors: rejection
+                        .errors
+                        .into_iter()
+                        .map(|e| EventError {
+                            field: (!e.field.is_empty()).then_some(e.field),
+                            code: e.code.as_str(),
+                            message: e.message,
+                        })
+                        .collect(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
