@@ -100,7 +100,7 @@ impl KafkaConfig {
 impl Config {
     /// Parses TOML text and applies overrides from `vars`, then validates.
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, IngestError> {
-        let config: Config = load_toml_with_env(text, vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "kafka", "events"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -140,5 +140,57 @@ impl Config {
         }
         KeyRing::from_config(&self.tenants)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/ingest.example.toml");
+
+    #[test]
+    fn example_config_is_valid() {
+        let config = Config::load(EXAMPLE, []).unwrap();
+        assert_eq!(config.kafka.topic, "meterline.events.v1");
+        assert_eq!(config.events.max_past_secs, 35 * 24 * 3600);
+        let ring = KeyRing::from_config(&config.tenants).unwrap();
+        assert_eq!(ring.authenticate("demo-ingest-key").unwrap().tenant, "demo");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let vars = [
+            ("METERLINE_KAFKA__BROKERS".to_owned(), "10.0.0.1:9092".to_owned()),
+            ("METERLINE_SERVER__MAX_IN_FLIGHT_REQUESTS".to_owned(), "4".to_owned()),
+        ];
+        let config = Config::load(EXAMPLE, vars).unwrap();
+        assert_eq!(config.kafka.brokers, "10.0.0.1:9092");
+        assert_eq!(config.server.max_in_flight_requests, 4);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (var, value, key) in [
+            ("METERLINE_SERVER__MAX_IN_FLIGHT_REQUESTS", "0", "server.max_in_flight_requests"),
+            ("METERLINE_KAFKA__COMPRESSION", "brotli", "kafka.compression"),
+            ("METERLINE_KAFKA__PARTITIONS", "0", "kafka.partitions"),
+            ("METERLINE_KAFKA__PRODUCE_TIMEOUT_MS", "1", "kafka.produce_timeout_ms"),
+            ("METERLINE_KAFKA__BROKERZ", "x", "brokerz"),
+            ("METERLINE_SERVER__LISTEN", "nowhere", "listen"),
+        ] {
+            let err = Config::load(EXAMPLE, [(var.to_owned(), value.to_owned())]).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+        // Other METERLINE_ variables (the test stack's) are not config.
+        for (var, value) in [("METERLINE_PROMTOOL", "/usr/bin/promtool"), ("METERLINE_CONFIG", "x.toml")] {
+            assert!(Config::load(EXAMPLE, [(var.to_owned(), value.to_owned())]).is_ok(), "{var}");
+        }
+        for (var, value, key) in [("METERLINE_SERVER__LISTEN", "nowhere", "listen")] {
+            let err = Config::load(EXAMPLE, [(var.to_owned(), value.to_owned())]).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+        }
+        let err = Config::load(&EXAMPLE.replace("id = \"demo\"", "id = \"Demo!\""), []).unwrap_err().to_string();
+        assert!(err.contains("tenants[0].id"), "{err}");
     }
 }

@@ -1,24 +1,31 @@
 //! Configuration plumbing shared by the services: TOML files with env overrides.
 //!
 //! A variable `METERLINE_KAFKA__BROKERS=host:9092` overrides `kafka.brokers`:
-//! the prefix is dropped, `__` separates levels, names are lowercased. A value
-//! is read as a TOML literal when it is one (`8`, `true`, `["a","b"]`) and as a
-//! string otherwise. The environment is passed in, so this module does no I/O.
+//! the prefix is dropped, `__` separates levels, names are lowercased. Only
+//! variables naming one of the config's sections apply, so that other
+//! `METERLINE_*` variables (the test stack's, `METERLINE_CONFIG`) are left
+//! alone; below a section, an unknown key is an error like one in the file.
+//! A value is read as a TOML literal when it is one (`8`, `true`, `["a","b"]`)
+//! and as a string otherwise. The environment is passed in: no I/O here.
 
 use crate::SchemaError;
 
 /// The prefix of every override variable.
 pub const ENV_PREFIX: &str = "METERLINE_";
 
-/// Parses `text` as TOML and applies overrides from `vars` (name, value).
-/// Variables not starting with [`ENV_PREFIX`] are ignored.
+/// Parses `text` as TOML and applies overrides from `vars` (name, value) that
+/// address one of `sections` as `METERLINE_<SECTION>__<KEY>`.
 pub fn load_toml_with_env<T: serde::de::DeserializeOwned>(
     text: &str,
+    sections: &[&str],
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, SchemaError> {
-    let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| SchemaError::config("(file)", e.to_string()))?;
-    let mut overrides: Vec<(String, String)> =
-        vars.into_iter().filter_map(|(k, v)| k.strip_prefix(ENV_PREFIX).map(|rest| (rest.to_lowercase(), v))).collect();
+    let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| SchemaError::ConfigFile(e.to_string().trim_end().to_owned()))?;
+    let mut overrides: Vec<(String, String)> = vars
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix(ENV_PREFIX).map(|rest| (rest.to_lowercase(), v)))
+        .filter(|(path, _)| sections.iter().any(|s| path.strip_prefix(s).is_some_and(|rest| rest.starts_with("__"))))
+        .collect();
     // Deterministic order, so two variables addressing one key resolve the same way every time.
     overrides.sort();
     for (path, value) in overrides {
@@ -29,7 +36,10 @@ pub fn load_toml_with_env<T: serde::de::DeserializeOwned>(
         set_path(&mut doc, &parts, literal(&value))
             .map_err(|message| SchemaError::config(parts.join("."), message))?;
     }
-    toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| SchemaError::config("(config)", e.message().to_owned()))
+    // Re-read as text rather than converting the table: only errors from text
+    // carry a position, and the quoted line shows the offending key.
+    let merged = toml::to_string(&doc).map_err(|e| SchemaError::ConfigFile(e.to_string()))?;
+    toml::from_str(&merged).map_err(|e: toml::de::Error| SchemaError::ConfigFile(e.to_string().trim_end().to_owned()))
 }
 
 fn literal(value: &str) -> toml::Value {
@@ -65,6 +75,11 @@ mod tests {
     struct Sample {
         kafka: Kafka,
         #[serde(default)]
+        server: Server,
+    }
+    #[derive(serde::Deserialize, Debug, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Server {
         port: u16,
     }
     #[derive(serde::Deserialize, Debug)]
@@ -75,23 +90,27 @@ mod tests {
         partitions: u32,
     }
 
+    const SECTIONS: &[&str] = &["kafka", "server"];
+
     #[test]
     fn env_overrides_file() {
         let vars = [
             ("METERLINE_KAFKA__BROKERS".to_owned(), "h:1".to_owned()),
             ("METERLINE_KAFKA__PARTITIONS".to_owned(), "8".to_owned()),
-            ("METERLINE_PORT".to_owned(), "99".to_owned()),
+            ("METERLINE_SERVER__PORT".to_owned(), "99".to_owned()),
+            ("METERLINE_PROMTOOL".to_owned(), "/usr/bin/promtool".to_owned()),
+            ("METERLINE_KAFKAESQUE__X".to_owned(), "ignored".to_owned()),
             ("PATH".to_owned(), "/bin".to_owned()),
         ];
-        let s: Sample = load_toml_with_env("[kafka]\nbrokers = \"x:2\"\n", vars).unwrap();
-        assert_eq!((s.kafka.brokers.as_str(), s.kafka.partitions, s.port), ("h:1", 8, 99));
+        let s: Sample = load_toml_with_env("[kafka]\nbrokers = \"x:2\"\n", SECTIONS, vars).unwrap();
+        assert_eq!((s.kafka.brokers.as_str(), s.kafka.partitions, s.server.port), ("h:1", 8, 99));
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\nbrokerz = 1\n", []).unwrap_err();
+        let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\nbrokerz = 1\n", SECTIONS, []).unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
-        let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\n", [("METERLINE_KAFKA__TYPO".into(), "1".into())]);
+        let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\n", SECTIONS, [("METERLINE_KAFKA__TYPO".into(), "1".into())]);
         assert!(err.unwrap_err().to_string().contains("typo"));
     }
 }

@@ -18,8 +18,10 @@ pub use money::Nanos;
 /// Errors in configuration and contract data (the crate's one error type).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SchemaError {
-    #[error("config {key}: {message}")]
+    #[error("config key {key}: {message}")]
     Config { key: String, message: String },
+    #[error("config: {0}")]
+    ConfigFile(String),
     #[error("price {key}: {message}")]
     Price { key: String, message: String },
     #[error(transparent)]

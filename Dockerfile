@@ -1,0 +1,13 @@
+# Builds every Meterline service binary. One image, one binary per service:
+#   docker build -t meterline . && docker run meterline meterline-ingest --config ...
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p meterline-ingest
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/meterline-ingest /usr/local/bin/
+COPY config /etc/meterline
+USER nobody

@@ -1,0 +1,113 @@
+//! Ingest throughput beside the broker's raw limit, on this machine.
+//!
+//! Sends the same events two ways to the stack's broker and prints events/s
+//! and the ratio: (1) a plain rdkafka producer sending the already-encoded
+//! wire records (the broker's own limit for this client and these settings),
+//! (2) `POST /v1/events` on an in-process ingest server, in JSON batches.
+//!
+//! `cargo run --release -p meterline-tests --bin ingest-bench -- [EVENTS] [BATCH] [CONCURRENCY]`
+//! with the stack up (`eval "$(scripts/stack up)"`).
+
+use meterline_schemas::wire::{self, Envelope};
+use meterline_schemas::{TimeBounds, parse_event};
+use meterline_tests::{event, ingest_config, stack_var, unique_topic, Ingest};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::time::{Duration, Instant};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let events = args.first().copied().unwrap_or(200_000);
+    let batch = args.get(1).copied().unwrap_or(1_000);
+    let concurrency = args.get(2).copied().unwrap_or(4);
+    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+
+    // The same events for both runs: 5,000 users, realistic field sizes.
+    let bodies: Vec<serde_json::Value> = (0..events).map(|n| event(&format!("user-{}", n % 5_000), n)).collect();
+    let now = chrono::Utc::now();
+    let records: Vec<(Vec<u8>, Vec<u8>)> = bodies
+        .iter()
+        .map(|b| {
+            let e = parse_event(&b.to_string(), &TimeBounds::default(), now).expect("valid event");
+            (wire::message_key("acme", &e.user_id), wire::encode(&Envelope { tenant: "acme".into(), received_at: now, event: e }))
+        })
+        .collect();
+    let avg_record = records.iter().map(|r| r.1.len()).sum::<usize>() / records.len().max(1);
+
+    // 1. Raw producer, same settings as ingest's.
+    let topic = unique_topic("bench-raw");
+    meterline_tests::create_topic(&brokers, &topic, 8).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .create()?;
+    // Warm up the connection and the producer id outside the timing.
+    producer.send(FutureRecord::to(&topic).key("warm").payload("up"), Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
+    // Every record in flight at once: librdkafka batches and pipelines them
+    // as well as it can, which is the limit ingest is measured against.
+    let started = Instant::now();
+    let sends = records.iter().map(|(k, p)| producer.send(FutureRecord::to(&topic).key(k).payload(p), Duration::from_secs(60)));
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| e)?;
+    }
+    let raw_secs = started.elapsed().as_secs_f64();
+    drop(producer);
+
+    // 2. Through ingest: JSON batches over HTTP, `concurrency` requests at a time.
+    let topic = unique_topic("bench-ingest");
+    meterline_tests::create_topic(&brokers, &topic, 8).await;
+    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let client = reqwest::Client::new();
+    let payloads: Vec<String> = bodies.chunks(batch).map(|c| serde_json::Value::from(c.to_vec()).to_string()).collect();
+    let avg_body = payloads.iter().map(String::len).sum::<usize>() / payloads.len().max(1);
+    let post = |body: String| {
+        let (client, url) = (client.clone(), ingest.url.clone());
+        async move {
+            let r = client
+                .post(format!("{url}/v1/events"))
+                .bearer_auth("acme-ingest-key")
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status() == 202, "status {}", r.status());
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    post(payloads[0].clone()).await?; // warm-up, not timed
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for group in payloads.chunks(concurrency) {
+        let timed = group.iter().cloned().map(|b| {
+            let f = post(b);
+            async move {
+                let t = Instant::now();
+                f.await.map(|_| t.elapsed())
+            }
+        });
+        for r in futures::future::join_all(timed).await {
+            latencies.push(r?);
+        }
+    }
+    let ingest_secs = started.elapsed().as_secs_f64();
+    ingest.stop().await;
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    let raw_rate = events as f64 / raw_secs;
+    // The warm-up batch is excluded from both count and time.
+    let ingest_rate = (events as f64) / ingest_secs;
+
+    println!("ingest-bench: {events} events, batches of {batch}, concurrency {concurrency}, {} cores", std::thread::available_parallelism()?);
+    println!("record {avg_record} B on the topic; request body {avg_body} B ({} B/event JSON)", avg_body / batch.max(1));
+    println!("| path | events/s | seconds |");
+    println!("|---|---:|---:|");
+    println!("| raw rdkafka producer (acks=all, idempotent, lz4) | {raw_rate:.0} | {raw_secs:.2} |");
+    println!("| POST /v1/events via ingest | {ingest_rate:.0} | {ingest_secs:.2} |");
+    println!("ratio ingest/raw: {:.2}", ingest_rate / raw_rate);
+    println!("request latency ms: p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}", pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    Ok(())
+}
