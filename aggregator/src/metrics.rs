@@ -1,0 +1,116 @@
+//! Every metric the aggregator exports, named `meterline_aggregator_*`, in one place.
+//!
+//! Labels are bounded: `tenant` comes from configuration or the topic's
+//! tenants (bounded by configuration at ingest), `partition` by the topic's
+//! partition count, `reason` and `table` by fixed sets.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const EVENTS_IN: &str = "meterline_aggregator_events_in_total";
+pub const EVENTS_WRITTEN: &str = "meterline_aggregator_events_written_total";
+pub const DUPLICATES: &str = "meterline_aggregator_duplicates_total";
+pub const UNPRICED: &str = "meterline_aggregator_unpriced_events_total";
+pub const DEAD_LETTERS: &str = "meterline_aggregator_dead_letters_total";
+pub const EXACT_LOOKUPS: &str = "meterline_aggregator_dedupe_exact_lookups_total";
+pub const BLOOM_FALSE_POSITIVES: &str = "meterline_aggregator_bloom_false_positives_total";
+pub const BLOOM_FILL: &str = "meterline_aggregator_bloom_fill_ratio";
+pub const DEDUPE_BYTES: &str = "meterline_aggregator_dedupe_memory_bytes";
+pub const FLUSH_DURATION: &str = "meterline_aggregator_flush_duration_seconds";
+pub const FLUSH_ROWS: &str = "meterline_aggregator_flush_rows";
+pub const WRITE_RETRIES: &str = "meterline_aggregator_write_retries_total";
+pub const REPAIRS: &str = "meterline_aggregator_rollup_repairs_total";
+pub const CONSUMER_LAG: &str = "meterline_aggregator_consumer_lag_messages";
+pub const BUFFERED: &str = "meterline_aggregator_buffered_events";
+pub const PARTITIONS: &str = "meterline_aggregator_assigned_partitions";
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".to_owned()),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(FLUSH_ROWS.to_owned()),
+                        &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0],
+                    )
+                })
+                .map(|b| b.build_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            // In a process that already has a recorder (tests running several
+            // services) this one stays private and renders what it records: nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(EVENTS_IN, "Records consumed from the events topic.");
+    describe_counter!(EVENTS_WRITTEN, "Unique events written to ClickHouse, by tenant.");
+    describe_counter!(DUPLICATES, "Copies dropped as duplicates, by reason (retry: same payload; conflict: different payload).");
+    describe_counter!(UNPRICED, "Events written with no cost_usd and no price for their model, by tenant.");
+    describe_counter!(DEAD_LETTERS, "Records that could not be decoded, sent to the dead_letters table.");
+    describe_counter!(EXACT_LOOKUPS, "Keys checked in ClickHouse because a bloom filter held them.");
+    describe_counter!(BLOOM_FALSE_POSITIVES, "Exact look-ups that found the key new: bloom false positives.");
+    describe_gauge!(BLOOM_FILL, "Inserted keys over design capacity of the fullest bloom slice, by partition.");
+    describe_gauge!(DEDUPE_BYTES, "Approximate bytes of dedupe state, by partition.");
+    describe_histogram!(FLUSH_DURATION, metrics::Unit::Seconds, "Time to write one flush to ClickHouse and commit.");
+    describe_histogram!(FLUSH_ROWS, "Events written per flush.");
+    describe_counter!(WRITE_RETRIES, "Failed ClickHouse writes that will be retried, by table.");
+    describe_counter!(REPAIRS, "Rollups rebuilt from raw events after a crash between the two inserts.");
+    describe_gauge!(CONSUMER_LAG, "Messages between the partition's end and the aggregator's position, by partition.");
+    describe_gauge!(BUFFERED, "Events consumed and not yet written.");
+    describe_gauge!(PARTITIONS, "Partitions assigned to this aggregator.");
+}
+
+pub fn consumed(n: u64) {
+    counter!(EVENTS_IN).increment(n);
+}
+pub fn written(tenant: &str, n: u64) {
+    counter!(EVENTS_WRITTEN, "tenant" => tenant.to_owned()).increment(n);
+}
+pub fn duplicate(reason: &'static str) {
+    counter!(DUPLICATES, "reason" => reason).increment(1);
+}
+pub fn unpriced(tenant: &str, n: u64) {
+    counter!(UNPRICED, "tenant" => tenant.to_owned()).increment(n);
+}
+pub fn dead_letters(n: u64) {
+    counter!(DEAD_LETTERS).increment(n);
+}
+pub fn exact_lookups(n: u64, false_positives: u64) {
+    counter!(EXACT_LOOKUPS).increment(n);
+    counter!(BLOOM_FALSE_POSITIVES).increment(false_positives);
+}
+pub fn dedupe_state(partition: i32, fill: f64, bytes: usize) {
+    gauge!(BLOOM_FILL, "partition" => partition.to_string()).set(fill);
+    gauge!(DEDUPE_BYTES, "partition" => partition.to_string()).set(bytes as f64);
+}
+pub fn flushed(seconds: f64, rows: usize) {
+    histogram!(FLUSH_DURATION).record(seconds);
+    histogram!(FLUSH_ROWS).record(rows as f64);
+}
+pub fn write_retry(table: &'static str) {
+    counter!(WRITE_RETRIES, "table" => table).increment(1);
+}
+pub fn repaired() {
+    counter!(REPAIRS).increment(1);
+}
+pub fn lag(partition: i32, messages: i64) {
+    gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(messages as f64);
+}
+pub fn buffered(n: usize) {
+    gauge!(BUFFERED).set(n as f64);
+}
+pub fn partitions(n: usize) {
+    gauge!(PARTITIONS).set(n as f64);
+}

@@ -1,0 +1,633 @@
+//! The consumer loop: per-partition buffers, flushes, and the protocol that
+//! gives an exactly-once effect without Kafka transactions (see the crate docs).
+
+use chrono::Utc;
+use meterline_schemas::prices::Catalog;
+use meterline_schemas::tenants::KeyRing;
+use meterline_schemas::wire::{self, Envelope};
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::AggregatorError;
+use crate::config::Config;
+use crate::dedupe::{Known, PartitionDedupe};
+use crate::metrics;
+use crate::rollup::{self, EventRow, RollupRow, Source, fingerprint, key_hash, price};
+use crate::store::{DeadLetterRow, Store};
+
+/// A partition's assignment change, recorded by the rebalance callbacks and
+/// acted on by the loop between polls.
+#[derive(Debug)]
+enum Change {
+    Assign(Vec<i32>),
+    Revoke(Vec<i32>),
+}
+
+/// The consumer's context: records rebalances and reports lag.
+struct Ctx {
+    topic: String,
+    changes: Arc<Mutex<Vec<Change>>>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (id, p) in &topic.partitions {
+                if *id >= 0 && p.consumer_lag >= 0 {
+                    metrics::lag(*id, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl Ctx {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        list.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
+    }
+    fn record(&self, change: Change) {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner()).push(change);
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // No write is in flight here: flushes run between polls, and this runs
+        // inside a poll. Dropping the revoked partitions' unwritten buffers is
+        // therefore safe; their next owner resumes from ClickHouse's record.
+        if let Rebalance::Revoke(list) = rebalance {
+            self.record(Change::Revoke(self.partitions(list)));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            // Hold new partitions until their progress and dedupe state are
+            // loaded from ClickHouse and the consumer is positioned there.
+            if let Err(e) = consumer.pause(list) {
+                tracing::warn!(error = %e, "cannot pause newly assigned partitions");
+            }
+            self.record(Change::Assign(self.partitions(list)));
+        }
+    }
+}
+
+type Consumer_ = StreamConsumer<Ctx>;
+
+/// A record taken off the topic, waiting for the next flush.
+struct Buffered {
+    offset: i64,
+    key: Vec<u8>,
+    decoded: Result<Envelope, (String, Vec<u8>)>,
+}
+
+struct PartitionState {
+    ready: bool,
+    paused: bool,
+    /// Records below this offset were already taken; refetches are ignored.
+    next_offset: i64,
+    buffer: Vec<Buffered>,
+    dedupe: PartitionDedupe,
+}
+
+/// Which write of a flush comes next. A flush moves strictly forward, so a
+/// failed write is retried without redoing the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    DeadLetters,
+    Events,
+    Rollups,
+    Commit,
+}
+
+/// A decided flush being written.
+struct Pending {
+    stage: Stage,
+    started: Instant,
+    dead_letters: BTreeMap<i32, Vec<DeadLetterRow>>,
+    events: BTreeMap<i32, Vec<EventRow>>,
+    rollups: BTreeMap<i32, Vec<RollupRow>>,
+    /// Next offset to commit, per partition.
+    commits: BTreeMap<i32, i64>,
+}
+
+impl Pending {
+    /// Forgets a revoked partition's part of the flush. If its events were
+    /// written but not its rollups, the next owner rebuilds them from the
+    /// events (the repair on assignment).
+    fn strip(&mut self, partition: i32) {
+        self.dead_letters.remove(&partition);
+        self.events.remove(&partition);
+        self.rollups.remove(&partition);
+        self.commits.remove(&partition);
+    }
+}
+
+/// The aggregator's consumer loop.
+pub struct Pipeline {
+    config: Config,
+    store: Store,
+    consumer: Arc<Consumer_>,
+    topic: String,
+    catalog: Catalog,
+    tenants: KeyRing,
+    changes: Arc<Mutex<Vec<Change>>>,
+    partitions: BTreeMap<i32, PartitionState>,
+    pending: Option<Pending>,
+    backoff: Duration,
+    next_attempt: Instant,
+    next_load: Instant,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("topic", &self.topic).field("partitions", &self.partitions.len()).finish()
+    }
+}
+
+enum Step {
+    Stop,
+    Record(Result<OwnedMessage, rdkafka::error::KafkaError>),
+    Tick,
+}
+
+impl Pipeline {
+    pub fn new(config: Config, store: Store) -> Result<Pipeline, AggregatorError> {
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let ctx = Ctx { topic: config.kafka.topic.clone(), changes: changes.clone() };
+        let session = config.kafka.session_timeout_ms;
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", session.to_string())
+            .set("heartbeat.interval.ms", (session / 4).max(100).to_string())
+            .set("statistics.interval.ms", "5000")
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "2000")
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &config.kafka.options {
+            client.set(k, v);
+        }
+        let consumer: Consumer_ = client.create_with_context(ctx)?;
+        let tenants = KeyRing::from_config(&config.tenants)?;
+        let now = Instant::now();
+        Ok(Pipeline {
+            topic: config.kafka.topic.clone(),
+            catalog: Catalog::builtin()?,
+            tenants,
+            store,
+            consumer: Arc::new(consumer),
+            changes,
+            partitions: BTreeMap::new(),
+            pending: None,
+            backoff: Duration::from_millis(100),
+            next_attempt: now,
+            next_load: now,
+            config,
+        })
+    }
+
+    /// Consumes until `shutdown`, then writes what is buffered and commits,
+    /// within the configured grace period.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
+        self.consumer.subscribe(&[&self.topic])?;
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.flush.interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            self.apply_changes().await;
+            self.apply_backpressure();
+            let consumer = self.consumer.clone();
+            let step = tokio::select! {
+                biased;
+                _ = &mut shutdown => Step::Stop,
+                _ = tick.tick() => Step::Tick,
+                m = consumer.recv() => Step::Record(m.map(|m| m.detach())),
+            };
+            match step {
+                Step::Stop => break,
+                Step::Tick => self.flush().await,
+                Step::Record(Ok(m)) => {
+                    // A revoke seen in this poll must be applied before the record is kept.
+                    self.apply_changes().await;
+                    self.take(m);
+                    if self.buffered() >= self.config.flush.max_batch_events {
+                        self.flush().await;
+                    }
+                }
+                Step::Record(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    // The broker is down or restarting: no busy loop.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(self.config.server.shutdown_grace_secs);
+        self.apply_changes().await;
+        while (self.pending.is_some() || self.buffered() > 0) && Instant::now() < deadline {
+            self.next_attempt = self.next_attempt.min(Instant::now());
+            self.flush().await;
+            if self.pending.is_some() {
+                tokio::time::sleep(self.backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+            }
+        }
+        if self.pending.is_some() || self.buffered() > 0 {
+            tracing::warn!(buffered = self.buffered(), "shutdown grace ran out; unwritten events will be re-read by the next owner");
+        }
+        let consumer = self.consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync)).await;
+    }
+
+    fn buffered(&self) -> usize {
+        self.partitions.values().map(|p| p.buffer.len()).sum()
+    }
+
+    /// Keeps one record from the topic in its partition's buffer.
+    fn take(&mut self, m: OwnedMessage) {
+        if m.topic() != self.topic {
+            return;
+        }
+        let Some(state) = self.partitions.get_mut(&m.partition()) else { return };
+        if !state.ready || m.offset() < state.next_offset {
+            // Not positioned yet, or a refetch of a record already taken.
+            return;
+        }
+        state.next_offset = m.offset() + 1;
+        metrics::consumed(1);
+        let payload = m.payload().unwrap_or_default();
+        let decoded = match m.payload() {
+            None => Err(("record has no payload".to_owned(), Vec::new())),
+            Some(_) => wire::decode(payload).map_err(|e| (e.to_string(), payload.to_vec())),
+        };
+        state.buffer.push(Buffered { offset: m.offset(), key: m.key().unwrap_or_default().to_vec(), decoded });
+        metrics::buffered(self.buffered());
+    }
+
+    /// Pauses fetching while a write is failing or the buffer is full, so
+    /// memory stays bounded; the loop keeps polling to stay in the group.
+    fn apply_backpressure(&mut self) {
+        let hold = self.pending.is_some() || self.buffered() >= self.config.flush.max_buffered_events;
+        let topic = self.topic.clone();
+        for (p, state) in self.partitions.iter_mut() {
+            let want = hold || !state.ready;
+            if want != state.paused {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&topic, *p);
+                let result = if want { self.consumer.pause(&list) } else { self.consumer.resume(&list) };
+                match result {
+                    Ok(()) => state.paused = want,
+                    Err(e) => tracing::warn!(error = %e, partition = p, "cannot change pause state"),
+                }
+            }
+        }
+    }
+
+    /// Applies recorded rebalances and loads any partition not yet ready.
+    async fn apply_changes(&mut self) {
+        let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()));
+        for change in changes {
+            match change {
+                Change::Revoke(ps) => {
+                    for p in ps {
+                        self.partitions.remove(&p);
+                        if let Some(pending) = self.pending.as_mut() {
+                            pending.strip(p);
+                        }
+                        tracing::info!(partition = p, "partition revoked");
+                    }
+                }
+                Change::Assign(ps) => {
+                    for p in ps {
+                        self.partitions.insert(
+                            p,
+                            PartitionState {
+                                ready: false,
+                                paused: true,
+                                next_offset: 0,
+                                buffer: Vec::new(),
+                                dedupe: PartitionDedupe::new(&self.config.dedupe),
+                            },
+                        );
+                        tracing::info!(partition = p, "partition assigned");
+                    }
+                }
+            }
+        }
+        metrics::partitions(self.partitions.len());
+        if Instant::now() < self.next_load {
+            return;
+        }
+        let loading: Vec<i32> = self.partitions.iter().filter(|(_, s)| !s.ready).map(|(p, _)| *p).collect();
+        for p in loading {
+            if let Err(e) = self.load(p).await {
+                tracing::warn!(error = %e, partition = p, "cannot load partition state; retrying");
+                self.next_load = Instant::now() + Duration::from_secs(1);
+                return;
+            }
+        }
+    }
+
+    /// Makes a newly assigned partition ready: repairs rollups a crash left
+    /// behind, rebuilds its dedupe state, and positions the consumer after
+    /// the last record ClickHouse holds (or the group's commit, if later).
+    async fn load(&mut self, partition: i32) -> Result<(), AggregatorError> {
+        let started = Instant::now();
+        let topic = self.topic.clone();
+        let progress = self.store.progress(&topic, partition).await?;
+        let orphans = self.store.events_after(&topic, partition, progress).await?;
+        let mut written_next = progress.rollup_offset.map(|o| o + 1);
+        if let Some(last) = orphans.last() {
+            // The crash came between a flush's events insert and its rollups
+            // insert: derive the rollups from the events, with their marker.
+            let written_at = now_secs();
+            let mut rows = rollup::rollup(&orphans, written_at);
+            let source = Source { topic: &topic, partition, offset: last.kafka_offset };
+            rows.push(RollupRow::marker(source, written_at));
+            self.store.insert_rollups(&rows).await?;
+            metrics::repaired();
+            tracing::warn!(partition, events = orphans.len(), up_to = last.kafka_offset, "rebuilt rollups from events after a crash");
+            written_next = Some(last.kafka_offset + 1);
+        }
+        let now = Utc::now().timestamp();
+        let mut dedupe = PartitionDedupe::new(&self.config.dedupe);
+        let since = u32::try_from((now - self.config.dedupe.window_secs).max(0)).unwrap_or(0);
+        let mut keys = 0usize;
+        self.store
+            .keys_since(&topic, partition, since, |k| {
+                dedupe.insert(key_hash(&k.tenant, &k.idempotency_key), k.fingerprint, i64::from(k.written_at), now);
+                keys += 1;
+            })
+            .await?;
+
+        let consumer = self.consumer.clone();
+        let t = topic.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&t, partition);
+            consumer.committed_offsets(list, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| AggregatorError::Store(e.to_string()))??;
+        let committed = committed.find_partition(&topic, partition).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
+        let start = match (written_next, committed) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let offset = start.map_or(Offset::Beginning, Offset::Offset);
+        self.consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.ready = true;
+            state.next_offset = start.unwrap_or(0);
+            state.buffer.clear();
+            state.dedupe = dedupe;
+            metrics::dedupe_state(partition, state.dedupe.fill_ratio(), state.dedupe.approx_bytes());
+        }
+        tracing::info!(partition, ?start, keys, ms = started.elapsed().as_millis() as u64, "partition ready");
+        Ok(())
+    }
+
+    /// Writes what is buffered, or retries the pending flush when its backoff is over.
+    async fn flush(&mut self) {
+        if self.pending.is_none() {
+            match self.decide().await {
+                Ok(Some(pending)) => self.pending = Some(pending),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check keys in ClickHouse; will retry");
+                    metrics::write_retry("lookup");
+                    self.fail();
+                    return;
+                }
+            }
+        } else if Instant::now() < self.next_attempt {
+            return;
+        }
+        self.write().await;
+    }
+
+    fn fail(&mut self) {
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(self.config.flush.max_backoff_ms));
+    }
+
+    /// Takes up to one batch from the buffers and decides every record:
+    /// dead letter, duplicate, or new (priced and rolled up). Nothing is taken
+    /// from the buffers unless the whole decision succeeds.
+    async fn decide(&mut self) -> Result<Option<Pending>, AggregatorError> {
+        let max = self.config.flush.max_batch_events;
+        let mut quota: BTreeMap<i32, usize> = BTreeMap::new();
+        let mut left = max;
+        for (p, state) in &self.partitions {
+            if state.ready && !state.buffer.is_empty() && left > 0 {
+                let n = state.buffer.len().min(left);
+                quota.insert(*p, n);
+                left -= n;
+            }
+        }
+        if quota.is_empty() {
+            return Ok(None);
+        }
+        // Keys a bloom filter may hold need an exact answer from ClickHouse.
+        let mut maybe: Vec<(&str, &str)> = Vec::new();
+        for (p, n) in &quota {
+            let state = &self.partitions[p];
+            for b in &state.buffer[..*n] {
+                if let Ok(env) = &b.decoded
+                    && state.dedupe.check(key_hash(&env.tenant, &env.event.idempotency_key)) == Known::Maybe
+                {
+                    maybe.push((&env.tenant, &env.event.idempotency_key));
+                }
+            }
+        }
+        let found = if maybe.is_empty() { HashMap::new() } else { self.store.lookup(&maybe).await? };
+        let looked_up = maybe.len() as u64;
+
+        let written_at = now_secs();
+        let now = i64::from(written_at);
+        let mut pending = Pending {
+            stage: Stage::DeadLetters,
+            started: Instant::now(),
+            dead_letters: BTreeMap::new(),
+            events: BTreeMap::new(),
+            rollups: BTreeMap::new(),
+            commits: BTreeMap::new(),
+        };
+        let mut false_positives = 0u64;
+        for (p, n) in quota {
+            let Some(state) = self.partitions.get_mut(&p) else { continue };
+            let taken: Vec<Buffered> = state.buffer.drain(..n).collect();
+            let mut batch_new: HashMap<u128, u64> = HashMap::new();
+            let mut rows = Vec::new();
+            let mut dead = Vec::new();
+            for b in &taken {
+                let source = Source { topic: &self.topic, partition: p, offset: b.offset };
+                let env = match &b.decoded {
+                    Ok(env) => env,
+                    Err((reason, payload)) => {
+                        dead.push(DeadLetterRow {
+                            kafka_topic: self.topic.clone(),
+                            kafka_partition: p,
+                            kafka_offset: b.offset,
+                            reason: reason.clone(),
+                            message_key: hex::encode(&b.key),
+                            payload: hex::encode(payload),
+                            written_at,
+                        });
+                        continue;
+                    }
+                };
+                let h = key_hash(&env.tenant, &env.event.idempotency_key);
+                let fp = fingerprint(&env.tenant, &env.event);
+                let seen = match batch_new.get(&h) {
+                    Some(f) => Some(*f),
+                    None => match state.dedupe.check(h) {
+                        Known::Seen(f) => Some(f),
+                        Known::Maybe => {
+                            let f = found.get(&h).copied();
+                            if f.is_none() {
+                                false_positives += 1;
+                            }
+                            f
+                        }
+                        Known::New => None,
+                    },
+                };
+                match seen {
+                    Some(f) if f == fp => metrics::duplicate("retry"),
+                    Some(_) => {
+                        metrics::duplicate("conflict");
+                        tracing::warn!(
+                            tenant = %env.tenant,
+                            idempotency_key = %env.event.idempotency_key,
+                            "dropped a copy whose payload differs from the first"
+                        );
+                    }
+                    None => {
+                        batch_new.insert(h, fp);
+                        let tenant = self.tenants.tenant(&env.tenant);
+                        let priced = price(&env.event, tenant, &self.catalog);
+                        rows.push(EventRow::new(env, fp, priced, source, written_at));
+                    }
+                }
+            }
+            for (h, fp) in batch_new {
+                state.dedupe.insert(h, fp, now, now);
+            }
+            metrics::dedupe_state(p, state.dedupe.fill_ratio(), state.dedupe.approx_bytes());
+            if let Some(last) = taken.last() {
+                pending.commits.insert(p, last.offset + 1);
+            }
+            if let Some(max_offset) = rows.iter().map(|r| r.kafka_offset).max() {
+                let mut rollups = rollup::rollup(&rows, written_at);
+                rollups.push(RollupRow::marker(Source { topic: &self.topic, partition: p, offset: max_offset }, written_at));
+                pending.rollups.insert(p, rollups);
+                pending.events.insert(p, rows);
+            }
+            if !dead.is_empty() {
+                pending.dead_letters.insert(p, dead);
+            }
+        }
+        metrics::exact_lookups(looked_up, false_positives);
+        metrics::buffered(self.buffered());
+        Ok(Some(pending))
+    }
+
+    /// Moves the pending flush forward one write at a time; on failure it
+    /// stays pending (consumption paused) and is retried after a backoff.
+    async fn write(&mut self) {
+        let Some(mut pending) = self.pending.take() else { return };
+        loop {
+            let result = match pending.stage {
+                Stage::DeadLetters => {
+                    let rows: Vec<DeadLetterRow> = pending.dead_letters.values().flatten().cloned().collect();
+                    self.store.insert_dead_letters(&rows).await.map(|()| {
+                        metrics::dead_letters(rows.len() as u64);
+                        Stage::Events
+                    })
+                }
+                Stage::Events => {
+                    let rows: Vec<EventRow> = pending.events.values().flatten().cloned().collect();
+                    self.store.insert_events(&rows).await.map(|()| Stage::Rollups)
+                }
+                Stage::Rollups => {
+                    let rows: Vec<RollupRow> = pending.rollups.values().flatten().cloned().collect();
+                    self.store.insert_rollups(&rows).await.map(|()| Stage::Commit)
+                }
+                Stage::Commit => break,
+            };
+            match result {
+                Ok(next) => pending.stage = next,
+                Err(e) => {
+                    let table = match pending.stage {
+                        Stage::DeadLetters => "dead_letters",
+                        Stage::Events => "events",
+                        _ => "rollups_minute",
+                    };
+                    tracing::warn!(error = %e, table, "ClickHouse write failed; holding offsets and retrying");
+                    metrics::write_retry(table);
+                    self.pending = Some(pending);
+                    self.fail();
+                    return;
+                }
+            }
+        }
+        self.commit(&pending);
+        let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
+        for row in pending.events.values().flatten() {
+            let entry = per_tenant.entry(&row.tenant).or_default();
+            entry.0 += 1;
+            entry.1 += u64::from(row.cost_source == meterline_schemas::ddl::cost_source::UNPRICED);
+        }
+        for (tenant, (written, unpriced)) in per_tenant {
+            metrics::written(tenant, written);
+            if unpriced > 0 {
+                metrics::unpriced(tenant, unpriced);
+            }
+        }
+        metrics::flushed(pending.started.elapsed().as_secs_f64(), pending.events.values().map(Vec::len).sum());
+        self.backoff = Duration::from_millis(100);
+    }
+
+    /// Commits the flush's offsets to Kafka. Best effort: ClickHouse is the
+    /// record of progress, and a lost commit only means a partition's next
+    /// owner starts from ClickHouse's position instead.
+    fn commit(&self, pending: &Pending) {
+        if pending.commits.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (p, next) in &pending.commits {
+            if list.add_partition_offset(&self.topic, *p, Offset::Offset(*next)).is_err() {
+                return;
+            }
+        }
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            tracing::debug!(error = %e, "offset commit failed; ClickHouse still holds the progress");
+        }
+    }
+}
+
+fn now_secs() -> u32 {
+    rollup::datetime_secs(Utc::now())
+}

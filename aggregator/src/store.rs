@@ -1,0 +1,241 @@
+//! ClickHouse: migrations, the three inserts of a flush, and the reads that
+//! rebuild a partition's progress and dedupe state.
+//!
+//! SQL is written with `?` placeholders and `.bind()`; where a statement takes
+//! a variable number of values, only the placeholders are generated, never the
+//! values. Every statement runs on ClickHouse 18.16 and on the current engine.
+
+use clickhouse::Client;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::AggregatorError;
+use crate::config::ClickHouseConfig;
+use crate::rollup::{EventRow, RollupRow, key_hash};
+use meterline_schemas::ddl::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
+
+/// Slack on `written_at` when scanning for raw rows a crash left without
+/// rollups, so that clock skew between aggregator hosts cannot hide them.
+const WRITTEN_AT_SLACK_SECS: u32 = 3_600;
+
+/// Largest number of keys in one exact look-up query.
+const LOOKUP_CHUNK: usize = 500;
+
+/// One row of `dead_letters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct DeadLetterRow {
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub reason: String,
+    /// The message key and payload, hex-encoded (they may be any bytes).
+    pub message_key: String,
+    pub payload: String,
+    pub written_at: u32,
+}
+
+/// A written key, as the dedupe rebuild reads it back.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, clickhouse::Row)]
+pub struct KeyRow {
+    pub tenant: String,
+    pub idempotency_key: String,
+    pub fingerprint: u64,
+    pub written_at: u32,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct MarkerRow {
+    offset: i64,
+    written_at: u32,
+    markers: u64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct LookupRow {
+    tenant: String,
+    idempotency_key: String,
+    fingerprint: u64,
+}
+
+/// What ClickHouse says about one Kafka partition's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Highest offset covered by rollups (the last progress marker), if any.
+    pub rollup_offset: Option<i64>,
+    /// When that marker was written.
+    pub marker_written_at: u32,
+}
+
+/// The ClickHouse side of the aggregator.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    timeout: Duration,
+    pub server_version: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("server_version", &self.server_version).finish_non_exhaustive()
+    }
+}
+
+/// The client for `config`, tuned to the server's version: schema validation
+/// (RowBinaryWithNamesAndTypes) needs a server from the last few years, so it
+/// is used where the server has it and turned off for older servers (18.16).
+pub async fn connect(config: &ClickHouseConfig) -> Result<Store, AggregatorError> {
+    let base = Client::default()
+        .with_url(&config.url)
+        .with_user(&config.user)
+        .with_password(&config.password)
+        .with_database(&config.database)
+        .with_validation(false);
+    let version: String = base.query("SELECT version()").fetch_one().await?;
+    let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    let client = if major >= 24 { base.with_validation(true) } else { base };
+    Ok(Store { client, timeout: Duration::from_millis(config.request_timeout_ms), server_version: version })
+}
+
+impl Store {
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Applies the migrations this database has not seen, in order.
+    pub async fn migrate(&self) -> Result<(), AggregatorError> {
+        self.client.query(MIGRATIONS_TABLE_DDL).execute().await?;
+        let applied: Vec<u32> = self.client.query("SELECT version FROM schema_migrations").fetch_all().await?;
+        for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+            for statement in m.statements {
+                self.client.query(statement).execute().await?;
+            }
+            self.client
+                .query("INSERT INTO schema_migrations (version, name, applied_at) SELECT ?, ?, now()")
+                .bind(m.version)
+                .bind(m.name)
+                .execute()
+                .await?;
+            tracing::info!(version = m.version, name = m.name, "applied ClickHouse migration");
+        }
+        Ok(())
+    }
+
+    /// True when the server answers.
+    pub async fn ping(&self) -> bool {
+        tokio::time::timeout(self.timeout, self.client.query("SELECT 1").fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
+    }
+
+    async fn insert<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<(), AggregatorError>
+    where
+        T: clickhouse::RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<T>(table).await?.with_timeouts(Some(self.timeout), Some(self.timeout));
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        Ok(())
+    }
+
+    pub async fn insert_events(&self, rows: &[EventRow]) -> Result<(), AggregatorError> {
+        self.insert::<EventRow>("events", rows).await
+    }
+
+    pub async fn insert_rollups(&self, rows: &[RollupRow]) -> Result<(), AggregatorError> {
+        self.insert::<RollupRow>("rollups_minute", rows).await
+    }
+
+    pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), AggregatorError> {
+        self.insert::<DeadLetterRow>("dead_letters", rows).await
+    }
+
+    /// The last progress marker of `partition`.
+    pub async fn progress(&self, topic: &str, partition: i32) -> Result<Progress, AggregatorError> {
+        let row: MarkerRow = self
+            .client
+            .query(
+                "SELECT max(source_offset) AS offset, max(written_at) AS written_at, count() AS markers \
+                 FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND source_partition = ?",
+            )
+            .bind(topic)
+            .bind(partition)
+            .fetch_one()
+            .await?;
+        Ok(Progress {
+            rollup_offset: (row.markers > 0).then_some(row.offset),
+            marker_written_at: if row.markers > 0 { row.written_at } else { 0 },
+        })
+    }
+
+    /// Raw rows of `partition` past `progress`: written by a flush whose rollup
+    /// insert did not happen. Ordered by offset.
+    pub async fn events_after(&self, topic: &str, partition: i32, progress: Progress) -> Result<Vec<EventRow>, AggregatorError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? \
+                 AND kafka_offset > ? AND written_at >= ? ORDER BY kafka_offset",
+            )
+            .bind(topic)
+            .bind(partition)
+            .bind(progress.rollup_offset.unwrap_or(-1))
+            .bind(progress.marker_written_at.saturating_sub(WRITTEN_AT_SLACK_SECS))
+            .fetch_all()
+            .await?)
+    }
+
+    /// Every key `partition` wrote since `since` (Unix seconds), streamed to `each`.
+    pub async fn keys_since(
+        &self,
+        topic: &str,
+        partition: i32,
+        since: u32,
+        mut each: impl FnMut(KeyRow),
+    ) -> Result<(), AggregatorError> {
+        let mut cursor = self
+            .client
+            .query(
+                "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? AND written_at >= ?",
+            )
+            .bind(topic)
+            .bind(partition)
+            .bind(since)
+            .fetch::<KeyRow>()?;
+        while let Some(row) = cursor.next().await? {
+            each(row);
+        }
+        Ok(())
+    }
+
+    /// The fingerprints of those `keys` (tenant, idempotency key) already written.
+    pub async fn lookup(&self, keys: &[(&str, &str)]) -> Result<HashMap<u128, u64>, AggregatorError> {
+        let mut found = HashMap::new();
+        for chunk in keys.chunks(LOOKUP_CHUNK) {
+            let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
+            for (tenant, key) in chunk {
+                by_tenant.entry(tenant).or_default().push(key);
+            }
+            // Only placeholders are generated here; every value goes through bind().
+            let clauses: Vec<String> = by_tenant
+                .values()
+                .map(|ks| format!("(tenant = ? AND idempotency_key IN ({}))", vec!["?"; ks.len()].join(",")))
+                .collect();
+            let sql = format!("SELECT ?fields FROM events WHERE {}", clauses.join(" OR "));
+            let mut query = self.client.query(&sql);
+            for (tenant, ks) in &by_tenant {
+                query = query.bind(*tenant);
+                for k in ks {
+                    query = query.bind(*k);
+                }
+            }
+            for row in query.fetch_all::<LookupRow>().await? {
+                found.insert(key_hash(&row.tenant, &row.idempotency_key), row.fingerprint);
+            }
+        }
+        Ok(found)
+    }
+}
