@@ -6,6 +6,7 @@ use anyhow::Context;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
         .init();
     let path = config_path()?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {path}"))?;

@@ -174,6 +174,8 @@ pub struct RollupRow {
     pub revenue_nanos: i64,
     pub credits_nanos: i64,
     pub unpriced_events: u64,
+    /// 1 on a progress marker, 0 on data rows.
+    pub markers: u64,
     pub written_at: u32,
 }
 
@@ -201,6 +203,7 @@ impl RollupRow {
             revenue_nanos: 0,
             credits_nanos: 0,
             unpriced_events: 0,
+            markers: 1,
             written_at,
         }
     }
@@ -244,6 +247,7 @@ pub fn rollup<'a>(rows: impl IntoIterator<Item = &'a EventRow>, written_at: u32)
             revenue_nanos: 0,
             credits_nanos: 0,
             unpriced_events: 0,
+            markers: 0,
             written_at,
         });
         g.events += 1;

@@ -48,7 +48,7 @@ pub struct KeyRow {
 struct MarkerRow {
     offset: i64,
     written_at: u32,
-    markers: u64,
+    marker_count: u64,
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -158,16 +158,16 @@ impl Store {
         let row: MarkerRow = self
             .client
             .query(
-                "SELECT max(source_offset) AS offset, max(written_at) AS written_at, count() AS markers \
-                 FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND source_partition = ?",
+                "SELECT max(source_offset) AS offset, max(written_at) AS written_at, sum(markers) AS marker_count \
+                 FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND source_partition = ? AND markers > 0",
             )
             .bind(topic)
             .bind(partition)
             .fetch_one()
             .await?;
         Ok(Progress {
-            rollup_offset: (row.markers > 0).then_some(row.offset),
-            marker_written_at: if row.markers > 0 { row.written_at } else { 0 },
+            rollup_offset: (row.marker_count > 0).then_some(row.offset),
+            marker_written_at: if row.marker_count > 0 { row.written_at } else { 0 },
         })
     }
 

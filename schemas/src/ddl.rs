@@ -65,7 +65,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         // One-minute rollups. Data rows have source_partition = -1 and sum
         // together; each flush also writes one progress marker per Kafka
         // partition (tenant '', its own source key, so it never sums with
-        // anything), in the same INSERT as the rows it covers.
+        // anything), in the same INSERT as the rows it covers. Markers carry
+        // markers = 1: SummingMergeTree deletes rows whose summed columns are
+        // all zero when it merges, which would erase the record of progress.
         "CREATE TABLE IF NOT EXISTS rollups_minute (
             tenant String,
             window_start DateTime,
@@ -87,9 +89,10 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             revenue_nanos Int64,
             credits_nanos Int64,
             unpriced_events UInt64,
+            markers UInt64,
             written_at DateTime
         ) ENGINE = SummingMergeTree((events, input_tokens, output_tokens, cached_input_tokens,
-            reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events))
+            reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers))
         PARTITION BY toYYYYMM(written_at)
         ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
             source_topic, source_partition, source_offset)",

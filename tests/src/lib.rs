@@ -5,6 +5,9 @@
 //! needs them and finds them unset fails with instructions; it never passes
 //! without having run.
 
+pub mod stack;
+pub mod workload;
+
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;

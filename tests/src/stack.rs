@@ -1,0 +1,204 @@
+//! Real server processes for the tests: private ClickHouse instances, the
+//! service binaries, and HTTP queries against ClickHouse.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::{free_port, poll_until, stack_var};
+
+/// A ClickHouse server: the stack's shared one, or a private one a test may kill.
+#[derive(Debug)]
+pub struct ClickHouse {
+    pub url: String,
+    http_port: u16,
+    dir: Option<PathBuf>,
+    child: Option<tokio::process::Child>,
+}
+
+impl ClickHouse {
+    /// The stack's shared server.
+    pub fn shared() -> ClickHouse {
+        let url = stack_var("METERLINE_TEST_CLICKHOUSE_URL");
+        let http_port = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        ClickHouse { url, http_port, dir: None, child: None }
+    }
+
+    /// A private server on free ports with its data in a temp dir.
+    pub async fn private() -> ClickHouse {
+        let dir = std::env::temp_dir().join(format!("meterline-ch-{}-{}", std::process::id(), free_port()));
+        let (http, tcp) = (free_port(), free_port());
+        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("ch dirs");
+        }
+        let d = dir.display();
+        std::fs::write(
+            dir.join("config.xml"),
+            format!(
+                "<?xml version=\"1.0\"?><yandex>\
+                 <logger><level>warning</level><log>{d}/log/server.log</log><errorlog>{d}/log/server.err.log</errorlog></logger>\
+                 <listen_host>127.0.0.1</listen_host><http_port>{http}</http_port><tcp_port>{tcp}</tcp_port>\
+                 <max_connections>256</max_connections><max_concurrent_queries>64</max_concurrent_queries>\
+                 <uncompressed_cache_size>67108864</uncompressed_cache_size><mark_cache_size>67108864</mark_cache_size>\
+                 <path>{d}/data/</path><tmp_path>{d}/tmp/</tmp_path><user_files_path>{d}/user_files/</user_files_path>\
+                 <format_schema_path>{d}/format_schemas/</format_schema_path><users_config>users.xml</users_config>\
+                 <default_profile>default</default_profile><default_database>default</default_database>\
+                 <timezone>UTC</timezone><mlock_executable>false</mlock_executable></yandex>"
+            ),
+        )
+        .expect("ch config");
+        std::fs::write(
+            dir.join("users.xml"),
+            "<?xml version=\"1.0\"?><yandex><profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>\
+             <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks><profile>default</profile><quota>default</quota></default></users>\
+             <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas></yandex>",
+        )
+        .expect("ch users");
+        let mut ch = ClickHouse { url: format!("http://127.0.0.1:{http}"), http_port: http, dir: Some(dir), child: None };
+        ch.restart().await;
+        ch
+    }
+
+    /// (Re)starts a private server on its ports and data, and waits until it answers.
+    pub async fn restart(&mut self) {
+        let dir = self.dir.clone().expect("only a private server can be restarted");
+        let binary = which("clickhouse-server");
+        let child = tokio::process::Command::new(binary)
+            .arg(format!("--config-file={}", dir.join("config.xml").display()))
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn clickhouse-server");
+        self.child = Some(child);
+        let url = format!("http://127.0.0.1:{}/ping", self.http_port);
+        poll_until(Duration::from_secs(60), "ClickHouse to answer", || {
+            let url = url.clone();
+            async move { reqwest::get(url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// SIGKILLs a private server.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill clickhouse");
+            child.wait().await.expect("reap clickhouse");
+        }
+    }
+
+    /// Runs `sql` and returns the body; panics on an error answer.
+    pub async fn query(&self, sql: &str) -> String {
+        let response = reqwest::Client::new().post(&self.url).body(sql.to_owned()).send().await.expect("clickhouse request");
+        let status = response.status();
+        let body = response.text().await.expect("clickhouse body");
+        assert!(status.is_success(), "ClickHouse refused {sql}: {body}");
+        body
+    }
+
+    /// Rows of `sql` (which must end in `FORMAT JSONEachRow`) as JSON values.
+    pub async fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.query(sql).await.lines().map(|l| serde_json::from_str(l).expect("JSONEachRow line")).collect()
+    }
+
+    /// A fresh database for one test.
+    pub async fn database(&self, name: &str) -> String {
+        self.query(&format!("CREATE DATABASE IF NOT EXISTS {name}")).await;
+        name.to_owned()
+    }
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn which(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found: run scripts/stack install"))
+}
+
+/// The path of a workspace binary built in this profile (`scripts/test` builds them first).
+pub fn service_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = profile_dir.join(name);
+    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` (scripts/test does)", path.display());
+    path
+}
+
+/// A service binary running as its own process, which a test may SIGKILL.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl Process {
+    /// Writes `config` to a temp file and starts `binary --config FILE`.
+    pub fn start(binary: &str, config: &str) -> Process {
+        let dir = std::env::temp_dir();
+        let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
+        let path = dir.join(format!("{tag}.toml"));
+        std::fs::write(&path, config).expect("write config");
+        let mut p = Process { name: binary.to_owned(), config: path, log: dir.join(format!("{tag}.log")), child: None };
+        p.restart();
+        p
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = tokio::process::Command::new(service_binary(&self.name))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn service");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no flush, no commit, no goodbye.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill");
+            child.wait().await.expect("reap");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+            let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+            assert!(matches!(status, Ok(Ok(s)) if s.success()), "{} did not stop cleanly: {status:?}\n{}", self.name, self.log_tail());
+        }
+    }
+
+    /// Everything the process logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = self.log();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}

@@ -1,0 +1,206 @@
+//! A ground-truth workload: realistic events with retries, conflicting copies,
+//! late events and a month boundary, and the totals they must produce,
+//! computed here independently of the service code.
+
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+/// Sums for one (user, minute window).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub events: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_nanos: i64,
+    pub revenue_nanos: i64,
+}
+
+/// Batches to post in order, and what they must add up to.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub batches: Vec<Vec<Value>>,
+    /// Keyed by (user_id, window start in Unix seconds).
+    pub expected: BTreeMap<(String, i64), Totals>,
+    pub unique_events: u64,
+    pub retries: u64,
+    pub conflicts: u64,
+}
+
+/// xorshift64*: deterministic and dependency-free.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// gpt-4o at $2.50 / $1.25 cached / $10 output per million tokens, rounded half up per event.
+fn gpt4o_cost(input: u64, cached: u64, output: u64, reasoning: u64) -> i64 {
+    let micro = i128::from(input) * 2_500_000_000 + i128::from(cached) * 1_250_000_000 + i128::from(output + reasoning) * 10_000_000_000;
+    i64::try_from((micro + 500_000) / 1_000_000).expect("cost fits")
+}
+
+fn decimal(nanos: i64) -> String {
+    format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+}
+
+/// `actions` distinct AI actions for `tenant` over `users` users, with a
+/// power-law spread (user k weighs 1/(k+1)^1.2), 10% client retries, 2%
+/// conflicting copies, 20% late events up to 30 days old and 10% on either
+/// side of the last month boundary. Credits convert at 0.001 USD.
+pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now: DateTime<Utc>) -> Workload {
+    let mut rng = Rng::new(seed);
+    let weights: Vec<f64> = (0..users).map(|k| 1.0 / ((k + 1) as f64).powf(1.2)).collect();
+    let total: f64 = weights.iter().sum();
+    let month_start = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().expect("month start");
+    let mut originals = Vec::with_capacity(actions);
+    let mut expected: BTreeMap<(String, i64), Totals> = BTreeMap::new();
+    for i in 0..actions {
+        let mut pick = (rng.below(1_000_000) as f64 / 1_000_000.0) * total;
+        let mut user = users - 1;
+        for (k, w) in weights.iter().enumerate() {
+            if pick < *w {
+                user = k;
+                break;
+            }
+            pick -= w;
+        }
+        let user = format!("user-{user:04}");
+        let ts = match rng.below(10) {
+            0 | 1 => now - Duration::seconds(3_600 + rng.below(30 * 86_400 - 7_200) as i64),
+            2 => month_start - Duration::milliseconds(1 + rng.below(120_000) as i64),
+            3 if month_start < now - Duration::minutes(3) => month_start + Duration::milliseconds(rng.below(120_000) as i64),
+            _ => now - Duration::milliseconds(rng.below(600_000) as i64),
+        };
+        let (input, cached, output, reasoning) = (rng.below(8_000), rng.below(2_000), rng.below(1_500), rng.below(300));
+        let feature = ["chat", "search", "summarize"][rng.below(3) as usize];
+        let mut event = json!({
+            "idempotency_key": format!("w{seed}-{i}"),
+            "timestamp": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "user_id": user,
+            "customer_id": format!("cust-{}", rng.below(20)),
+            "feature": feature,
+            "input_tokens": input,
+            "output_tokens": output,
+            "cached_input_tokens": cached,
+            "reasoning_tokens": reasoning,
+        });
+        let cost = if rng.chance(30) {
+            event["model"] = json!("gpt-4o");
+            gpt4o_cost(input, cached, output, reasoning)
+        } else {
+            let cost = rng.below(50_000_000) as i64;
+            event["model"] = json!(["claude-x", "llama-y"][rng.below(2) as usize]);
+            event["cost_usd"] = json!(decimal(cost));
+            cost
+        };
+        let revenue = match rng.below(10) {
+            0..=4 => {
+                let r = rng.below(80_000_000) as i64;
+                event["revenue_usd"] = json!(decimal(r));
+                r
+            }
+            5..=7 => {
+                let micro_credits = rng.below(50_000_000) as i64;
+                event["credits"] = json!(format!("{}.{:06}", micro_credits / 1_000_000, micro_credits % 1_000_000));
+                micro_credits
+            }
+            _ => 0,
+        };
+        let window = ts.timestamp().div_euclid(60) * 60;
+        let t = expected.entry((user, window)).or_default();
+        t.events += 1;
+        t.input_tokens += input;
+        t.output_tokens += output;
+        t.cached_input_tokens += cached;
+        t.reasoning_tokens += reasoning;
+        t.cost_nanos += cost;
+        t.revenue_nanos += revenue;
+        originals.push(event);
+    }
+    // Batches of originals, with retries and conflicting copies posted after
+    // their original was acked (one to three batches later).
+    let mut batches: Vec<Vec<Value>> = originals.chunks(batch_size).map(<[Value]>::to_vec).collect();
+    let (mut retries, mut conflicts) = (0, 0);
+    let count = batches.len();
+    for b in 0..count {
+        for n in 0..batches[b].len() {
+            let original = batches[b][n].clone();
+            let target = (b + 1 + rng.below(3) as usize).min(count);
+            if rng.chance(10) {
+                retries += 1;
+                push(&mut batches, target, original.clone());
+            }
+            if rng.chance(2) {
+                conflicts += 1;
+                let mut changed = original;
+                changed["input_tokens"] = json!(changed["input_tokens"].as_u64().unwrap_or(0) + 1);
+                changed["cost_usd"] = json!("0.5");
+                changed.as_object_mut().map(|o| o.remove("credits"));
+                push(&mut batches, target, changed);
+            }
+        }
+    }
+    Workload { batches, expected, unique_events: actions as u64, retries, conflicts }
+}
+
+fn push(batches: &mut Vec<Vec<Value>>, at: usize, event: Value) {
+    if at >= batches.len() {
+        batches.push(Vec::new());
+    }
+    batches[at].push(event);
+}
+
+/// The rollup totals ClickHouse holds for `tenant` in `database`.
+pub async fn fetch_totals(ch: &crate::stack::ClickHouse, database: &str, tenant: &str) -> BTreeMap<(String, i64), Totals> {
+    let sql = format!(
+        "SELECT user_id, toUInt32(window_start) AS w, sum(events) AS e, sum(input_tokens) AS i, sum(output_tokens) AS o, \
+         sum(cached_input_tokens) AS c, sum(reasoning_tokens) AS r, sum(cost_nanos) AS cost, sum(revenue_nanos) AS rev \
+         FROM {database}.rollups_minute WHERE tenant = '{tenant}' GROUP BY user_id, w FORMAT JSONEachRow"
+    );
+    let num = |v: &Value| -> i64 {
+        match v {
+            Value::String(s) => s.parse().expect("number"),
+            other => other.as_i64().expect("number"),
+        }
+    };
+    ch.rows(&sql)
+        .await
+        .into_iter()
+        .map(|r| {
+            let key = (r["user_id"].as_str().expect("user").to_owned(), num(&r["w"]));
+            let t = Totals {
+                events: num(&r["e"]) as u64,
+                input_tokens: num(&r["i"]) as u64,
+                output_tokens: num(&r["o"]) as u64,
+                cached_input_tokens: num(&r["c"]) as u64,
+                reasoning_tokens: num(&r["r"]) as u64,
+                cost_nanos: num(&r["cost"]),
+                revenue_nanos: num(&r["rev"]),
+            };
+            (key, t)
+        })
+        .collect()
+}
+
+/// Sum of events over all windows.
+pub fn event_count(totals: &BTreeMap<(String, i64), Totals>) -> u64 {
+    totals.values().map(|t| t.events).sum()
+}

@@ -1,0 +1,267 @@
+//! The aggregator against the real broker and real ClickHouse 18.16: totals
+//! equal an independently computed ground truth, through retries, conflicting
+//! copies, late events, SIGKILLs, a rebalance, a ClickHouse outage and poison.
+
+use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::workload::{self, Workload, event_count, fetch_totals};
+use meterline_tests::*;
+use serde_json::json;
+use std::time::Duration;
+
+fn brokers() -> String {
+    stack_var("METERLINE_TEST_KAFKA_BROKERS")
+}
+
+fn aggregator_config(brokers: &str, topic: &str, ch: &ClickHouse, database: &str, metrics_port: u16) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{metrics_port}\"\nshutdown_grace_secs = 20\n\
+         [kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
+         [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\nrequest_timeout_ms = 5000\n\
+         [flush]\ninterval_ms = 200\nmax_batch_events = 5000\nmax_backoff_ms = 1000\n\
+         [dedupe]\nexpected_keys_per_slice = 100000\n\
+         [[tenants]]\nid = \"acme\"\ncredit_price_usd = \"0.001\"\n[[tenants]]\nid = \"globex\"\n",
+        ch.url
+    )
+}
+
+async fn post_batch(url: &str, batch: &[serde_json::Value]) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/events"))
+        .bearer_auth("acme-ingest-key")
+        .json(&batch)
+        .send()
+        .await
+        .expect("post");
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"].as_u64(), Some(batch.len() as u64), "{body}");
+}
+
+async fn post_all(url: &str, batches: &[Vec<serde_json::Value>]) {
+    for b in batches {
+        post_batch(url, b).await;
+    }
+}
+
+/// Waits until ClickHouse holds every unique event, then requires the totals
+/// per user and minute to equal the ground truth exactly.
+async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline: Duration, logs: &[&Process]) {
+    let reached = tokio::time::timeout(
+        deadline,
+        poll_until(deadline, "all unique events in the rollups", || async {
+            let totals = fetch_totals(ch, database, "acme").await;
+            (event_count(&totals) >= work.unique_events).then_some(())
+        }),
+    )
+    .await;
+    if reached.is_err() {
+        for p in logs {
+            eprintln!("--- aggregator log ---\n{}", p.log_tail());
+        }
+    }
+    let totals = fetch_totals(ch, database, "acme").await;
+    assert_eq!(event_count(&totals), work.unique_events, "events counted once each");
+    if totals != work.expected {
+        let diffs: Vec<_> = work
+            .expected
+            .iter()
+            .filter(|(k, v)| totals.get(*k) != Some(*v))
+            .take(5)
+            .map(|(k, v)| format!("{k:?}: expected {v:?}, got {:?}", totals.get(k)))
+            .collect();
+        panic!("rollups differ from the ground truth in {} windows, e.g.\n{}", work.expected.len(), diffs.join("\n"));
+    }
+    // The audit trail holds each unique event once, with its partition and offset.
+    let raw = ch
+        .rows(&format!(
+            "SELECT count() AS n, uniqExact(idempotency_key) AS k, sum(cost_nanos) AS c FROM {database}.events \
+             WHERE tenant = 'acme' FORMAT JSONEachRow"
+        ))
+        .await;
+    let n: u64 = raw[0]["n"].as_str().and_then(|s| s.parse().ok()).or(raw[0]["n"].as_u64()).expect("n");
+    let k: u64 = raw[0]["k"].as_str().and_then(|s| s.parse().ok()).or(raw[0]["k"].as_u64()).expect("k");
+    assert_eq!((n, k), (work.unique_events, work.unique_events), "raw events: one row per unique key");
+}
+
+struct Rig {
+    topic: String,
+    database: String,
+    ingest: Ingest,
+}
+
+async fn rig(name: &str, ch: &ClickHouse, brokers: &str) -> Rig {
+    let topic = unique_topic(name);
+    let database = ch.database(&format!("t_{}_{}", name, free_port())).await;
+    let ingest = Ingest::start(ingest_config(brokers, &topic, "")).await;
+    // Create the topic before any consumer subscribes to it.
+    create_topic(brokers, &topic, 4).await;
+    Rig { topic, database, ingest }
+}
+
+#[tokio::test]
+async fn ground_truth_totals_are_exact() {
+    let ch = ClickHouse::shared();
+    let r = rig("truth", &ch, &brokers()).await;
+    let work = workload::generate(1, 4_000, 300, 400, chrono::Utc::now());
+    assert!(work.retries > 100 && work.conflicts > 20, "the workload exercises dedupe");
+    let mut agg = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, free_port()));
+    post_all(&r.ingest.url, &work.batches).await;
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(120), &[&agg]).await;
+    // Nothing was dead-lettered, and a clean stop works.
+    let dead = ch.query(&format!("SELECT count() FROM {}.dead_letters", r.database)).await;
+    assert_eq!(dead.trim(), "0");
+    agg.stop().await;
+    r.ingest.stop().await;
+}
+
+async fn raw_events(ch: &ClickHouse, database: &str) -> u64 {
+    ch.query(&format!("SELECT count() FROM {database}.events")).await.trim().parse().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn sigkill_during_processing_loses_and_doubles_nothing() {
+    let ch = ClickHouse::shared();
+    let r = rig("crash", &ch, &brokers()).await;
+    let work = workload::generate(2, 30_000, 500, 500, chrono::Utc::now());
+    let config = aggregator_config(&brokers(), &r.topic, &ch, &r.database, free_port());
+    let mut agg = Process::start("meterline-aggregator", &config);
+    let url = r.ingest.url.clone();
+    let batches = work.batches.clone();
+    let poster = tokio::spawn(async move { post_all(&url, &batches).await });
+    // Each kill lands while the aggregator is making progress (events written
+    // since it last started), at a pseudo-random moment: flushes of up to
+    // 5,000 events run back to back, so kills land before, during and between
+    // the inserts of a flush.
+    let mut rng = workload::Rng::new(99);
+    let mut kills = 0;
+    while kills < 4 {
+        let before = raw_events(&ch, &r.database).await;
+        assert!(before < work.unique_events, "the workload must outlast the kills ({kills} so far)");
+        poll_until(Duration::from_secs(60), "progress since the last restart", || async {
+            (raw_events(&ch, &r.database).await > before).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.below(250))).await;
+        agg.kill().await;
+        kills += 1;
+        agg.restart();
+    }
+    poster.await.expect("poster");
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(180), &[&agg]).await;
+    // Kills that fell between a flush's events insert and its rollups insert
+    // show as repairs; the totals above are exact either way.
+    eprintln!("kills: {kills}; rollup repairs after them: {}", agg.log().matches("rebuilt rollups").count());
+    agg.stop().await;
+    r.ingest.stop().await;
+}
+
+#[tokio::test]
+async fn rebalance_after_a_member_dies_keeps_totals_exact() {
+    let ch = ClickHouse::shared();
+    let r = rig("rebalance", &ch, &brokers()).await;
+    let work = workload::generate(3, 10_000, 300, 300, chrono::Utc::now());
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, port_a));
+    let b = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, port_b));
+    // Both members hold partitions before one of them dies.
+    poll_until(Duration::from_secs(60), "both members to own partitions", || async {
+        let (pa, pb) = (metric(port_a, "meterline_aggregator_assigned_partitions").await, metric(port_b, "meterline_aggregator_assigned_partitions").await);
+        (pa >= 1.0 && pb >= 1.0 && pa + pb == 4.0).then_some(())
+    })
+    .await;
+    let url = r.ingest.url.clone();
+    let batches = work.batches.clone();
+    let poster = tokio::spawn(async move { post_all(&url, &batches).await });
+    let before = raw_events(&ch, &r.database).await;
+    poll_until(Duration::from_secs(60), "both members writing", || async {
+        (raw_events(&ch, &r.database).await > before + 1_000).then_some(())
+    })
+    .await;
+    a.kill().await;
+    poller_takes_all(port_b).await;
+    poster.await.expect("poster");
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(180), &[&b]).await;
+    drop(b);
+    r.ingest.stop().await;
+}
+
+async fn poller_takes_all(port: u16) {
+    poll_until(Duration::from_secs(60), "the survivor to own all partitions", || async {
+        (metric(port, "meterline_aggregator_assigned_partitions").await == 4.0).then_some(())
+    })
+    .await;
+}
+
+async fn metric(port: u16, name: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else { return 0.0 };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test]
+async fn clickhouse_outage_holds_then_resumes_without_loss() {
+    let mut ch = ClickHouse::private().await;
+    let r = rig("chdown", &ch, &brokers()).await;
+    let work = workload::generate(4, 4_000, 200, 250, chrono::Utc::now());
+    let port = free_port();
+    let agg = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, port));
+    let third = work.batches.len() / 3;
+    post_all(&r.ingest.url, &work.batches[..third]).await;
+    poll_until(Duration::from_secs(60), "first events written", || async {
+        (metric(port, "meterline_aggregator_events_written_total").await > 0.0).then_some(())
+    })
+    .await;
+    ch.kill().await;
+    post_all(&r.ingest.url, &work.batches[third..2 * third]).await;
+    // Down across several flush intervals: the aggregator has failed writes and holds them.
+    poll_until(Duration::from_secs(60), "failed writes while ClickHouse is down", || async {
+        (metric(port, "meterline_aggregator_write_retries_total").await >= 3.0).then_some(())
+    })
+    .await;
+    ch.restart().await;
+    post_all(&r.ingest.url, &work.batches[2 * third..]).await;
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(180), &[&agg]).await;
+    drop(agg);
+    r.ingest.stop().await;
+}
+
+#[tokio::test]
+async fn poison_record_goes_to_dead_letters_and_the_partition_flows_on() {
+    let ch = ClickHouse::shared();
+    let r = rig("poison", &ch, &brokers()).await;
+    let agg = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, free_port()));
+    let before: Vec<_> = (0..10).map(|n| event("victim", n)).collect();
+    post_batch(&r.ingest.url, &before).await;
+    // Garbage on the same partition as the user's events.
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("producer");
+    let delivery = producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&r.topic).key("acme/victim").payload(b"\x00not a meterline record".as_slice()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("poison sent");
+    let (partition, offset) = (delivery.partition, delivery.offset);
+    let after: Vec<_> = (10..20).map(|n| event("victim", n)).collect();
+    post_batch(&r.ingest.url, &after).await;
+    let rows = poll_until(Duration::from_secs(60), "the poison record in dead_letters and all 20 events", || async {
+        let dead = ch
+            .rows(&format!("SELECT kafka_partition, kafka_offset, reason FROM {}.dead_letters FORMAT JSONEachRow", r.database))
+            .await;
+        let counted = ch.query(&format!("SELECT sum(events) FROM {}.rollups_minute WHERE tenant = 'acme'", r.database)).await;
+        (counted.trim() == "20" && !dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["kafka_partition"], json!(partition));
+    let got_offset = rows[0]["kafka_offset"].as_str().and_then(|s| s.parse::<i64>().ok()).or(rows[0]["kafka_offset"].as_i64());
+    assert_eq!(got_offset, Some(offset));
+    assert!(rows[0]["reason"].as_str().expect("reason").contains("magic"), "{rows:?}");
+    drop(agg);
+    r.ingest.stop().await;
+}
