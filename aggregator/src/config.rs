@@ -107,11 +107,20 @@ pub struct FlushConfig {
     pub max_buffered_events: usize,
     /// Longest pause between retries of a failed write.
     pub max_backoff_ms: u64,
+    /// How long a partition revoke may spend writing that partition's buffer
+    /// before letting go (what does not make it is re-read by the next owner).
+    pub revoke_timeout_ms: u64,
 }
 
 impl Default for FlushConfig {
     fn default() -> Self {
-        FlushConfig { interval_ms: 1_000, max_batch_events: 50_000, max_buffered_events: 200_000, max_backoff_ms: 5_000 }
+        FlushConfig {
+            interval_ms: 1_000,
+            max_batch_events: 50_000,
+            max_buffered_events: 200_000,
+            max_backoff_ms: 5_000,
+            revoke_timeout_ms: 5_000,
+        }
     }
 }
 

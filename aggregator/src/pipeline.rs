@@ -29,13 +29,14 @@ use crate::store::{DeadLetterRow, Store};
 #[derive(Debug)]
 enum Change {
     Assign(Vec<i32>),
-    Revoke(Vec<i32>),
 }
 
-/// The consumer's context: records rebalances and reports lag.
-struct Ctx {
+/// The consumer's context: records assignments, flushes on revoke, reports lag.
+pub struct Ctx {
     topic: String,
     changes: Arc<Mutex<Vec<Change>>>,
+    state: Arc<tokio::sync::Mutex<Pipeline>>,
+    revoke_timeout: Duration,
 }
 
 impl ClientContext for Ctx {
@@ -60,12 +61,32 @@ impl Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // No write is in flight here: flushes run between polls, and this runs
-        // inside a poll. Dropping the revoked partitions' unwritten buffers is
-        // therefore safe; their next owner resumes from ClickHouse's record.
-        if let Rebalance::Revoke(list) = rebalance {
-            self.record(Change::Revoke(self.partitions(list)));
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else { return };
+        let partitions = self.partitions(list);
+        // This runs inside a poll, and flushes run between polls, so no write is
+        // in flight. Write the revoked partitions' buffers and commit before
+        // letting go, within the deadline; what does not make it is dropped and
+        // re-read by the next owner from ClickHouse's record, so the deadline
+        // costs re-reading, never correctness.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let state = self.state.clone();
+        let deadline = Instant::now() + self.revoke_timeout;
+        let work = async move {
+            let mut p = state.lock().await;
+            p.apply_recorded();
+            if multi_thread {
+                p.flush_until_empty(consumer, Some(&partitions), deadline).await;
+            }
+            p.revoke(&partitions);
+        };
+        if multi_thread {
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(work));
+        } else {
+            // No runtime to write with (or one that cannot block): revoke
+            // without flushing, which is safe for the reason above.
+            futures::executor::block_on(work);
         }
     }
 
@@ -132,11 +153,11 @@ impl Pending {
     }
 }
 
-/// The aggregator's consumer loop.
+/// The aggregator's state: buffers, dedupe, the pending flush. Shared by the
+/// consumer loop and the revoke callback, which lock it in turn (never during a poll).
 pub struct Pipeline {
     config: Config,
     store: Store,
-    consumer: Arc<Consumer_>,
     topic: String,
     catalog: Catalog,
     tenants: KeyRing,
@@ -148,6 +169,12 @@ pub struct Pipeline {
     next_load: Instant,
 }
 
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline").field("topic", &self.topic).field("partitions", &self.partitions.len()).finish()
@@ -156,14 +183,48 @@ impl std::fmt::Debug for Pipeline {
 
 enum Step {
     Stop,
+    Housekeeping,
     Record(Result<OwnedMessage, rdkafka::error::KafkaError>),
     Tick,
 }
 
-impl Pipeline {
-    pub fn new(config: Config, store: Store) -> Result<Pipeline, AggregatorError> {
+/// The consumer and the state it feeds.
+pub struct Runner {
+    consumer: Arc<Consumer_>,
+    state: Arc<tokio::sync::Mutex<Pipeline>>,
+    topic: String,
+    flush_interval: Duration,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    pub fn new(config: Config, store: Store) -> Result<Runner, AggregatorError> {
         let changes = Arc::new(Mutex::new(Vec::new()));
-        let ctx = Ctx { topic: config.kafka.topic.clone(), changes: changes.clone() };
+        let now = Instant::now();
+        let state = Arc::new(tokio::sync::Mutex::new(Pipeline {
+            topic: config.kafka.topic.clone(),
+            catalog: Catalog::builtin()?,
+            tenants: KeyRing::from_config(&config.tenants)?,
+            store,
+            changes: changes.clone(),
+            partitions: BTreeMap::new(),
+            pending: None,
+            backoff: Duration::from_millis(100),
+            next_attempt: now,
+            next_load: now,
+            config: config.clone(),
+        }));
+        let ctx = Ctx {
+            topic: config.kafka.topic.clone(),
+            changes,
+            state: state.clone(),
+            revoke_timeout: Duration::from_millis(config.flush.revoke_timeout_ms),
+        };
         let session = config.kafka.session_timeout_ms;
         let mut client = ClientConfig::new();
         client
@@ -182,78 +243,103 @@ impl Pipeline {
             client.set(k, v);
         }
         let consumer: Consumer_ = client.create_with_context(ctx)?;
-        let tenants = KeyRing::from_config(&config.tenants)?;
-        let now = Instant::now();
-        Ok(Pipeline {
-            topic: config.kafka.topic.clone(),
-            catalog: Catalog::builtin()?,
-            tenants,
-            store,
+        Ok(Runner {
             consumer: Arc::new(consumer),
-            changes,
-            partitions: BTreeMap::new(),
-            pending: None,
-            backoff: Duration::from_millis(100),
-            next_attempt: now,
-            next_load: now,
-            config,
+            state,
+            topic: config.kafka.topic.clone(),
+            flush_interval: Duration::from_millis(config.flush.interval_ms),
         })
     }
 
     /// Consumes until `shutdown`, then writes what is buffered and commits,
     /// within the configured grace period.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
         self.consumer.subscribe(&[&self.topic])?;
-        let mut tick = tokio::time::interval(Duration::from_millis(self.config.flush.interval_ms));
+        let mut tick = tokio::time::interval(self.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The stream does not wake for rebalance events alone, so the loop
+        // comes round at least this often to serve them.
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        let consumer = &*self.consumer;
         loop {
-            self.apply_changes().await;
-            self.apply_backpressure();
-            let consumer = self.consumer.clone();
+            {
+                let mut p = self.state.lock().await;
+                p.apply_changes(consumer).await;
+                p.apply_backpressure(consumer);
+            }
+            // The lock is not held while polling: the revoke callback runs
+            // inside the poll and takes it.
             let step = tokio::select! {
                 biased;
                 _ = &mut shutdown => Step::Stop,
                 _ = tick.tick() => Step::Tick,
                 m = consumer.recv() => Step::Record(m.map(|m| m.detach())),
+                _ = housekeeping.tick() => Step::Housekeeping,
             };
+            let mut p = self.state.lock().await;
             match step {
                 Step::Stop => break,
-                Step::Tick => self.flush().await,
+                Step::Housekeeping => {}
+                Step::Tick => p.flush(consumer).await,
                 Step::Record(Ok(m)) => {
-                    // A revoke seen in this poll must be applied before the record is kept.
-                    self.apply_changes().await;
-                    self.take(m);
-                    if self.buffered() >= self.config.flush.max_batch_events {
-                        self.flush().await;
+                    // An assignment seen in this poll is applied before the record is kept.
+                    p.apply_recorded();
+                    p.take(m);
+                    if p.buffered() >= p.config.flush.max_batch_events {
+                        p.flush(consumer).await;
                     }
                 }
                 Step::Record(Err(e)) => {
+                    drop(p);
                     tracing::warn!(error = %e, "consumer error");
                     // The broker is down or restarting: no busy loop.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
-        self.drain().await;
+        let mut p = self.state.lock().await;
+        let deadline = Instant::now() + Duration::from_secs(p.config.server.shutdown_grace_secs);
+        p.apply_changes(consumer).await;
+        p.flush_until_empty(consumer, None, deadline).await;
+        drop(p);
+        let c = self.consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await;
         Ok(())
     }
+}
 
-    async fn drain(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(self.config.server.shutdown_grace_secs);
-        self.apply_changes().await;
-        while (self.pending.is_some() || self.buffered() > 0) && Instant::now() < deadline {
+impl Pipeline {
+    /// Writes buffered records (of `only` these partitions, or all) until none
+    /// are left or the deadline passes, retrying failed writes with backoff.
+    async fn flush_until_empty<C: Consumer<Ctx>>(&mut self, consumer: &C, only: Option<&[i32]>, deadline: Instant) {
+        while (self.pending.is_some() || self.buffered_in(only) > 0) && Instant::now() < deadline {
             self.next_attempt = self.next_attempt.min(Instant::now());
-            self.flush().await;
+            self.flush_some(consumer, only).await;
             if self.pending.is_some() {
                 tokio::time::sleep(self.backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
             }
         }
-        if self.pending.is_some() || self.buffered() > 0 {
-            tracing::warn!(buffered = self.buffered(), "shutdown grace ran out; unwritten events will be re-read by the next owner");
+        if self.pending.is_some() || self.buffered_in(only) > 0 {
+            tracing::warn!(buffered = self.buffered_in(only), "flush deadline ran out; unwritten events will be re-read by the next owner");
         }
-        let consumer = self.consumer.clone();
-        let _ = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync)).await;
+    }
+
+    fn buffered_in(&self, only: Option<&[i32]>) -> usize {
+        self.partitions.iter().filter(|(p, _)| only.is_none_or(|o| o.contains(p))).map(|(_, s)| s.buffer.len()).sum()
+    }
+
+    /// Forgets revoked partitions: their state, and their part of a pending flush.
+    fn revoke(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.partitions.remove(p);
+            if let Some(pending) = self.pending.as_mut() {
+                pending.strip(*p);
+            }
+            tracing::info!(partition = p, "partition revoked");
+        }
+        metrics::partitions(self.partitions.len());
     }
 
     fn buffered(&self) -> usize {
@@ -283,7 +369,7 @@ impl Pipeline {
 
     /// Pauses fetching while a write is failing or the buffer is full, so
     /// memory stays bounded; the loop keeps polling to stay in the group.
-    fn apply_backpressure(&mut self) {
+    fn apply_backpressure<C: Consumer<Ctx>>(&mut self, consumer: &C) {
         let hold = self.pending.is_some() || self.buffered() >= self.config.flush.max_buffered_events;
         let topic = self.topic.clone();
         for (p, state) in self.partitions.iter_mut() {
@@ -291,7 +377,7 @@ impl Pipeline {
             if want != state.paused {
                 let mut list = TopicPartitionList::new();
                 list.add_partition(&topic, *p);
-                let result = if want { self.consumer.pause(&list) } else { self.consumer.resume(&list) };
+                let result = if want { consumer.pause(&list) } else { consumer.resume(&list) };
                 match result {
                     Ok(()) => state.paused = want,
                     Err(e) => tracing::warn!(error = %e, partition = p, "cannot change pause state"),
@@ -300,20 +386,27 @@ impl Pipeline {
         }
     }
 
-    /// Applies recorded rebalances and loads any partition not yet ready.
-    async fn apply_changes(&mut self) {
+    /// Applies recorded assignments and loads any partition not yet ready.
+    async fn apply_changes<C: Consumer<Ctx>>(&mut self, consumer: &C) {
+        self.apply_recorded();
+        if Instant::now() < self.next_load {
+            return;
+        }
+        let loading: Vec<i32> = self.partitions.iter().filter(|(_, s)| !s.ready).map(|(p, _)| *p).collect();
+        for p in loading {
+            if let Err(e) = self.load(consumer, p).await {
+                tracing::warn!(error = %e, partition = p, "cannot load partition state; retrying");
+                self.next_load = Instant::now() + Duration::from_secs(1);
+                return;
+            }
+        }
+    }
+
+    /// Applies assignments recorded by the rebalance callback.
+    fn apply_recorded(&mut self) {
         let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()));
         for change in changes {
             match change {
-                Change::Revoke(ps) => {
-                    for p in ps {
-                        self.partitions.remove(&p);
-                        if let Some(pending) = self.pending.as_mut() {
-                            pending.strip(p);
-                        }
-                        tracing::info!(partition = p, "partition revoked");
-                    }
-                }
                 Change::Assign(ps) => {
                     for p in ps {
                         self.partitions.insert(
@@ -332,23 +425,12 @@ impl Pipeline {
             }
         }
         metrics::partitions(self.partitions.len());
-        if Instant::now() < self.next_load {
-            return;
-        }
-        let loading: Vec<i32> = self.partitions.iter().filter(|(_, s)| !s.ready).map(|(p, _)| *p).collect();
-        for p in loading {
-            if let Err(e) = self.load(p).await {
-                tracing::warn!(error = %e, partition = p, "cannot load partition state; retrying");
-                self.next_load = Instant::now() + Duration::from_secs(1);
-                return;
-            }
-        }
     }
 
     /// Makes a newly assigned partition ready: repairs rollups a crash left
     /// behind, rebuilds its dedupe state, and positions the consumer after
     /// the last record ClickHouse holds (or the group's commit, if later).
-    async fn load(&mut self, partition: i32) -> Result<(), AggregatorError> {
+    async fn load<C: Consumer<Ctx>>(&mut self, consumer: &C, partition: i32) -> Result<(), AggregatorError> {
         let started = Instant::now();
         let topic = self.topic.clone();
         let progress = self.store.progress(&topic, partition).await?;
@@ -377,15 +459,10 @@ impl Pipeline {
             })
             .await?;
 
-        let consumer = self.consumer.clone();
-        let t = topic.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            let mut list = TopicPartitionList::new();
-            list.add_partition(&t, partition);
-            consumer.committed_offsets(list, Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| AggregatorError::Store(e.to_string()))??;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&topic, partition);
+        // A blocking broker round trip; keep it off the other tasks' threads.
+        let committed = tokio::task::block_in_place(|| consumer.committed_offsets(list, Duration::from_secs(10)))?;
         let committed = committed.find_partition(&topic, partition).and_then(|e| match e.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
@@ -395,7 +472,7 @@ impl Pipeline {
             (a, b) => a.or(b),
         };
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
-        self.consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
+        consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.ready = true;
             state.next_offset = start.unwrap_or(0);
@@ -408,9 +485,13 @@ impl Pipeline {
     }
 
     /// Writes what is buffered, or retries the pending flush when its backoff is over.
-    async fn flush(&mut self) {
+    async fn flush<C: Consumer<Ctx>>(&mut self, consumer: &C) {
+        self.flush_some(consumer, None).await;
+    }
+
+    async fn flush_some<C: Consumer<Ctx>>(&mut self, consumer: &C, only: Option<&[i32]>) {
         if self.pending.is_none() {
-            match self.decide().await {
+            match self.decide(only).await {
                 Ok(Some(pending)) => self.pending = Some(pending),
                 Ok(None) => return,
                 Err(e) => {
@@ -423,7 +504,7 @@ impl Pipeline {
         } else if Instant::now() < self.next_attempt {
             return;
         }
-        self.write().await;
+        self.write(consumer).await;
     }
 
     fn fail(&mut self) {
@@ -434,12 +515,12 @@ impl Pipeline {
     /// Takes up to one batch from the buffers and decides every record:
     /// dead letter, duplicate, or new (priced and rolled up). Nothing is taken
     /// from the buffers unless the whole decision succeeds.
-    async fn decide(&mut self) -> Result<Option<Pending>, AggregatorError> {
+    async fn decide(&mut self, only: Option<&[i32]>) -> Result<Option<Pending>, AggregatorError> {
         let max = self.config.flush.max_batch_events;
         let mut quota: BTreeMap<i32, usize> = BTreeMap::new();
         let mut left = max;
         for (p, state) in &self.partitions {
-            if state.ready && !state.buffer.is_empty() && left > 0 {
+            if state.ready && !state.buffer.is_empty() && left > 0 && only.is_none_or(|o| o.contains(p)) {
                 let n = state.buffer.len().min(left);
                 quota.insert(*p, n);
                 left -= n;
@@ -555,7 +636,7 @@ impl Pipeline {
 
     /// Moves the pending flush forward one write at a time; on failure it
     /// stays pending (consumption paused) and is retried after a backoff.
-    async fn write(&mut self) {
+    async fn write<C: Consumer<Ctx>>(&mut self, consumer: &C) {
         let Some(mut pending) = self.pending.take() else { return };
         loop {
             let result = match pending.stage {
@@ -592,7 +673,7 @@ impl Pipeline {
                 }
             }
         }
-        self.commit(&pending);
+        self.commit(consumer, &pending);
         let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
         for row in pending.events.values().flatten() {
             let entry = per_tenant.entry(&row.tenant).or_default();
@@ -612,7 +693,7 @@ impl Pipeline {
     /// Commits the flush's offsets to Kafka. Best effort: ClickHouse is the
     /// record of progress, and a lost commit only means a partition's next
     /// owner starts from ClickHouse's position instead.
-    fn commit(&self, pending: &Pending) {
+    fn commit<C: Consumer<Ctx>>(&self, consumer: &C, pending: &Pending) {
         if pending.commits.is_empty() {
             return;
         }
@@ -622,7 +703,7 @@ impl Pipeline {
                 return;
             }
         }
-        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+        if let Err(e) = consumer.commit(&list, CommitMode::Async) {
             tracing::debug!(error = %e, "offset commit failed; ClickHouse still holds the progress");
         }
     }

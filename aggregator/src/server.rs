@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::pipeline::Pipeline;
+use crate::pipeline::Runner;
 use crate::store::{self, Store};
 use crate::{AggregatorError, metrics};
 
@@ -39,8 +39,8 @@ pub async fn serve(
         return Ok(());
     };
     let _ = store_tx.send(Some(store.clone()));
-    let pipeline = Pipeline::new(config, store)?;
-    let result = pipeline.run(stopped(stop_rx)).await;
+    let runner = Runner::new(config, store)?;
+    let result = runner.run(stopped(stop_rx)).await;
     let _ = http.await;
     result
 }

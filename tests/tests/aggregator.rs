@@ -13,11 +13,15 @@ fn brokers() -> String {
 }
 
 fn aggregator_config(brokers: &str, topic: &str, ch: &ClickHouse, database: &str, metrics_port: u16) -> String {
+    aggregator_config_flushing(brokers, topic, ch, database, metrics_port, 200)
+}
+
+fn aggregator_config_flushing(brokers: &str, topic: &str, ch: &ClickHouse, database: &str, metrics_port: u16, flush_ms: u64) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:{metrics_port}\"\nshutdown_grace_secs = 20\n\
          [kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
          [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\nrequest_timeout_ms = 5000\n\
-         [flush]\ninterval_ms = 200\nmax_batch_events = 5000\nmax_backoff_ms = 1000\n\
+         [flush]\ninterval_ms = {flush_ms}\nmax_batch_events = 5000\nmax_backoff_ms = 1000\n\
          [dedupe]\nexpected_keys_per_slice = 100000\n\
          [[tenants]]\nid = \"acme\"\ncredit_price_usd = \"0.001\"\n[[tenants]]\nid = \"globex\"\n",
         ch.url
@@ -263,5 +267,59 @@ async fn poison_record_goes_to_dead_letters_and_the_partition_flows_on() {
     assert_eq!(got_offset, Some(offset));
     assert!(rows[0]["reason"].as_str().expect("reason").contains("magic"), "{rows:?}");
     drop(agg);
+    r.ingest.stop().await;
+}
+
+/// Events the aggregator has consumed (read from its /metrics).
+async fn consumed(port: u16) -> f64 {
+    metric(port, "meterline_aggregator_events_in_total").await
+}
+
+#[tokio::test]
+async fn sigterm_writes_what_is_buffered_before_exiting() {
+    let ch = ClickHouse::shared();
+    let r = rig("drain", &ch, &brokers()).await;
+    let work = workload::generate(5, 1_500, 100, 500, chrono::Utc::now());
+    let port = free_port();
+    // A flush interval far longer than the test: only the shutdown drain can write.
+    let mut agg = Process::start(
+        "meterline-aggregator",
+        &aggregator_config_flushing(&brokers(), &r.topic, &ch, &r.database, port, 600_000),
+    );
+    post_all(&r.ingest.url, &work.batches).await;
+    let records: usize = work.batches.iter().map(Vec::len).sum();
+    poll_until(Duration::from_secs(60), "every record consumed into the buffer", || async {
+        (consumed(port).await >= records as f64).then_some(())
+    })
+    .await;
+    assert_eq!(raw_events(&ch, &r.database).await, 0, "nothing written before shutdown");
+    agg.stop().await;
+    // Exited cleanly: everything is in ClickHouse now, with no restart.
+    let totals = fetch_totals(&ch, &r.database, "acme").await;
+    assert_eq!(totals, work.expected);
+    r.ingest.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_partitions_are_written_before_they_are_let_go() {
+    let ch = ClickHouse::shared();
+    let r = rig("revoke", &ch, &brokers()).await;
+    let work = workload::generate(6, 1_500, 100, 500, chrono::Utc::now());
+    let (port_a, port_b) = (free_port(), free_port());
+    let slow = |port| aggregator_config_flushing(&brokers(), &r.topic, &ch, &r.database, port, 600_000);
+    let a = Process::start("meterline-aggregator", &slow(port_a));
+    post_all(&r.ingest.url, &work.batches).await;
+    let records: usize = work.batches.iter().map(Vec::len).sum();
+    poll_until(Duration::from_secs(60), "every record buffered by the first member", || async {
+        (consumed(port_a).await >= records as f64).then_some(())
+    })
+    .await;
+    assert_eq!(raw_events(&ch, &r.database).await, 0, "nothing written yet");
+    // A second member joins: the rebalance revokes the first member's
+    // partitions, which must write their buffers before letting go. Neither
+    // member would flush on its own for ten minutes.
+    let b = Process::start("meterline-aggregator", &slow(port_b));
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(60), &[&a, &b]).await;
+    drop((a, b));
     r.ingest.stop().await;
 }
