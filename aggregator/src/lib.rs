@@ -55,6 +55,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rollup;
 pub mod server;
+pub mod sql;
 pub mod store;
 
 pub use config::Config;

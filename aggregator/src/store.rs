@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::AggregatorError;
+use crate::{AggregatorError, sql};
 use crate::config::ClickHouseConfig;
 use crate::rollup::{EventRow, RollupRow, key_hash};
 use meterline_schemas::ddl::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
@@ -52,7 +52,7 @@ struct MarkerRow {
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
-struct LookupRow {
+pub(crate) struct LookupRow {
     tenant: String,
     idempotency_key: String,
     fingerprint: u64,
@@ -91,7 +91,7 @@ pub async fn connect(config: &ClickHouseConfig) -> Result<Store, AggregatorError
         .with_password(&config.password)
         .with_database(&config.database)
         .with_validation(false);
-    let version: String = base.query("SELECT version()").fetch_one().await?;
+    let version: String = base.query(sql::SERVER_VERSION).fetch_one().await?;
     let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
     let client = if major >= 24 { base.with_validation(true) } else { base };
     Ok(Store { client, timeout: Duration::from_millis(config.request_timeout_ms), server_version: version })
@@ -105,13 +105,13 @@ impl Store {
     /// Applies the migrations this database has not seen, in order.
     pub async fn migrate(&self) -> Result<(), AggregatorError> {
         self.client.query(MIGRATIONS_TABLE_DDL).execute().await?;
-        let applied: Vec<u32> = self.client.query("SELECT version FROM schema_migrations").fetch_all().await?;
+        let applied: Vec<u32> = self.client.query(sql::APPLIED_MIGRATIONS).fetch_all().await?;
         for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
             for statement in m.statements {
                 self.client.query(statement).execute().await?;
             }
             self.client
-                .query("INSERT INTO schema_migrations (version, name, applied_at) SELECT ?, ?, now()")
+                .query(sql::RECORD_MIGRATION)
                 .bind(m.version)
                 .bind(m.name)
                 .execute()
@@ -123,7 +123,7 @@ impl Store {
 
     /// True when the server answers.
     pub async fn ping(&self) -> bool {
-        tokio::time::timeout(self.timeout, self.client.query("SELECT 1").fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(self.timeout, self.client.query(sql::PING).fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
     }
 
     async fn insert<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<(), AggregatorError>
@@ -157,10 +157,7 @@ impl Store {
     pub async fn progress(&self, topic: &str, partition: i32) -> Result<Progress, AggregatorError> {
         let row: MarkerRow = self
             .client
-            .query(
-                "SELECT max(source_offset) AS offset, max(written_at) AS written_at, sum(markers) AS marker_count \
-                 FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND source_partition = ? AND markers > 0",
-            )
+            .query(sql::PROGRESS)
             .bind(topic)
             .bind(partition)
             .fetch_one()
@@ -176,10 +173,7 @@ impl Store {
     pub async fn events_after(&self, topic: &str, partition: i32, progress: Progress) -> Result<Vec<EventRow>, AggregatorError> {
         Ok(self
             .client
-            .query(
-                "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? \
-                 AND kafka_offset > ? AND written_at >= ? ORDER BY kafka_offset",
-            )
+            .query(sql::EVENTS_AFTER)
             .bind(topic)
             .bind(partition)
             .bind(progress.rollup_offset.unwrap_or(-1))
@@ -198,9 +192,7 @@ impl Store {
     ) -> Result<(), AggregatorError> {
         let mut cursor = self
             .client
-            .query(
-                "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? AND written_at >= ?",
-            )
+            .query(sql::KEYS_SINCE)
             .bind(topic)
             .bind(partition)
             .bind(since)
@@ -219,13 +211,8 @@ impl Store {
             for (tenant, key) in chunk {
                 by_tenant.entry(tenant).or_default().push(key);
             }
-            // Only placeholders are generated here; every value goes through bind().
-            let clauses: Vec<String> = by_tenant
-                .values()
-                .map(|ks| format!("(tenant = ? AND idempotency_key IN ({}))", vec!["?"; ks.len()].join(",")))
-                .collect();
-            let sql = format!("SELECT ?fields FROM events WHERE {}", clauses.join(" OR "));
-            let mut query = self.client.query(&sql);
+            let groups: Vec<usize> = by_tenant.values().map(Vec::len).collect();
+            let mut query = self.client.query(&sql::lookup(&groups));
             for (tenant, ks) in &by_tenant {
                 query = query.bind(*tenant);
                 for k in ks {
