@@ -16,8 +16,9 @@
 //!   the window, so a retry accepted at time t carries an event time after
 //!   t - window, and its first copy was written after that too.
 //!
-//! Memory is bounded and known: slices * bloom bytes (about 1.2 bytes per key
-//! at a 1% false-positive rate) plus about 60 bytes per recent key.
+//! Memory is bounded and known: slices * bloom bytes (the configured
+//! false-positive rate is split across the live slices, about 1.7 bytes per
+//! key for 1% over seven slices) plus about 50 bytes per recent key, capped.
 
 use bloomfilter::Bloom;
 use std::collections::{HashMap, VecDeque};
@@ -74,7 +75,7 @@ impl PartitionDedupe {
         let at = match self.slices.iter().position(|s| s.start == slice_start) {
             Some(i) => i,
             None => {
-                let bloom = Bloom::new_for_fp_rate(self.config.expected_keys_per_slice, self.config.false_positive_rate)
+                let bloom = Bloom::new_for_fp_rate(self.config.expected_keys_per_slice, self.slice_fp_rate())
                     .unwrap_or_else(|_| {
                         // Config validation keeps both parameters in range; a
                         // minimal filter would only raise the look-up rate.
@@ -112,6 +113,13 @@ impl PartitionDedupe {
                 break;
             }
         }
+    }
+
+    /// The false-positive rate of one slice. A key is checked against every
+    /// live slice, so the configured rate is split across them to hold overall.
+    fn slice_fp_rate(&self) -> f64 {
+        let slices = (self.config.window_secs / self.config.slice_secs.max(1)) + 2;
+        self.config.false_positive_rate / slices as f64
     }
 
     /// Keys in the recent map.

@@ -72,11 +72,15 @@ fn nanos_of(ts: DateTime<Utc>) -> i64 {
 
 /// Encodes an envelope into `out` (appending).
 pub fn encode_into(envelope: &Envelope, out: &mut Vec<u8>) {
-    let e = &envelope.event;
+    encode_parts_into(&envelope.tenant, envelope.received_at, &envelope.event, out);
+}
+
+/// Encodes the parts of an envelope without assembling one (no clone needed).
+pub fn encode_parts_into(tenant: &str, received_at: DateTime<Utc>, e: &UsageEvent, out: &mut Vec<u8>) {
     out.push(MAGIC);
     out.push(VERSION);
-    put_str(out, &envelope.tenant);
-    out.extend_from_slice(&nanos_of(envelope.received_at).to_le_bytes());
+    put_str(out, tenant);
+    out.extend_from_slice(&nanos_of(received_at).to_le_bytes());
     put_str(out, &e.idempotency_key);
     out.extend_from_slice(&nanos_of(e.timestamp).to_le_bytes());
     put_str(out, &e.user_id);

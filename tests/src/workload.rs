@@ -16,6 +16,7 @@ pub struct Totals {
     pub reasoning_tokens: u64,
     pub cost_nanos: i64,
     pub revenue_nanos: i64,
+    pub unpriced_events: u64,
 }
 
 /// Batches to post in order, and what they must add up to.
@@ -63,7 +64,7 @@ fn decimal(nanos: i64) -> String {
 
 /// `actions` distinct AI actions for `tenant` over `users` users, with a
 /// power-law spread (user k weighs 1/(k+1)^1.2), 10% client retries, 2%
-/// conflicting copies, 20% late events up to 30 days old and 10% on either
+/// conflicting copies, 3% unpriced events, 20% late events up to 30 days old and 10% on either
 /// side of the last month boundary. Credits convert at 0.001 USD.
 pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now: DateTime<Utc>) -> Workload {
     let mut rng = Rng::new(seed);
@@ -102,7 +103,13 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
             "cached_input_tokens": cached,
             "reasoning_tokens": reasoning,
         });
-        let cost = if rng.chance(30) {
+        let mut unpriced = 0;
+        let cost = if rng.chance(3) {
+            // No cost_usd and a model no catalog prices: counted, cost 0.
+            event["model"] = json!("mystery-model");
+            unpriced = 1;
+            0
+        } else if rng.chance(30) {
             event["model"] = json!("gpt-4o");
             gpt4o_cost(input, cached, output, reasoning)
         } else {
@@ -133,6 +140,7 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
         t.reasoning_tokens += reasoning;
         t.cost_nanos += cost;
         t.revenue_nanos += revenue;
+        t.unpriced_events += unpriced;
         originals.push(event);
     }
     // Batches of originals, with retries and conflicting copies posted after
@@ -140,22 +148,19 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
     let mut batches: Vec<Vec<Value>> = originals.chunks(batch_size).map(<[Value]>::to_vec).collect();
     let (mut retries, mut conflicts) = (0, 0);
     let count = batches.len();
-    for b in 0..count {
-        for n in 0..batches[b].len() {
-            let original = batches[b][n].clone();
-            let target = (b + 1 + rng.below(3) as usize).min(count);
-            if rng.chance(10) {
-                retries += 1;
-                push(&mut batches, target, original.clone());
-            }
-            if rng.chance(2) {
-                conflicts += 1;
-                let mut changed = original;
-                changed["input_tokens"] = json!(changed["input_tokens"].as_u64().unwrap_or(0) + 1);
-                changed["cost_usd"] = json!("0.5");
-                changed.as_object_mut().map(|o| o.remove("credits"));
-                push(&mut batches, target, changed);
-            }
+    for (i, original) in originals.iter().enumerate() {
+        let target = (i / batch_size.max(1) + 1 + rng.below(3) as usize).min(count);
+        if rng.chance(10) {
+            retries += 1;
+            push(&mut batches, target, original.clone());
+        }
+        if rng.chance(2) {
+            conflicts += 1;
+            let mut changed = original.clone();
+            changed["input_tokens"] = json!(changed["input_tokens"].as_u64().unwrap_or(0) + 1);
+            changed["cost_usd"] = json!("0.5");
+            changed.as_object_mut().map(|o| o.remove("credits"));
+            push(&mut batches, target, changed);
         }
     }
     Workload { batches, expected, unique_events: actions as u64, retries, conflicts }
@@ -172,7 +177,7 @@ fn push(batches: &mut Vec<Vec<Value>>, at: usize, event: Value) {
 pub async fn fetch_totals(ch: &crate::stack::ClickHouse, database: &str, tenant: &str) -> BTreeMap<(String, i64), Totals> {
     let sql = format!(
         "SELECT user_id, toUInt32(window_start) AS w, sum(events) AS e, sum(input_tokens) AS i, sum(output_tokens) AS o, \
-         sum(cached_input_tokens) AS c, sum(reasoning_tokens) AS r, sum(cost_nanos) AS cost, sum(revenue_nanos) AS rev \
+         sum(cached_input_tokens) AS c, sum(reasoning_tokens) AS r, sum(cost_nanos) AS cost, sum(revenue_nanos) AS rev, sum(unpriced_events) AS u \
          FROM {database}.rollups_minute WHERE tenant = '{tenant}' GROUP BY user_id, w FORMAT JSONEachRow"
     );
     let num = |v: &Value| -> i64 {
@@ -194,6 +199,7 @@ pub async fn fetch_totals(ch: &crate::stack::ClickHouse, database: &str, tenant:
                 reasoning_tokens: num(&r["r"]) as u64,
                 cost_nanos: num(&r["cost"]),
                 revenue_nanos: num(&r["rev"]),
+                unpriced_events: num(&r["u"]) as u64,
             };
             (key, t)
         })

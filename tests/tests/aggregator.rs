@@ -109,9 +109,37 @@ async fn ground_truth_totals_are_exact() {
     let r = rig("truth", &ch, &brokers()).await;
     let work = workload::generate(1, 4_000, 300, 400, chrono::Utc::now());
     assert!(work.retries > 100 && work.conflicts > 20, "the workload exercises dedupe");
-    let mut agg = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, free_port()));
+    let port = free_port();
+    let mut agg = Process::start("meterline-aggregator", &aggregator_config(&brokers(), &r.topic, &ch, &r.database, port));
     post_all(&r.ingest.url, &work.batches).await;
     assert_exact(&ch, &r.database, &work, Duration::from_secs(120), &[&agg]).await;
+    // Operations: health, readiness, and the pipeline's metrics (lag arrives
+    // with librdkafka's statistics, every 5 s).
+    for path in ["healthz", "readyz"] {
+        let status = reqwest::get(format!("http://127.0.0.1:{port}/{path}")).await.expect(path).status();
+        assert_eq!(status, 200, "{path}");
+    }
+    let text = poll_until(Duration::from_secs(20), "consumer lag in /metrics", || async {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+        text.contains("meterline_aggregator_consumer_lag_messages{partition=").then_some(text)
+    })
+    .await;
+    for needle in [
+        "meterline_aggregator_events_in_total",
+        "meterline_aggregator_events_written_total{tenant=\"acme\"}",
+        "meterline_aggregator_duplicates_total{reason=\"retry\"}",
+        "meterline_aggregator_duplicates_total{reason=\"conflict\"}",
+        "meterline_aggregator_bloom_fill_ratio{partition=",
+        "meterline_aggregator_flush_duration_seconds_bucket",
+        "meterline_aggregator_flush_rows_bucket",
+        "meterline_aggregator_unpriced_events_total",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    let retries = metric(port, "meterline_aggregator_duplicates_total{reason=\"retry\"}").await;
+    assert_eq!(retries, work.retries as f64, "every client retry dropped and counted");
+    let conflicts = metric(port, "meterline_aggregator_duplicates_total{reason=\"conflict\"}").await;
+    assert_eq!(conflicts, work.conflicts as f64, "every conflicting copy dropped and counted");
     // Nothing was dead-lettered, and a clean stop works.
     let dead = ch.query(&format!("SELECT count() FROM {}.dead_letters", r.database)).await;
     assert_eq!(dead.trim(), "0");
