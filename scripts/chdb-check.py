@@ -31,7 +31,7 @@ def main() -> int:
         # The sample rows must have landed as written.
         rows = s.query("SELECT sum(events) AS e, sum(markers) AS m FROM rollups_minute", "JSONEachRow").bytes().decode()
         got = json.loads(rows)
-        if int(got["e"]) != 1 or int(got["m"]) != 1:
+        if int(got["e"]) != 1 or int(got["m"]) != 2:
             print(f"chdb-check: unexpected rollup sums {got}", file=sys.stderr)
             return 1
         s.close()

@@ -9,25 +9,33 @@
 //! 1. `dead_letters`: records that could not be decoded (replacing engine,
 //!    keyed by topic/partition/offset, so rewriting one is harmless);
 //! 2. `events`: the new (deduplicated) events, each with its Kafka partition
-//!    and offset;
-//! 3. `rollups_minute`: the flush's rollup rows *and* one progress marker per
-//!    Kafka partition (its last event offset) in the same INSERT;
+//!    and offset, in offset order per partition;
+//! 3. `rollups_minute`: one server-side `INSERT ... SELECT` that sums the
+//!    flush's events into minute rollups *and* writes one progress marker per
+//!    Kafka partition (the last offset it covers), in the same INSERT;
 //! 4. the Kafka offset commit (best effort).
 //!
-//! Each INSERT is one block in one table partition (tables are partitioned by
-//! `written_at`, set once per flush; a flush is capped below
-//! `max_insert_block_size` rows), so each is all or nothing. When a partition
-//! is assigned, the aggregator reads the last marker, looks for `events` rows
-//! past it, and positions the consumer after whichever is later (or after the
-//! group's commit, if that is later still). The crash points:
+//! The rollup INSERT is one block in one table partition (tables are
+//! partitioned by `written_at`, set once per flush, and a flush is capped far
+//! below the squashing threshold), so it is all or nothing. The events INSERT
+//! may not be: ClickHouse 18.16 commits a chunked HTTP body that a killed
+//! writer cut short at a row boundary (seen here). Because each partition's
+//! rows are in offset order, such a prefix is a prefix of each partition's
+//! offsets, which the repair below handles. (Rollups are summed by the server
+//! for exactly this reason: a cut-short client-sent rollup body could hold a
+//! partition's rows without its marker, and would be counted twice.)
 //!
-//! - **Before (2)**: nothing of the flush is in ClickHouse; its records are
-//!   read again and decided again. Dead letters rewritten collapse.
-//! - **Between (2) and (3)**: the events are in, their rollups are not. On
-//!   assignment the events past the last marker are read back and rolled up
-//!   by the same code (`rollup::rollup`), with their marker, before
-//!   consumption resumes after them. Nothing is rolled up twice: the marker
-//!   and the rollup rows land together or not at all.
+//! When a partition is assigned, the aggregator reads its last marker, looks
+//! for `events` rows past it, rolls those up with a new marker, and positions
+//! the consumer after the later of that and the group's commit. The crash points:
+//!
+//! - **Before or during (2)**: none, or an offset prefix, of the flush's events
+//!   is in ClickHouse. The prefix is rolled up on assignment; the rest is read
+//!   again and decided again against dedupe state rebuilt from `events`.
+//! - **Between (2) and (3)**: the events are in, their rollups are not; the
+//!   repair rolls them up. Nothing is rolled up twice: a marker and the rows
+//!   it covers land together or not at all, and the repair starts after the
+//!   last marker.
 //! - **Between (3) and (4)**: ClickHouse holds everything; the stale Kafka
 //!   commit is ignored because the marker is later.
 //! - **After (4)**: nothing to do.

@@ -21,8 +21,8 @@ use crate::AggregatorError;
 use crate::config::Config;
 use crate::dedupe::{Known, PartitionDedupe};
 use crate::metrics;
-use crate::rollup::{self, EventRow, RollupRow, Source, fingerprint, key_hash, price};
-use crate::store::{DeadLetterRow, Store};
+use crate::rollup::{self, EventRow, Source, fingerprint, key_hash, price};
+use crate::store::{DeadLetterRow, Range, Store};
 
 /// A partition's assignment change, recorded by the rebalance callbacks and
 /// acted on by the loop between polls.
@@ -136,7 +136,13 @@ struct Pending {
     started: Instant,
     dead_letters: BTreeMap<i32, Vec<DeadLetterRow>>,
     events: BTreeMap<i32, Vec<EventRow>>,
-    rollups: BTreeMap<i32, Vec<RollupRow>>,
+    /// Per partition, the offsets whose events this flush rolls up.
+    ranges: BTreeMap<i32, Range>,
+    written_at: u32,
+    /// Whether an insert of the current stage was sent before: if so, it may
+    /// have landed (a timeout) or landed in part (a cut-short body), and the
+    /// retry first asks ClickHouse what is there.
+    attempted: bool,
     /// Next offset to commit, per partition.
     commits: BTreeMap<i32, i64>,
 }
@@ -148,7 +154,7 @@ impl Pending {
     fn strip(&mut self, partition: i32) {
         self.dead_letters.remove(&partition);
         self.events.remove(&partition);
-        self.rollups.remove(&partition);
+        self.ranges.remove(&partition);
         self.commits.remove(&partition);
     }
 }
@@ -434,19 +440,16 @@ impl Pipeline {
         let started = Instant::now();
         let topic = self.topic.clone();
         let progress = self.store.progress(&topic, partition).await?;
-        let orphans = self.store.events_after(&topic, partition, progress).await?;
         let mut written_next = progress.rollup_offset.map(|o| o + 1);
-        if let Some(last) = orphans.last() {
+        if let Some(last) = self.store.orphans(&topic, partition, progress).await? {
             // The crash came between a flush's events insert and its rollups
-            // insert: derive the rollups from the events, with their marker.
-            let written_at = now_secs();
-            let mut rows = rollup::rollup(&orphans, written_at);
-            let source = Source { topic: &topic, partition, offset: last.kafka_offset };
-            rows.push(RollupRow::marker(source, written_at));
-            self.store.insert_rollups(&rows).await?;
+            // insert (or cut the events insert short): roll those events up,
+            // with their marker, before consuming after them.
+            let range = Range { partition, after: progress.rollup_offset.unwrap_or(-1), up_to: last };
+            self.store.roll_up(&topic, &[range], now_secs(), Store::repair_since(progress)).await?;
             metrics::repaired();
-            tracing::warn!(partition, events = orphans.len(), up_to = last.kafka_offset, "rebuilt rollups from events after a crash");
-            written_next = Some(last.kafka_offset + 1);
+            tracing::warn!(partition, after = range.after, up_to = last, "rolled up events a crash left without rollups");
+            written_next = Some(last + 1);
         }
         let now = Utc::now().timestamp();
         let mut dedupe = PartitionDedupe::new(&self.config.dedupe);
@@ -551,7 +554,9 @@ impl Pipeline {
             started: Instant::now(),
             dead_letters: BTreeMap::new(),
             events: BTreeMap::new(),
-            rollups: BTreeMap::new(),
+            ranges: BTreeMap::new(),
+            written_at,
+            attempted: false,
             commits: BTreeMap::new(),
         };
         let mut false_positives = 0u64;
@@ -619,10 +624,9 @@ impl Pipeline {
             if let Some(last) = taken.last() {
                 pending.commits.insert(p, last.offset + 1);
             }
-            if let Some(max_offset) = rows.iter().map(|r| r.kafka_offset).max() {
-                let mut rollups = rollup::rollup(&rows, written_at);
-                rollups.push(RollupRow::marker(Source { topic: &self.topic, partition: p, offset: max_offset }, written_at));
-                pending.rollups.insert(p, rollups);
+            if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+                // Rows are in offset order.
+                pending.ranges.insert(p, Range { partition: p, after: first.kafka_offset - 1, up_to: last.kafka_offset });
                 pending.events.insert(p, rows);
             }
             if !dead.is_empty() {
@@ -648,17 +652,54 @@ impl Pipeline {
                     })
                 }
                 Stage::Events => {
-                    let rows: Vec<EventRow> = pending.events.values().flatten().cloned().collect();
-                    self.store.insert_events(&rows).await.map(|()| Stage::Rollups)
+                    let ranges: Vec<Range> = pending.ranges.values().copied().collect();
+                    let landed = if pending.attempted && !ranges.is_empty() {
+                        self.store.events_present(&self.topic, &ranges).await
+                    } else {
+                        Ok(HashMap::new())
+                    };
+                    match landed {
+                        Err(e) => Err(e),
+                        Ok(landed) => {
+                            // Each partition's rows are in offset order, so what
+                            // landed is a prefix: send only the rest.
+                            let rows: Vec<EventRow> = pending
+                                .events
+                                .values()
+                                .flatten()
+                                .filter(|r| landed.get(&r.kafka_partition).is_none_or(|last| r.kafka_offset > *last))
+                                .cloned()
+                                .collect();
+                            pending.attempted = true;
+                            self.store.insert_events(&rows).await.map(|()| Stage::Rollups)
+                        }
+                    }
                 }
                 Stage::Rollups => {
-                    let rows: Vec<RollupRow> = pending.rollups.values().flatten().cloned().collect();
-                    self.store.insert_rollups(&rows).await.map(|()| Stage::Commit)
+                    let ranges: Vec<Range> = pending.ranges.values().copied().collect();
+                    let done = if pending.attempted && !ranges.is_empty() {
+                        self.store.markers_present(&self.topic, &ranges).await
+                    } else {
+                        Ok(false)
+                    };
+                    match done {
+                        Err(e) => Err(e),
+                        Ok(true) => Ok(Stage::Commit),
+                        Ok(false) => {
+                            pending.attempted = true;
+                            self.store.roll_up(&self.topic, &ranges, pending.written_at, pending.written_at).await.map(|()| Stage::Commit)
+                        }
+                    }
                 }
                 Stage::Commit => break,
             };
             match result {
-                Ok(next) => pending.stage = next,
+                Ok(next) => {
+                    if next != pending.stage {
+                        pending.attempted = false;
+                    }
+                    pending.stage = next;
+                }
                 Err(e) => {
                     let table = match pending.stage {
                         Stage::DeadLetters => "dead_letters",

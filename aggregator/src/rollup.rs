@@ -1,5 +1,6 @@
-//! The aggregation arithmetic: an event's cost and revenue, its raw row, and
-//! one-minute rollups. Pure code; the pipeline and the repair path share it.
+//! The per-event arithmetic: an event's cost and revenue, its dedupe identity
+//! and fingerprint, and its row in `events`. Pure code. (Minute rollups are
+//! summed from `events` by ClickHouse itself; see `sql::rollups_from_events`.)
 
 use chrono::{DateTime, Utc};
 use meterline_schemas::ddl::cost_source;
@@ -9,15 +10,7 @@ use meterline_schemas::tenants::Tenant;
 use meterline_schemas::wire::{self, Envelope};
 use meterline_schemas::{Nanos, UsageEvent};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
-
-/// Seconds in a rollup window.
-pub const WINDOW_SECS: i64 = 60;
-
-/// The start of the UTC minute holding `ts`, in Unix seconds.
-pub fn window_start(ts: DateTime<Utc>) -> i64 {
-    ts.timestamp().div_euclid(WINDOW_SECS) * WINDOW_SECS
-}
+use std::collections::BTreeMap;
 
 /// Cost and revenue of one event, exact in nano-USD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,120 +145,6 @@ impl EventRow {
     }
 }
 
-/// One row of `rollups_minute`: a data row, or a progress marker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
-pub struct RollupRow {
-    pub tenant: String,
-    pub window_start: u32,
-    pub user_id: String,
-    pub customer_id: String,
-    pub feature: String,
-    pub model: String,
-    pub environment: String,
-    pub billable: u8,
-    pub source_topic: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
-    pub events: u64,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub reasoning_tokens: u64,
-    pub cost_nanos: i64,
-    pub revenue_nanos: i64,
-    pub credits_nanos: i64,
-    pub unpriced_events: u64,
-    /// 1 on a progress marker, 0 on data rows.
-    pub markers: u64,
-    pub written_at: u32,
-}
-
-impl RollupRow {
-    /// The progress marker saying rollups cover `source` up to its offset.
-    pub fn marker(source: Source<'_>, written_at: u32) -> RollupRow {
-        RollupRow {
-            tenant: String::new(),
-            window_start: 0,
-            user_id: String::new(),
-            customer_id: String::new(),
-            feature: String::new(),
-            model: String::new(),
-            environment: String::new(),
-            billable: 0,
-            source_topic: source.topic.to_owned(),
-            source_partition: source.partition,
-            source_offset: source.offset,
-            events: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            cached_input_tokens: 0,
-            reasoning_tokens: 0,
-            cost_nanos: 0,
-            revenue_nanos: 0,
-            credits_nanos: 0,
-            unpriced_events: 0,
-            markers: 1,
-            written_at,
-        }
-    }
-}
-
-type GroupKey = (String, u32, String, String, String, String, String, u8);
-
-/// Sums event rows into minute rollups, in a deterministic order.
-pub fn rollup<'a>(rows: impl IntoIterator<Item = &'a EventRow>, written_at: u32) -> Vec<RollupRow> {
-    let mut groups: HashMap<GroupKey, RollupRow> = HashMap::new();
-    for r in rows {
-        let window = u32::try_from(i64::from(r.event_time).div_euclid(WINDOW_SECS) * WINDOW_SECS).unwrap_or(0);
-        let key = (
-            r.tenant.clone(),
-            window,
-            r.user_id.clone(),
-            r.customer_id.clone(),
-            r.feature.clone(),
-            r.model.clone(),
-            r.environment.clone(),
-            r.billable,
-        );
-        let g = groups.entry(key).or_insert_with(|| RollupRow {
-            tenant: r.tenant.clone(),
-            window_start: window,
-            user_id: r.user_id.clone(),
-            customer_id: r.customer_id.clone(),
-            feature: r.feature.clone(),
-            model: r.model.clone(),
-            environment: r.environment.clone(),
-            billable: r.billable,
-            source_topic: String::new(),
-            source_partition: -1,
-            source_offset: -1,
-            events: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            cached_input_tokens: 0,
-            reasoning_tokens: 0,
-            cost_nanos: 0,
-            revenue_nanos: 0,
-            credits_nanos: 0,
-            unpriced_events: 0,
-            markers: 0,
-            written_at,
-        });
-        g.events += 1;
-        g.input_tokens += r.input_tokens;
-        g.output_tokens += r.output_tokens;
-        g.cached_input_tokens += r.cached_input_tokens;
-        g.reasoning_tokens += r.reasoning_tokens;
-        g.cost_nanos += r.cost_nanos;
-        g.revenue_nanos += r.revenue_nanos;
-        g.credits_nanos += r.credits_nanos;
-        g.unpriced_events += u64::from(r.cost_source == cost_source::UNPRICED);
-    }
-    let mut out: Vec<RollupRow> = groups.into_values().collect();
-    out.sort_by(|a, b| (&a.tenant, a.window_start, &a.user_id).cmp(&(&b.tenant, b.window_start, &b.user_id)));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,27 +205,4 @@ mod tests {
         assert_eq!(price(&e, Some(&tenant("0.5")), &catalog).revenue, Nanos(2));
     }
 
-    #[test]
-    fn windows_are_utc_minutes() {
-        let ts = event().timestamp;
-        assert_eq!(window_start(ts), DateTime::parse_from_rfc3339("2026-01-31T23:59:00Z").unwrap().timestamp());
-        assert_eq!(window_start(DateTime::from_timestamp_nanos(-1)), -60);
-    }
-
-    #[test]
-    fn rollup_sums_per_group() {
-        let env = Envelope { tenant: "t".into(), received_at: DateTime::from_timestamp_nanos(0), event: event() };
-        let priced = Priced { cost: Nanos(5), cost_source: cost_source::CATALOG, revenue: Nanos(2), credits: Nanos(1) };
-        let src = Source { topic: "x", partition: 0, offset: 1 };
-        let a = EventRow::new(&env, 1, priced, src, 9);
-        let mut b = a.clone();
-        b.cost_source = cost_source::UNPRICED;
-        let mut c = a.clone();
-        c.user_id = "other".into();
-        let rows = rollup([&a, &b, &c], 9);
-        assert_eq!(rows.len(), 2);
-        let u = rows.iter().find(|r| r.user_id == "u").unwrap();
-        assert_eq!((u.events, u.cost_nanos, u.revenue_nanos, u.unpriced_events, u.input_tokens), (2, 10, 4, 1, 2_000_000));
-        assert_eq!(u.window_start, 1_769_903_940);
-    }
 }

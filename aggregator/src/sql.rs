@@ -10,7 +10,7 @@
 use meterline_schemas::ddl::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
 use serde::Serialize;
 
-use crate::rollup::{EventRow, RollupRow, Source};
+use crate::rollup::EventRow;
 use crate::store::DeadLetterRow;
 
 pub const SERVER_VERSION: &str = "SELECT version()";
@@ -19,8 +19,8 @@ pub const APPLIED_MIGRATIONS: &str = "SELECT version FROM schema_migrations";
 pub const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name, applied_at) SELECT ?, ?, now()";
 pub const PROGRESS: &str = "SELECT max(source_offset) AS offset, max(written_at) AS written_at, sum(markers) AS marker_count \
      FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND source_partition = ? AND markers > 0";
-pub const EVENTS_AFTER: &str = "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? \
-     AND kafka_offset > ? AND written_at >= ? ORDER BY kafka_offset";
+pub const ORPHANS: &str = "SELECT max(kafka_offset) AS last_offset, count() AS orphans FROM events \
+     WHERE kafka_topic = ? AND kafka_partition = ? AND kafka_offset > ? AND written_at >= toDateTime(?)";
 pub const KEYS_SINCE: &str = "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? AND written_at >= ?";
 
 /// The exact look-up for keys grouped by tenant: `groups[i]` keys for the
@@ -29,6 +29,53 @@ pub fn lookup(groups: &[usize]) -> String {
     let clauses: Vec<String> =
         groups.iter().map(|n| format!("(tenant = ? AND idempotency_key IN ({}))", vec!["?"; *n].join(","))).collect();
     format!("SELECT ?fields FROM events WHERE {}", clauses.join(" OR "))
+}
+
+/// Rolls up the events of `partitions` offset ranges into `rollups_minute`,
+/// with one progress marker per range, in one server-side INSERT ... SELECT.
+///
+/// Binds, in order: written_at, topic, since (written_at lower bound), then
+/// (partition, after offset, up to offset) per range, then (topic, partition,
+/// up to offset, written_at) per marker.
+///
+/// Why server-side: ClickHouse 18.16 commits a chunked HTTP INSERT body that
+/// ends early at a row boundary (a writer killed mid-stream) as if it were
+/// complete. A prefix of an `events` insert is safe (each partition's rows are
+/// in offset order, so a prefix is a prefix of its offsets, and the repair
+/// picks it up), but a prefix of client-sent rollups could hold a partition's
+/// rows without its marker, and the repair would count them twice. An INSERT
+/// ... SELECT has no client body to cut, and squashes into one block: one part.
+pub fn rollups_from_events(partitions: usize) -> String {
+    let ranges = vec!["(kafka_partition = ? AND kafka_offset > ? AND kafka_offset <= ?)"; partitions.max(1)].join(" OR ");
+    let marker = "SELECT '', toDateTime(0), '', '', '', '', '', toUInt8(0), ?, toInt32(?), toInt64(?), toUInt64(0), \
+         toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toInt64(0), toInt64(0), toInt64(0), toUInt64(0), toUInt64(1), toDateTime(?)";
+    let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
+    format!(
+        "INSERT INTO rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
+         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT tenant, toStartOfMinute(event_time) AS w, user_id, customer_id, feature, model, environment, billable, \
+         '', toInt32(-1), toInt64(-1), count(), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
+         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), countIf(cost_source = 0), \
+         toUInt64(0), toDateTime(?) \
+         FROM events WHERE kafka_topic = ? AND written_at >= toDateTime(?) AND ({ranges}) \
+         GROUP BY tenant, w, user_id, customer_id, feature, model, environment, billable \
+         UNION ALL {markers}"
+    )
+}
+
+/// The offset ranges' last event already in `events`, per partition. Binds:
+/// topic, then (partition, after, up to) per range.
+pub fn events_present(partitions: usize) -> String {
+    let ranges = vec!["(kafka_partition = ? AND kafka_offset > ? AND kafka_offset <= ?)"; partitions.max(1)].join(" OR ");
+    format!("SELECT kafka_partition, max(kafka_offset) AS last_offset FROM events WHERE kafka_topic = ? AND ({ranges}) GROUP BY kafka_partition")
+}
+
+/// How many of the given progress markers exist. Binds: topic, then
+/// (partition, offset) per marker.
+pub fn markers_present(partitions: usize) -> String {
+    let markers = vec!["(source_partition = ? AND source_offset = ?)"; partitions.max(1)].join(" OR ");
+    format!("SELECT count() FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND markers > 0 AND ({markers})")
 }
 
 /// A sample value for a placeholder, as SQL text.
@@ -109,8 +156,6 @@ pub fn compat_statements() -> Vec<String> {
         kafka_offset: 42,
         written_at,
     };
-    let mut rollups = crate::rollup::rollup([&event], written_at);
-    rollups.push(RollupRow::marker(Source { topic: "topic", partition: 3, offset: 42 }, written_at));
     let dead = DeadLetterRow {
         kafka_topic: "topic".into(),
         kafka_partition: 3,
@@ -126,10 +171,39 @@ pub fn compat_statements() -> Vec<String> {
     }
     out.push(render(RECORD_MIGRATION, "", &[Sample::Int(1), Sample::Str("events, minute rollups, dead letters")]));
     out.push(values_insert("events", &event));
-    out.extend(rollups.iter().map(|r| values_insert("rollups_minute", r)));
     out.push(values_insert("dead_letters", &dead));
+    out.push(render(ORPHANS, "", &[Sample::Str("topic"), Sample::Int(3), Sample::Int(-1), Sample::Int(0)]));
+    let w = i64::from(written_at);
+    out.push(render(
+        &rollups_from_events(2),
+        "",
+        &[
+            Sample::Int(w),
+            Sample::Str("topic"),
+            Sample::Int(w - 3600),
+            Sample::Int(3),
+            Sample::Int(-1),
+            Sample::Int(42),
+            Sample::Int(4),
+            Sample::Int(-1),
+            Sample::Int(-1),
+            Sample::Str("topic"),
+            Sample::Int(3),
+            Sample::Int(42),
+            Sample::Int(w),
+            Sample::Str("topic"),
+            Sample::Int(4),
+            Sample::Int(7),
+            Sample::Int(w),
+        ],
+    ));
     out.push(render(PROGRESS, "", &[Sample::Str("topic"), Sample::Int(3)]));
-    out.push(render(EVENTS_AFTER, &fields::<EventRow>(), &[Sample::Str("topic"), Sample::Int(3), Sample::Int(-1), Sample::Int(0)]));
+    out.push(render(
+        &events_present(2),
+        "",
+        &[Sample::Str("topic"), Sample::Int(3), Sample::Int(-1), Sample::Int(42), Sample::Int(4), Sample::Int(-1), Sample::Int(7)],
+    ));
+    out.push(render(&markers_present(2), "", &[Sample::Str("topic"), Sample::Int(3), Sample::Int(42), Sample::Int(4), Sample::Int(7)]));
     out.push(render(
         KEYS_SINCE,
         &fields::<crate::store::KeyRow>(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::{AggregatorError, sql};
 use crate::config::ClickHouseConfig;
-use crate::rollup::{EventRow, RollupRow, key_hash};
+use crate::rollup::{EventRow, key_hash};
 use meterline_schemas::ddl::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
 
 /// Slack on `written_at` when scanning for raw rows a crash left without
@@ -49,6 +49,26 @@ struct MarkerRow {
     offset: i64,
     written_at: u32,
     marker_count: u64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct LandedRow {
+    kafka_partition: i32,
+    last_offset: i64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct OrphanRow {
+    last_offset: i64,
+    orphans: u64,
+}
+
+/// Offsets (after, up to] of one Kafka partition whose events to roll up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub partition: i32,
+    pub after: i64,
+    pub up_to: i64,
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -145,8 +165,23 @@ impl Store {
         self.insert::<EventRow>("events", rows).await
     }
 
-    pub async fn insert_rollups(&self, rows: &[RollupRow]) -> Result<(), AggregatorError> {
-        self.insert::<RollupRow>("rollups_minute", rows).await
+    /// Rolls up the events in each (partition, after, up to] range written
+    /// since `since`, with a progress marker per range: one atomic INSERT.
+    pub async fn roll_up(&self, topic: &str, ranges: &[Range], written_at: u32, since: u32) -> Result<(), AggregatorError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let mut query = self.client.query(&sql::rollups_from_events(ranges.len())).bind(written_at).bind(topic).bind(since);
+        for r in ranges {
+            query = query.bind(r.partition).bind(r.after).bind(r.up_to);
+        }
+        for r in ranges {
+            query = query.bind(topic).bind(r.partition).bind(r.up_to).bind(written_at);
+        }
+        tokio::time::timeout(self.timeout, query.execute())
+            .await
+            .map_err(|_| AggregatorError::Store("rollup insert timed out".to_owned()))??;
+        Ok(())
     }
 
     pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), AggregatorError> {
@@ -168,18 +203,47 @@ impl Store {
         })
     }
 
-    /// Raw rows of `partition` past `progress`: written by a flush whose rollup
-    /// insert did not happen. Ordered by offset.
-    pub async fn events_after(&self, topic: &str, partition: i32, progress: Progress) -> Result<Vec<EventRow>, AggregatorError> {
-        Ok(self
+    /// Per partition, the last offset of `ranges` already in `events`: after a
+    /// failed (perhaps timed-out, perhaps cut-short) insert, what did land.
+    pub async fn events_present(&self, topic: &str, ranges: &[Range]) -> Result<HashMap<i32, i64>, AggregatorError> {
+        let mut query = self.client.query(&sql::events_present(ranges.len())).bind(topic);
+        for r in ranges {
+            query = query.bind(r.partition).bind(r.after).bind(r.up_to);
+        }
+        let rows: Vec<LandedRow> = query.fetch_all().await?;
+        Ok(rows.into_iter().map(|r| (r.kafka_partition, r.last_offset)).collect())
+    }
+
+    /// True when every range's progress marker is in `rollups_minute` (the
+    /// rollup insert is atomic, so it is all of them or none).
+    pub async fn markers_present(&self, topic: &str, ranges: &[Range]) -> Result<bool, AggregatorError> {
+        let mut query = self.client.query(&sql::markers_present(ranges.len())).bind(topic);
+        for r in ranges {
+            query = query.bind(r.partition).bind(r.up_to);
+        }
+        let found: u64 = query.fetch_one().await?;
+        Ok(found as usize >= ranges.len())
+    }
+
+    /// The last offset and count of `partition`'s events past `progress`:
+    /// written by a flush whose rollup insert did not happen.
+    pub async fn orphans(&self, topic: &str, partition: i32, progress: Progress) -> Result<Option<i64>, AggregatorError> {
+        let row: OrphanRow = self
             .client
-            .query(sql::EVENTS_AFTER)
+            .query(sql::ORPHANS)
             .bind(topic)
             .bind(partition)
             .bind(progress.rollup_offset.unwrap_or(-1))
-            .bind(progress.marker_written_at.saturating_sub(WRITTEN_AT_SLACK_SECS))
-            .fetch_all()
-            .await?)
+            .bind(Self::repair_since(progress))
+            .fetch_one()
+            .await?;
+        Ok((row.orphans > 0).then_some(row.last_offset))
+    }
+
+    /// The `written_at` bound for a repair scan: the marker's time, less the
+    /// slack for clock skew between aggregator hosts.
+    pub fn repair_since(progress: Progress) -> u32 {
+        progress.marker_written_at.saturating_sub(WRITTEN_AT_SLACK_SECS)
     }
 
     /// Every key `partition` wrote since `since` (Unix seconds), streamed to `each`.

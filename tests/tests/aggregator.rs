@@ -167,7 +167,7 @@ async fn sigkill_during_processing_loses_and_doubles_nothing() {
     // the inserts of a flush.
     let mut rng = workload::Rng::new(99);
     let mut kills = 0;
-    while kills < 4 {
+    while kills < 5 {
         let before = raw_events(&ch, &r.database).await;
         assert!(before < work.unique_events, "the workload must outlast the kills ({kills} so far)");
         poll_until(Duration::from_secs(60), "progress since the last restart", || async {
