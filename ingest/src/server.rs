@@ -128,7 +128,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-fn authenticate<'a>(keys: &'a KeyRing, headers: &HeaderMap, scope: Scope) -> Result<&'a Principal, ApiError> {
+/// The principal behind the request's bearer key, if it may use `scope`.
+/// Shared by every HTTP service, so that all answer 401 and 403 alike.
+pub fn authenticate<'a>(keys: &'a KeyRing, headers: &HeaderMap, scope: Scope) -> Result<&'a Principal, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <key>").with_field("Authorization"))?;

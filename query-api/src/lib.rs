@@ -1,2 +1,18 @@
-//! Meterline's query API: usage, margins, top spenders and alerts over the
-//! store. Built under the query issue.
+//! Meterline's query API: tenant-scoped usage, margins, top spenders and the
+//! per-user audit trail over the ClickHouse store, money as exact decimals.
+//!
+//! Time ranges are half-open (`to` exclusive) and apply to minute windows:
+//! a window belongs to a range if it starts in it. Defaults: the last 30 days,
+//! or this calendar month for a user's statement and the audit trail.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod params;
+pub mod queries;
+pub mod server;
+pub mod sql;
+
+pub use config::Config;
+pub use error::QueryError;
+pub use server::serve;

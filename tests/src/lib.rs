@@ -256,3 +256,57 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A query API server running in this process on a port-0 listener.
+#[derive(Debug)]
+pub struct QueryApi {
+    pub url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl QueryApi {
+    /// Starts the query API over `clickhouse_url`/`database` with the test tenants' keys.
+    pub async fn start(clickhouse_url: &str, database: &str) -> QueryApi {
+        init_tracing();
+        let mut text = format!("[clickhouse]\nurl = \"{clickhouse_url}\"\ndatabase = \"{database}\"\n");
+        for (tenant, ingest, read) in TENANTS {
+            text.push_str(&format!(
+                "[[tenants]]\nid = \"{tenant}\"\n[[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
+                 [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+                meterline_schemas::tenants::hash_key(ingest),
+                meterline_schemas::tenants::hash_key(read),
+            ));
+        }
+        let config = meterline_query_api::Config::load(&text, []).expect("query config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            meterline_query_api::serve(config, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("query api serve");
+        });
+        QueryApi { url, shutdown: Some(tx) }
+    }
+
+    /// GET `path` with `key`; the status and JSON body.
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+        let mut request = reqwest::Client::new().get(format!("{}{path}", self.url));
+        if let Some(k) = key {
+            request = request.bearer_auth(k);
+        }
+        let response = request.send().await.expect("query request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Drop for QueryApi {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Every statement the aggregator sends runs on the stack's ClickHouse 18.16
+//! Every statement the aggregator and the query API send runs on the stack's ClickHouse 18.16
 //! (`scripts/chdb-check.py` runs the same list on the current engine).
 
 use meterline_tests::stack::ClickHouse;
@@ -10,7 +10,8 @@ async fn every_statement_runs_on_clickhouse_18_16() {
     let database = ch.database(&format!("compat_{}", free_port())).await;
     let client = reqwest::Client::new();
     let url = format!("{}/?database={database}", stack_var("METERLINE_TEST_CLICKHOUSE_URL"));
-    let statements = meterline_aggregator::sql::compat_statements();
+    let statements: Vec<String> =
+        meterline_aggregator::sql::compat_statements().into_iter().chain(meterline_query_api::queries::compat_statements()).collect();
     assert!(statements.len() > 10);
     for sql in &statements {
         let response = client.post(&url).body(sql.clone()).send().await.expect("request");

@@ -1,10 +1,11 @@
-//! Prints every SQL statement Meterline sends to ClickHouse, with sample
+//! Prints every SQL statement Meterline's services send to ClickHouse, with sample
 //! values, one JSON string per line: the input of `scripts/chdb-check.py`,
 //! which runs them on the current ClickHouse engine (chDB). The `sql_compat`
 //! test runs the same list on the stack's ClickHouse 18.16.
 
 fn main() {
-    for statement in meterline_aggregator::sql::compat_statements() {
+    let all = meterline_aggregator::sql::compat_statements().into_iter().chain(meterline_query_api::queries::compat_statements());
+    for statement in all {
         println!("{}", serde_json::Value::String(statement));
     }
 }

@@ -1,0 +1,27 @@
+//! `meterline-query-api --config FILE`: serves the query API until SIGINT or SIGTERM.
+
+use anyhow::Context;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut args = std::env::args().skip(1);
+    let path = match (args.next().as_deref(), args.next()) {
+        (Some("--config"), Some(path)) => path,
+        _ => std::env::var("METERLINE_CONFIG").context("usage: meterline-query-api --config FILE (or set METERLINE_CONFIG)")?,
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {path}"))?;
+    let config = meterline_query_api::Config::load(&text, std::env::vars()).with_context(|| format!("config {path}"))?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "query API listening");
+    meterline_query_api::serve(config, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

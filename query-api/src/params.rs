@@ -1,0 +1,129 @@
+//! Request parameters: parsed strictly, with 400s that name the parameter.
+
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use meterline_ingest::ApiError;
+use std::collections::HashMap;
+
+use crate::sql::{Sql, Value, i, s};
+
+/// The dimensions a request may filter or group by, with their columns.
+pub const DIMENSIONS: &[&str] = &["user_id", "customer_id", "feature", "model"];
+const STRING_FILTERS: &[&str] = &["user_id", "customer_id", "feature", "model", "environment"];
+const COMMON: &[&str] = &["from", "to", "user_id", "customer_id", "feature", "model", "environment", "billable"];
+
+fn bad(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_parameter", message).with_field(param)
+}
+
+/// Raw query parameters with the set a route accepts.
+#[derive(Debug)]
+pub struct Params<'a> {
+    raw: &'a HashMap<String, String>,
+}
+
+impl<'a> Params<'a> {
+    /// Refuses any parameter outside `COMMON` and `extra` (a typo must not be ignored).
+    pub fn new(raw: &'a HashMap<String, String>, extra: &[&str]) -> Result<Params<'a>, ApiError> {
+        if let Some(unknown) = raw.keys().find(|k| !COMMON.contains(&k.as_str()) && !extra.contains(&k.as_str())) {
+            let mut accepted: Vec<&str> = COMMON.iter().chain(extra).copied().collect();
+            accepted.sort();
+            return Err(bad(unknown, format!("unknown parameter; accepted: {}", accepted.join(", "))));
+        }
+        Ok(Params { raw })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.raw.get(name).map(String::as_str)
+    }
+
+    pub fn time(&self, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                DateTime::parse_from_rfc3339(v)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|_| bad(name, "must be an RFC 3339 timestamp, e.g. 2026-11-01T00:00:00Z"))
+            })
+            .transpose()
+    }
+
+    pub fn choice(&self, name: &str, allowed: &[&'static str], default: &'static str) -> Result<&'static str, ApiError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => allowed.iter().copied().find(|a| *a == v).ok_or_else(|| bad(name, format!("must be one of {}", allowed.join(", ")))),
+        }
+    }
+
+    /// A comma-separated list of dimensions, each at most once.
+    pub fn dimensions(&self, name: &str, default: &[&'static str]) -> Result<Vec<&'static str>, ApiError> {
+        let Some(v) = self.get(name) else { return Ok(default.to_vec()) };
+        let mut out: Vec<&'static str> = Vec::new();
+        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let d = DIMENSIONS.iter().copied().find(|d| *d == part).ok_or_else(|| bad(name, format!("{part:?} is not one of {}", DIMENSIONS.join(", "))))?;
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn limit(&self, default: i64, max: i64) -> Result<i64, ApiError> {
+        match self.get("limit") {
+            None => Ok(default),
+            Some(v) => v.parse::<i64>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| bad("limit", format!("must be an integer from 1 to {max}"))),
+        }
+    }
+
+    /// The time range (`to` exclusive) and the filters, as a WHERE clause on
+    /// `time_column` for `tenant`. A window belongs to the range if it starts in it.
+    pub fn scope(&self, tenant: &str, time_column: &str, default_days: Option<i64>, max_days: i64) -> Result<Scope, ApiError> {
+        let now = Utc::now();
+        let to = self.time("to")?.unwrap_or(now);
+        let from = match (self.time("from")?, default_days) {
+            (Some(f), _) => f,
+            (None, Some(days)) => to - Duration::days(days),
+            (None, None) => Utc.with_ymd_and_hms(to.year(), to.month(), 1, 0, 0, 0).single().unwrap_or(to),
+        };
+        if from >= to {
+            return Err(bad("from", "must be before to"));
+        }
+        if to - from > Duration::days(max_days) {
+            return Err(bad("from", format!("the range may span at most {max_days} days")));
+        }
+        let mut sql = Sql::default();
+        sql.push(
+            &format!("tenant = ? AND {time_column} >= toDateTime(?) AND {time_column} < toDateTime(?)"),
+            [s(tenant), i(from.timestamp().max(0)), i(to.timestamp().max(0))],
+        );
+        for f in STRING_FILTERS {
+            if let Some(v) = self.get(f) {
+                if v.is_empty() || v.len() > 256 {
+                    return Err(bad(f, "must be 1 to 256 bytes"));
+                }
+                sql.push(&format!(" AND {f} = ?"), [s(v)]);
+            }
+        }
+        if let Some(v) = self.get("billable") {
+            let b = match v {
+                "true" => 1,
+                "false" => 0,
+                _ => return Err(bad("billable", "must be true or false")),
+            };
+            sql.push(" AND billable = ?", [i(b)]);
+        }
+        Ok(Scope { from, to, filter: sql })
+    }
+}
+
+/// A request's range and WHERE clause.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub filter: Sql,
+}
+
+impl Scope {
+    pub fn binds(&self) -> Vec<Value> {
+        self.filter.binds.clone()
+    }
+}

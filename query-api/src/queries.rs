@@ -1,0 +1,152 @@
+//! The statements behind each endpoint, built from a request's scope. Pure:
+//! the compatibility check renders the same builders with sample values.
+
+use serde::Deserialize;
+
+use crate::params::Scope;
+use crate::sql::{Sql, i};
+
+/// Sums over rollup rows; dimension columns are '' where not grouped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clickhouse::Row)]
+pub struct SumRow {
+    pub g_bucket: u32,
+    pub g_user: String,
+    pub g_customer: String,
+    pub g_feature: String,
+    pub g_model: String,
+    pub s_events: u64,
+    pub s_input: u64,
+    pub s_output: u64,
+    pub s_cached: u64,
+    pub s_reasoning: u64,
+    pub s_cost: i64,
+    pub s_revenue: i64,
+    pub s_credits: i64,
+    pub s_unpriced: u64,
+}
+
+impl SumRow {
+    pub fn tokens(&self) -> u64 {
+        self.s_input + self.s_output + self.s_cached + self.s_reasoning
+    }
+}
+
+/// The bucket expression of a granularity (a fixed set, never user text).
+pub fn bucket(granularity: &str) -> &'static str {
+    match granularity {
+        "minute" => "window_start",
+        "hour" => "toStartOfHour(window_start)",
+        "day" => "toStartOfDay(window_start)",
+        "month" => "toDateTime(toStartOfMonth(window_start))",
+        _ => "toDateTime(0)",
+    }
+}
+
+const SUMS: &str = "sum(events) AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
+     sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
+     sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, sum(unpriced_events) AS s_unpriced";
+
+fn dims(group_by: &[&str]) -> String {
+    // Aliases differ from column names on purpose: ClickHouse 18.16 resolves a
+    // WHERE name to a same-named SELECT alias.
+    [("user_id", "g_user"), ("customer_id", "g_customer"), ("feature", "g_feature"), ("model", "g_model")]
+        .iter()
+        .map(|(col, alias)| if group_by.contains(col) { format!("{col} AS {alias}") } else { format!("'' AS {alias}") })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Sums grouped by bucket and dimensions, in bucket then key order.
+pub fn sums(scope: &Scope, granularity: &str, group_by: &[&str], having_negative: bool, order_by_margin: bool, limit: i64) -> Sql {
+    let mut sql = Sql::new(format!(
+        "SELECT toUInt32({}) AS g_bucket, {}, {SUMS} FROM rollups_minute WHERE ",
+        bucket(granularity),
+        dims(group_by)
+    ));
+    sql.push(&scope.filter.text, scope.binds());
+    sql.push(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model", []);
+    if having_negative {
+        sql.push(" HAVING s_revenue - s_cost < 0", []);
+    }
+    if order_by_margin {
+        sql.push(" ORDER BY s_revenue - s_cost, g_user, g_customer, g_feature, g_model", []);
+    } else {
+        sql.push(" ORDER BY g_bucket, g_user, g_customer, g_feature, g_model", []);
+    }
+    sql.push(" LIMIT ?", [i(limit)]);
+    sql
+}
+
+/// The top `limit` keys of dimension `by` ordered by `metric`.
+pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) -> Sql {
+    let order = match metric {
+        "tokens" => "s_input + s_output + s_cached + s_reasoning",
+        "revenue" => "s_revenue",
+        "margin" => "s_revenue - s_cost",
+        _ => "s_cost",
+    };
+    let dir = if descending { "DESC" } else { "ASC" };
+    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS} FROM rollups_minute WHERE ", dims(&[by])));
+    sql.push(&scope.filter.text, scope.binds());
+    sql.push(
+        &format!(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model ORDER BY {order} {dir}, g_user, g_customer LIMIT ?"),
+        [i(limit)],
+    );
+    sql
+}
+
+/// How many groups have a negative margin.
+pub fn negative_count(scope: &Scope, group_by: &[&str]) -> Sql {
+    let mut sql = Sql::new(format!(
+        "SELECT count() FROM (SELECT {}, sum(revenue_nanos) - sum(cost_nanos) AS m FROM rollups_minute WHERE ",
+        dims(group_by)
+    ));
+    sql.push(&scope.filter.text, scope.binds());
+    sql.push(" GROUP BY g_user, g_customer, g_feature, g_model HAVING m < 0)", []);
+    sql
+}
+
+/// One user's raw events, oldest first, after the cursor position if any.
+pub fn events(scope: &Scope, cursor: Option<&(i64, i64, String)>, limit: i64) -> Sql {
+    let mut sql = Sql::new("SELECT ?fields FROM events WHERE ");
+    sql.push(&scope.filter.text, scope.binds());
+    if let Some((secs, nanos, key)) = cursor {
+        sql.push(
+            " AND (event_time > toDateTime(?) OR (event_time = toDateTime(?) AND (event_time_ns > ? \
+             OR (event_time_ns = ? AND idempotency_key > ?))))",
+            [i(*secs), i(*secs), i(*nanos), i(*nanos), crate::sql::s(key.clone())],
+        );
+    }
+    sql.push(" ORDER BY event_time, event_time_ns, idempotency_key LIMIT ?", [i(limit)]);
+    sql
+}
+
+/// Every statement above with sample values, for the compatibility check on
+/// ClickHouse 18.16 and the current engine (after the aggregator's, which
+/// create the tables).
+pub fn compat_statements() -> Vec<String> {
+    let mut raw = std::collections::HashMap::new();
+    for (k, v) in [("from", "2020-01-01T00:00:00Z"), ("to", "2030-01-01T00:00:00Z"), ("feature", "chat"), ("billable", "true")] {
+        raw.insert(k.to_owned(), v.to_owned());
+    }
+    let scope = |column: &str| {
+        crate::params::Params::new(&raw, &[]).and_then(|p| p.scope("acme", column, Some(30), 10_000)).map(|s| s.filter).unwrap_or_default()
+    };
+    let rollups = crate::params::Scope { from: chrono::Utc::now(), to: chrono::Utc::now(), filter: scope("window_start") };
+    let events_scope = crate::params::Scope { from: chrono::Utc::now(), to: chrono::Utc::now(), filter: scope("event_time") };
+    let sum_fields = "";
+    let event_fields = <meterline_aggregator::rollup::EventRow as clickhouse::Row>::COLUMN_NAMES.join(",");
+    let mut out = Vec::new();
+    for g in ["minute", "hour", "day", "month", "total"] {
+        out.push(sums(&rollups, g, &["user_id", "customer_id", "feature", "model"], false, false, 10).render(sum_fields));
+    }
+    out.push(sums(&rollups, "total", &["user_id"], true, true, 10).render(sum_fields));
+    for m in ["cost", "tokens", "revenue", "margin"] {
+        out.push(top(&rollups, "user_id", m, true, 10).render(sum_fields));
+    }
+    out.push(top(&rollups, "customer_id", "cost", false, 10).render(sum_fields));
+    out.push(negative_count(&rollups, &["user_id", "model"]).render(sum_fields));
+    out.push(events(&events_scope, None, 100).render(&event_fields));
+    out.push(events(&events_scope, Some(&(1_800_000_000, 5, "it's".to_owned())), 100).render(&event_fields));
+    out
+}

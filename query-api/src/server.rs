@@ -1,0 +1,335 @@
+//! The HTTP server: tenant-scoped read endpoints, health, readiness, metrics, OpenAPI.
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use meterline_aggregator::rollup::EventRow;
+use meterline_aggregator::store::{self, Store};
+use meterline_ingest::ApiError;
+use meterline_ingest::server::authenticate;
+use meterline_schemas::Nanos;
+use meterline_schemas::tenants::{KeyRing, Scope};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::params::{DIMENSIONS, Params};
+use crate::queries::{self, SumRow};
+use crate::{QueryError, metrics};
+
+/// The OpenAPI document, checked in beside the crate.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+#[derive(Debug)]
+pub struct AppState {
+    keys: KeyRing,
+    store: Store,
+    max_days: i64,
+}
+
+/// Connects to ClickHouse and serves until `shutdown`, then drains.
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
+    let store = store::connect(&config.clickhouse).await?;
+    let state = Arc::new(AppState { keys: KeyRing::from_config(&config.tenants)?, store, max_days: config.server.max_range_days });
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let handle = metrics::handle();
+    Router::new()
+        .route("/v1/usage", get(usage))
+        .route("/v1/top-spenders", get(top_spenders))
+        .route("/v1/margins", get(margins))
+        .route("/v1/users/{user_id}/usage", get(user_usage))
+        .route("/v1/events", get(events))
+        .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .fallback(|| async { ApiError::not_found() })
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.store.ping().await {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        ApiError::unavailable("ClickHouse is not reachable").into_response()
+    }
+}
+
+type Raw = Query<HashMap<String, String>>;
+
+/// Runs a handler body with auth, timing and the metrics every endpoint shares.
+async fn answer<F, Fut>(endpoint: &'static str, state: &AppState, headers: &HeaderMap, body: F) -> Response
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Result<Value, ApiError>>,
+{
+    let started = Instant::now();
+    let response = match authenticate(&state.keys, headers, Scope::Read) {
+        Err(e) => e.into_response(),
+        Ok(principal) => match body(principal.tenant.clone()).await {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(e) => e.into_response(),
+        },
+    };
+    metrics::request(endpoint, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+async fn fetch(state: &AppState, sql: &crate::sql::Sql) -> Result<Vec<SumRow>, ApiError> {
+    Ok(sql.query(state.store.client()).fetch_all::<SumRow>().await.map_err(QueryError::from)?)
+}
+
+fn money(n: i128) -> String {
+    Nanos(i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })).to_string()
+}
+
+/// `num / den` as a decimal string with `scale` digits, rounded half away from zero.
+pub fn ratio(num: i128, den: i128, scale: u32) -> Option<String> {
+    if den == 0 {
+        return None;
+    }
+    let factor = 10i128.pow(scale);
+    let scaled = num * factor * 2;
+    let q = (scaled.abs() / den.abs() + 1) / 2;
+    let negative = (num < 0) != (den < 0) && q != 0;
+    let (int, frac) = (q / factor, q % factor);
+    Some(format!("{}{int}.{frac:0width$}", if negative { "-" } else { "" }, width = scale as usize))
+}
+
+fn row_json(r: &SumRow, group_by: &[&str], with_bucket: bool) -> Value {
+    let mut v = json!({
+        "events": r.s_events,
+        "input_tokens": r.s_input,
+        "output_tokens": r.s_output,
+        "cached_input_tokens": r.s_cached,
+        "reasoning_tokens": r.s_reasoning,
+        "cost_usd": money(i128::from(r.s_cost)),
+        "revenue_usd": money(i128::from(r.s_revenue)),
+        "margin_usd": money(i128::from(r.s_revenue) - i128::from(r.s_cost)),
+        "credits": money(i128::from(r.s_credits)),
+        "unpriced_events": r.s_unpriced,
+    });
+    if with_bucket {
+        v["window_start"] = json!(DateTime::from_timestamp(i64::from(r.g_bucket), 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+    }
+    for d in group_by {
+        let value = match *d {
+            "user_id" => &r.g_user,
+            "customer_id" => &r.g_customer,
+            "feature" => &r.g_feature,
+            _ => &r.g_model,
+        };
+        // Events without a customer have customer_id ''; answer null.
+        v[*d] = if value.is_empty() { Value::Null } else { json!(value) };
+    }
+    v
+}
+
+fn range_json(scope: &crate::params::Scope) -> Value {
+    json!({"from": scope.from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "to": scope.to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
+}
+
+async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
+    answer("/v1/usage", &state.clone(), &headers, |tenant| async move {
+        let p = Params::new(&raw, &["group_by", "granularity", "limit"])?;
+        let group_by = p.dimensions("group_by", &[])?;
+        let granularity = p.choice("granularity", &["minute", "hour", "day", "month", "total"], "day")?;
+        let limit = p.limit(10_000, 100_000)?;
+        let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
+        let rows = fetch(&state, &queries::sums(&scope, granularity, &group_by, false, false, limit)).await?;
+        let total = granularity != "total";
+        Ok(json!({
+            "range": range_json(&scope),
+            "granularity": granularity,
+            "group_by": group_by,
+            // An aggregate over no rows still yields one all-zero row on some
+            // servers; a window with no events is not a row.
+            "rows": rows.iter().filter(|r| r.s_events > 0).map(|r| row_json(r, &group_by, total)).collect::<Vec<_>>(),
+        }))
+    })
+    .await
+}
+
+async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
+    answer("/v1/top-spenders", &state.clone(), &headers, |tenant| async move {
+        let p = Params::new(&raw, &["by", "metric", "order", "limit"])?;
+        let by = p.choice("by", &["user_id", "customer_id"], "user_id")?;
+        let metric = p.choice("metric", &["cost", "tokens", "revenue", "margin"], "cost")?;
+        let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
+        let limit = p.limit(10, 1_000)?;
+        let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
+        let rows = fetch(&state, &queries::top(&scope, by, metric, descending, limit)).await?;
+        let totals = fetch(&state, &queries::sums(&scope, "total", &[], false, false, 1)).await?;
+        let t = totals.first().cloned().unwrap_or_default();
+        let value = |r: &SumRow| -> i128 {
+            match metric {
+                "tokens" => i128::from(r.tokens()),
+                "revenue" => i128::from(r.s_revenue),
+                "margin" => i128::from(r.s_revenue) - i128::from(r.s_cost),
+                _ => i128::from(r.s_cost),
+            }
+        };
+        let total_value = value(&t);
+        let out: Vec<Value> = rows
+            .iter()
+            .filter(|r| r.s_events > 0)
+            .map(|r| {
+                let mut v = row_json(r, &[by], false);
+                v["share"] = json!(if total_value > 0 { ratio(value(r), total_value, 6) } else { None });
+                v
+            })
+            .collect();
+        Ok(json!({"range": range_json(&scope), "by": by, "metric": metric, "rows": out, "total": row_json(&t, &[], false)}))
+    })
+    .await
+}
+
+async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
+    answer("/v1/margins", &state.clone(), &headers, |tenant| async move {
+        let p = Params::new(&raw, &["group_by", "negative_only", "limit"])?;
+        let group_by = p.dimensions("group_by", &["user_id"])?;
+        if group_by.is_empty() {
+            return Err(ApiError::bad_request("invalid_parameter", format!("name at least one of {}", DIMENSIONS.join(", "))).with_field("group_by"));
+        }
+        let negative_only = match p.get("negative_only") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(ApiError::bad_request("invalid_parameter", "must be true or false").with_field("negative_only")),
+        };
+        let limit = p.limit(100, 10_000)?;
+        let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
+        let rows = fetch(&state, &queries::sums(&scope, "total", &group_by, negative_only, true, limit)).await?;
+        let totals = fetch(&state, &queries::sums(&scope, "total", &[], false, false, 1)).await?;
+        let negative: u64 = queries::negative_count(&scope, &group_by)
+            .query(state.store.client())
+            .fetch_one()
+            .await
+            .map_err(QueryError::from)?;
+        let with_pct = |r: &SumRow, dims: &[&str]| {
+            let mut v = row_json(r, dims, false);
+            v["margin_pct"] = json!(ratio((i128::from(r.s_revenue) - i128::from(r.s_cost)) * 100, i128::from(r.s_revenue), 2));
+            v
+        };
+        Ok(json!({
+            "range": range_json(&scope),
+            "group_by": group_by,
+            "rows": rows.iter().filter(|r| r.s_events > 0).map(|r| with_pct(r, &group_by)).collect::<Vec<_>>(),
+            "total": with_pct(&totals.first().cloned().unwrap_or_default(), &[]),
+            "negative_margin_groups": negative,
+        }))
+    })
+    .await
+}
+
+async fn user_usage(State(state): State<Arc<AppState>>, Path(user_id): Path<String>, headers: HeaderMap, Query(mut raw): Raw) -> Response {
+    answer("/v1/users/{user_id}/usage", &state.clone(), &headers, |tenant| async move {
+        if raw.contains_key("user_id") {
+            return Err(ApiError::bad_request("invalid_parameter", "the user is named in the path").with_field("user_id"));
+        }
+        raw.insert("user_id".to_owned(), user_id.clone());
+        let p = Params::new(&raw, &[])?;
+        // Default: this calendar month, as a customer-facing statement would.
+        let scope = p.scope(&tenant, "window_start", None, state.max_days)?;
+        let totals = fetch(&state, &queries::sums(&scope, "total", &[], false, false, 1)).await?;
+        let by_feature = fetch(&state, &queries::sums(&scope, "total", &["feature"], false, false, 10_000)).await?;
+        let by_model = fetch(&state, &queries::sums(&scope, "total", &["model"], false, false, 10_000)).await?;
+        let daily = fetch(&state, &queries::sums(&scope, "day", &[], false, false, 10_000)).await?;
+        Ok(json!({
+            "user_id": user_id,
+            "range": range_json(&scope),
+            "totals": row_json(&totals.first().cloned().unwrap_or_default(), &[], false),
+            "by_feature": by_feature.iter().map(|r| row_json(r, &["feature"], false)).collect::<Vec<_>>(),
+            "by_model": by_model.iter().map(|r| row_json(r, &["model"], false)).collect::<Vec<_>>(),
+            "daily": daily.iter().map(|r| row_json(r, &[], true)).collect::<Vec<_>>(),
+        }))
+    })
+    .await
+}
+
+fn encode_cursor(r: &EventRow) -> String {
+    hex::encode(format!("{}:{}:{}", r.event_time, r.event_time_ns, r.idempotency_key))
+}
+
+fn decode_cursor(text: &str) -> Result<(i64, i64, String), ApiError> {
+    let bad = || ApiError::bad_request("invalid_parameter", "not a cursor this API returned").with_field("cursor");
+    let bytes = hex::decode(text).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, ':');
+    let secs = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let nanos = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let key = parts.next().ok_or_else(bad)?.to_owned();
+    Ok((secs, nanos, key))
+}
+
+async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
+    answer("/v1/events", &state.clone(), &headers, |tenant| async move {
+        let p = Params::new(&raw, &["cursor", "limit"])?;
+        if p.get("user_id").is_none() {
+            return Err(ApiError::bad_request("invalid_parameter", "the audit trail is per user: give user_id").with_field("user_id"));
+        }
+        let limit = p.limit(100, 1_000)?;
+        let cursor = p.get("cursor").map(decode_cursor).transpose()?;
+        let scope = p.scope(&tenant, "event_time", None, state.max_days)?;
+        let sql = queries::events(&scope, cursor.as_ref(), limit + 1);
+        let mut rows: Vec<EventRow> = sql.query(state.store.client()).fetch_all().await.map_err(QueryError::from)?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        let next = if more { rows.last().map(encode_cursor) } else { None };
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let ts = DateTime::<Utc>::from_timestamp(i64::from(r.event_time), r.event_time_ns).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+                json!({
+                    "idempotency_key": r.idempotency_key,
+                    "timestamp": ts,
+                    "user_id": r.user_id,
+                    "customer_id": (!r.customer_id.is_empty()).then_some(&r.customer_id),
+                    "feature": r.feature,
+                    "model": r.model,
+                    "provider": (!r.provider.is_empty()).then_some(&r.provider),
+                    "environment": r.environment,
+                    "billable": r.billable == 1,
+                    "input_tokens": r.input_tokens,
+                    "output_tokens": r.output_tokens,
+                    "cached_input_tokens": r.cached_input_tokens,
+                    "reasoning_tokens": r.reasoning_tokens,
+                    "cost_usd": money(i128::from(r.cost_nanos)),
+                    "cost_source": match r.cost_source { 1 => "given", 2 => "catalog", _ => "unpriced" },
+                    "revenue_usd": money(i128::from(r.revenue_nanos)),
+                    "credits": money(i128::from(r.credits_nanos)),
+                    "metadata": serde_json::from_str::<Value>(&r.metadata).ok(),
+                    "kafka_partition": r.kafka_partition,
+                    "kafka_offset": r.kafka_offset,
+                })
+            })
+            .collect();
+        Ok(json!({"range": range_json(&scope), "events": out, "next_cursor": next}))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ratio;
+
+    #[test]
+    fn ratios_round_half_away_from_zero() {
+        assert_eq!(ratio(1, 3, 6).as_deref(), Some("0.333333"));
+        assert_eq!(ratio(2, 3, 6).as_deref(), Some("0.666667"));
+        assert_eq!(ratio(-1, 8, 2).as_deref(), Some("-0.13"));
+        assert_eq!(ratio(5, 1, 2).as_deref(), Some("5.00"));
+        assert_eq!(ratio(1, 0, 2), None);
+        assert_eq!(ratio(0, 7, 2).as_deref(), Some("0.00"));
+    }
+}

@@ -1,0 +1,187 @@
+//! The query API against the real stack: after the ground-truth workload,
+//! every endpoint's numbers equal what the test computes itself.
+
+use meterline_schemas::Nanos;
+use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::workload::{self, Totals, event_count, fetch_totals};
+use meterline_tests::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn nanos(v: &Value) -> i64 {
+    Nanos::parse(v.as_str().expect("decimal string")).expect("decimal").0
+}
+
+fn share(value: i128, total: i128) -> String {
+    // Six decimals, rounded half away from zero, computed here independently.
+    let q = (value * 2_000_000 / total + 1) / 2;
+    format!("{}.{:06}", q / 1_000_000, q % 1_000_000)
+}
+
+#[tokio::test]
+async fn every_endpoint_equals_the_ground_truth() {
+    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+    let ch = ClickHouse::shared();
+    let topic = unique_topic("query");
+    let database = ch.database(&format!("q_{}", free_port())).await;
+    create_topic(&brokers, &topic, 4).await;
+    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let agg_config = format!(
+        "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"q-{topic}\"\n\
+         session_timeout_ms = 2000\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n\
+         [[tenants]]\nid = \"acme\"\ncredit_price_usd = \"0.001\"\n[[tenants]]\nid = \"globex\"\n",
+        free_port(),
+        ch.url
+    );
+    let agg = Process::start("meterline-aggregator", &agg_config);
+    let work = workload::generate(7, 2_500, 150, 500, chrono::Utc::now());
+    for b in &work.batches {
+        let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("acme-ingest-key").json(b).send().await.expect("post");
+        assert_eq!(r.status(), 202);
+    }
+    // Another tenant's traffic, which acme must never see.
+    let globex: Vec<Value> = (0..30).map(|n| event("globex-user", n)).collect();
+    let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("globex-ingest-key").json(&globex).send().await.expect("post");
+    assert_eq!(r.status(), 202);
+    poll_until(Duration::from_secs(120), "every event rolled up", || async {
+        if ch.query(&format!("EXISTS TABLE {database}.rollups_minute")).await.trim() != "1" {
+            return None;
+        }
+        let acme = event_count(&fetch_totals(&ch, &database, "acme").await);
+        let g = event_count(&fetch_totals(&ch, &database, "globex").await);
+        (acme == work.unique_events && g == 30).then_some(())
+    })
+    .await;
+
+    let api = QueryApi::start(&ch.url, &database).await;
+    let now = chrono::Utc::now();
+    let range = format!(
+        "from={}&to={}",
+        (now - chrono::Duration::days(40)).format("%Y-%m-%dT%H:%M:%SZ"),
+        (now + chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    let key = Some("acme-read-key");
+
+    // Usage per user and minute: exactly the ground truth.
+    let (status, body) = api.get(&format!("/v1/usage?granularity=minute&group_by=user_id&limit=100000&{range}"), key).await;
+    assert_eq!(status, 200, "{body}");
+    let mut got: BTreeMap<(String, i64), Totals> = BTreeMap::new();
+    for r in body["rows"].as_array().expect("rows") {
+        let w = chrono::DateTime::parse_from_rfc3339(r["window_start"].as_str().expect("window")).expect("rfc3339").timestamp();
+        got.insert(
+            (r["user_id"].as_str().expect("user").to_owned(), w),
+            Totals {
+                events: r["events"].as_u64().expect("events"),
+                input_tokens: r["input_tokens"].as_u64().expect("n"),
+                output_tokens: r["output_tokens"].as_u64().expect("n"),
+                cached_input_tokens: r["cached_input_tokens"].as_u64().expect("n"),
+                reasoning_tokens: r["reasoning_tokens"].as_u64().expect("n"),
+                cost_nanos: nanos(&r["cost_usd"]),
+                revenue_nanos: nanos(&r["revenue_usd"]),
+                unpriced_events: r["unpriced_events"].as_u64().expect("n"),
+            },
+        );
+        assert_eq!(nanos(&r["margin_usd"]), nanos(&r["revenue_usd"]) - nanos(&r["cost_usd"]));
+    }
+    assert_eq!(got, work.expected, "usage by user and minute");
+
+    // Per-user totals, computed from the ground truth.
+    let mut users: BTreeMap<String, Totals> = BTreeMap::new();
+    for ((user, _), t) in &work.expected {
+        let u = users.entry(user.clone()).or_default();
+        u.events += t.events;
+        u.cost_nanos += t.cost_nanos;
+        u.revenue_nanos += t.revenue_nanos;
+        u.input_tokens += t.input_tokens;
+    }
+    let total_cost: i128 = users.values().map(|t| i128::from(t.cost_nanos)).sum();
+
+    // Top spenders by cost: order, values and shares exact.
+    let (status, body) = api.get(&format!("/v1/top-spenders?metric=cost&limit=10&{range}"), key).await;
+    assert_eq!(status, 200, "{body}");
+    let mut expected: Vec<(&String, &Totals)> = users.iter().collect();
+    expected.sort_by(|a, b| b.1.cost_nanos.cmp(&a.1.cost_nanos).then(a.0.cmp(b.0)));
+    let rows = body["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 10);
+    for (row, (user, t)) in rows.iter().zip(&expected) {
+        assert_eq!(row["user_id"], json!(user));
+        assert_eq!(nanos(&row["cost_usd"]), t.cost_nanos);
+        assert_eq!(row["share"], json!(share(i128::from(t.cost_nanos), total_cost)), "{user}");
+    }
+    assert_eq!(i128::from(nanos(&body["total"]["cost_usd"])), total_cost);
+
+    // Lowest margin first, and the negative-margin users counted and listed.
+    let negative: Vec<&String> = users.iter().filter(|(_, t)| t.revenue_nanos < t.cost_nanos).map(|(u, _)| u).collect();
+    assert!(!negative.is_empty(), "the workload has users who lose money");
+    let (status, body) = api.get(&format!("/v1/margins?group_by=user_id&negative_only=true&limit=10000&{range}"), key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["negative_margin_groups"], json!(negative.len()));
+    let listed: Vec<&str> = body["rows"].as_array().expect("rows").iter().map(|r| r["user_id"].as_str().expect("user")).collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, negative.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let margins: Vec<i64> = body["rows"].as_array().expect("rows").iter().map(|r| nanos(&r["margin_usd"])).collect();
+    assert!(margins.windows(2).all(|w| w[0] <= w[1]), "lowest margin first");
+
+    // One user's statement.
+    let (top_user, top) = expected[0];
+    let (status, body) = api.get(&format!("/v1/users/{top_user}/usage?{range}"), key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["totals"]["events"], json!(top.events));
+    assert_eq!(nanos(&body["totals"]["cost_usd"]), top.cost_nanos);
+    assert_eq!(nanos(&body["totals"]["revenue_usd"]), top.revenue_nanos);
+    let daily: u64 = body["daily"].as_array().expect("daily").iter().map(|d| d["events"].as_u64().expect("n")).sum();
+    let by_feature: u64 = body["by_feature"].as_array().expect("f").iter().map(|d| d["events"].as_u64().expect("n")).sum();
+    assert_eq!((daily, by_feature), (top.events, top.events));
+
+    // The audit trail, paged: every one of the user's events, once.
+    let mut keys = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let c = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let (status, body) = api.get(&format!("/v1/events?user_id={top_user}&limit=37&{range}{c}"), key).await;
+        assert_eq!(status, 200, "{body}");
+        for e in body["events"].as_array().expect("events") {
+            keys.push(e["idempotency_key"].as_str().expect("key").to_owned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!((keys.len() as u64, unique.len() as u64), (top.events, top.events));
+
+    // Tenants are isolated; keys are scoped.
+    let (status, body) = api.get(&format!("/v1/top-spenders?limit=1000&{range}"), Some("globex-read-key")).await;
+    assert_eq!(status, 200);
+    let seen: Vec<&str> = body["rows"].as_array().expect("rows").iter().map(|r| r["user_id"].as_str().expect("u")).collect();
+    assert_eq!(seen, vec!["globex-user"]);
+    let (_, body) = api.get(&format!("/v1/usage?granularity=total&user_id=globex-user&{range}"), key).await;
+    assert_eq!(body["rows"], json!([]), "acme's key sees nothing of globex's user");
+    assert_eq!(api.get("/v1/usage", Some("acme-ingest-key")).await.0, 403);
+    assert_eq!(api.get("/v1/usage", None).await.0, 401);
+
+    // Bad parameters are named.
+    for (query, field) in [
+        ("/v1/usage?granularity=week", "granularity"),
+        ("/v1/usage?group_by=planet", "group_by"),
+        ("/v1/usage?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z", "from"),
+        ("/v1/usage?to=yesterday", "to"),
+        ("/v1/top-spenders?limit=5000", "limit"),
+        ("/v1/top-spenders?metric=vibes", "metric"),
+        ("/v1/usage?colour=blue", "colour"),
+        ("/v1/events", "user_id"),
+        ("/v1/events?user_id=u&cursor=zz", "cursor"),
+    ] {
+        let (status, body) = api.get(query, key).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["field"], json!(field), "{query}: {body}");
+    }
+    let (status, body) = api.get("/openapi.json", None).await;
+    assert_eq!(status, 200);
+    assert!(body["paths"]["/v1/top-spenders"].is_object(), "OpenAPI document served");
+    drop(agg);
+    ingest.stop().await;
+}
