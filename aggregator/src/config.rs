@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use crate::AggregatorError;
+use meterline_schemas::Nanos;
+use meterline_schemas::money::NANOS_PER_UNIT;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +21,10 @@ pub struct Config {
     pub flush: FlushConfig,
     #[serde(default)]
     pub dedupe: DedupeConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// Tenants: their prices and credit prices (keys are ignored here).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -153,9 +159,89 @@ impl Default for DedupeConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct model (and feature) label values per tenant before further
+    /// values are counted under `other`.
+    pub max_label_values: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { max_label_values: 50 }
+    }
+}
+
+/// Runaway-user rules: defaults and per-tenant replacements.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    pub enabled: bool,
+    /// The rules for every tenant without its own.
+    pub rules: AlertRules,
+    /// Rules for particular tenants, replacing the defaults as a whole.
+    pub tenants: BTreeMap<String, AlertRules>,
+    /// Receives `{"event": "opened"|"resolved", ...}` for each transition.
+    pub webhook_url: Option<String>,
+    pub webhook_retries: u32,
+    /// How often open alerts are re-evaluated when no events arrive.
+    pub interval_secs: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            enabled: true,
+            rules: AlertRules::default(),
+            tenants: BTreeMap::new(),
+            webhook_url: None,
+            webhook_retries: 5,
+            interval_secs: 30,
+        }
+    }
+}
+
+/// Thresholds of the four rules (money in decimal USD in the file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertRules {
+    /// The trailing window the cost rules look at.
+    pub window_secs: u32,
+    #[serde(deserialize_with = "usd")]
+    pub absolute_cost: Nanos,
+    pub peer_multiple: i64,
+    #[serde(deserialize_with = "usd")]
+    pub peer_floor: Nanos,
+    pub self_multiple: i64,
+    #[serde(deserialize_with = "usd")]
+    pub self_floor: Nanos,
+    #[serde(deserialize_with = "usd")]
+    pub margin_loss: Nanos,
+}
+
+impl Default for AlertRules {
+    fn default() -> Self {
+        AlertRules {
+            window_secs: 3_600,
+            absolute_cost: Nanos(10 * NANOS_PER_UNIT),
+            peer_multiple: 50,
+            peer_floor: Nanos(NANOS_PER_UNIT),
+            self_multiple: 10,
+            self_floor: Nanos(NANOS_PER_UNIT),
+            margin_loss: Nanos(5 * NANOS_PER_UNIT),
+        }
+    }
+}
+
+fn usd<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Nanos, D::Error> {
+    let text = String::deserialize(d)?;
+    Nanos::parse_non_negative(&text).map_err(|e| serde::de::Error::custom(format!("{text:?} {e}")))
+}
+
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, AggregatorError> {
-        let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe", "metrics", "alerts"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -197,6 +283,16 @@ impl Config {
         }
         if self.dedupe.recent_secs < 0 {
             return bad("dedupe.recent_secs", "must not be negative");
+        }
+        for (key, rules) in std::iter::once(("alerts.rules".to_owned(), &self.alerts.rules))
+            .chain(self.alerts.tenants.iter().map(|(t, r)| (format!("alerts.tenants.{t}"), r)))
+        {
+            if rules.window_secs < 60 {
+                return Err(AggregatorError::Config(format!("{key}.window_secs: must be at least 60")));
+            }
+            if rules.peer_multiple < 1 || rules.self_multiple < 1 {
+                return Err(AggregatorError::Config(format!("{key}: peer_multiple and self_multiple must be at least 1")));
+            }
         }
         KeyRing::from_config(&self.tenants)?;
         Ok(())

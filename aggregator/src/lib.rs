@@ -56,6 +56,7 @@
 //! *conflicting* copy that changes `user_id` can land on another partition
 //! and is then counted.
 
+pub mod alerts;
 pub mod config;
 pub mod dedupe;
 pub mod error;

@@ -114,3 +114,73 @@ pub fn buffered(n: usize) {
 pub fn partitions(n: usize) {
     gauge!(PARTITIONS).set(n as f64);
 }
+
+pub const USAGE_EVENTS: &str = "meterline_aggregator_usage_events_total";
+pub const USAGE_TOKENS: &str = "meterline_aggregator_usage_tokens_total";
+pub const USAGE_COST: &str = "meterline_aggregator_usage_cost_nano_usd_total";
+pub const USAGE_REVENUE: &str = "meterline_aggregator_usage_revenue_nano_usd_total";
+
+/// Business counters by tenant, model and feature, with each tenant's model
+/// and feature values capped: past `cap` distinct values a tenant's further
+/// values fold into `other`, so a client inventing names cannot blow up the
+/// series count. Per-user numbers never become labels; they come from the
+/// query API. Money is counted in integer nano-USD (divide by 1e9 in PromQL).
+#[derive(Debug, Default)]
+pub struct BusinessLabels {
+    cap: usize,
+    seen: std::collections::HashMap<(String, &'static str), std::collections::HashSet<String>>,
+}
+
+impl BusinessLabels {
+    pub fn new(cap: usize) -> BusinessLabels {
+        BusinessLabels { cap, seen: Default::default() }
+    }
+
+    fn bounded(&mut self, tenant: &str, dimension: &'static str, value: &str) -> String {
+        let set = self.seen.entry((tenant.to_owned(), dimension)).or_default();
+        if set.contains(value) || set.len() < self.cap {
+            set.insert(value.to_owned());
+            value.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
+
+    /// Counts one written event.
+    pub fn record(&mut self, row: &crate::rollup::EventRow) {
+        let model = self.bounded(&row.tenant, "model", &row.model);
+        let feature = self.bounded(&row.tenant, "feature", &row.feature);
+        let labels = [("tenant", row.tenant.clone()), ("model", model), ("feature", feature)];
+        counter!(USAGE_EVENTS, &labels).increment(1);
+        counter!(USAGE_TOKENS, &labels)
+            .increment(row.input_tokens + row.output_tokens + row.cached_input_tokens + row.reasoning_tokens);
+        counter!(USAGE_COST, &labels).increment(u64::try_from(row.cost_nanos).unwrap_or(0));
+        counter!(USAGE_REVENUE, &labels).increment(u64::try_from(row.revenue_nanos).unwrap_or(0));
+    }
+}
+
+pub const ALERTS_OPEN: &str = "meterline_aggregator_alerts_open";
+pub const ALERTS_OPENED: &str = "meterline_aggregator_alerts_opened_total";
+pub const WEBHOOK_FAILURES: &str = "meterline_aggregator_alert_webhook_failures_total";
+
+/// Open runaway alerts by tenant and rule (every known pair is set, so a
+/// resolved alert brings its series back to 0).
+pub fn alerts_open(open: &std::collections::BTreeMap<(&str, &str), usize>) {
+    static KNOWN: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    for (t, r) in open.keys() {
+        known.insert(((*t).to_owned(), (*r).to_owned()));
+    }
+    for (t, r) in known.iter() {
+        let n = open.get(&(t.as_str(), r.as_str())).copied().unwrap_or(0);
+        gauge!(ALERTS_OPEN, "tenant" => t.clone(), "rule" => r.clone()).set(n as f64);
+    }
+}
+
+pub fn alert_opened(tenant: &str, rule: &str) {
+    counter!(ALERTS_OPENED, "tenant" => tenant.to_owned(), "rule" => rule.to_owned()).increment(1);
+}
+
+pub fn webhook_failed() {
+    counter!(WEBHOOK_FAILURES).increment(1);
+}

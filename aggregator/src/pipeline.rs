@@ -173,6 +173,9 @@ pub struct Pipeline {
     backoff: Duration,
     next_attempt: Instant,
     next_load: Instant,
+    business: metrics::BusinessLabels,
+    alerts: crate::alerts::Evaluator,
+    last_evaluation: Instant,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -223,6 +226,9 @@ impl Runner {
             backoff: Duration::from_millis(100),
             next_attempt: now,
             next_load: now,
+            business: metrics::BusinessLabels::new(config.metrics.max_label_values),
+            alerts: crate::alerts::Evaluator::new(config.alerts.clone()),
+            last_evaluation: now,
             config: config.clone(),
         }));
         let ctx = Ctx {
@@ -490,6 +496,23 @@ impl Pipeline {
     /// Writes what is buffered, or retries the pending flush when its backoff is over.
     async fn flush<C: Consumer<Ctx>>(&mut self, consumer: &C) {
         self.flush_some(consumer, None).await;
+        // Open alerts resolve when their user calms down, even with no traffic.
+        let idle = Duration::from_secs(self.config.alerts.interval_secs);
+        if self.pending.is_none() && self.alerts.has_open() && self.last_evaluation.elapsed() >= idle {
+            self.evaluate_alerts(&Default::default()).await;
+        }
+    }
+
+    /// Runs the runaway rules; a failure is logged and retried next time,
+    /// never allowed to hold up the pipeline.
+    async fn evaluate_alerts(&mut self, touched: &std::collections::BTreeSet<(String, String)>) {
+        if !self.alerts.enabled() {
+            return;
+        }
+        self.last_evaluation = Instant::now();
+        if let Err(e) = self.alerts.evaluate(&self.store, touched).await {
+            tracing::warn!(error = %e, "runaway evaluation failed; it runs again after the next flush");
+        }
     }
 
     async fn flush_some<C: Consumer<Ctx>>(&mut self, consumer: &C, only: Option<&[i32]>) {
@@ -717,6 +740,7 @@ impl Pipeline {
         self.commit(consumer, &pending);
         let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
         for row in pending.events.values().flatten() {
+            self.business.record(row);
             let entry = per_tenant.entry(&row.tenant).or_default();
             entry.0 += 1;
             entry.1 += u64::from(row.cost_source == meterline_schemas::ddl::cost_source::UNPRICED);
@@ -729,6 +753,9 @@ impl Pipeline {
         }
         metrics::flushed(pending.started.elapsed().as_secs_f64(), pending.events.values().map(Vec::len).sum());
         self.backoff = Duration::from_millis(100);
+        let touched: std::collections::BTreeSet<(String, String)> =
+            pending.events.values().flatten().map(|r| (r.tenant.clone(), r.user_id.clone())).collect();
+        self.evaluate_alerts(&touched).await;
     }
 
     /// Commits the flush's offsets to Kafka. Best effort: ClickHouse is the

@@ -64,6 +64,21 @@ pub fn rollups_from_events(partitions: usize) -> String {
     )
 }
 
+pub const OPEN_ALERTS: &str = "SELECT ?fields FROM alerts FINAL WHERE state = 'open'";
+/// Users' cost since a time; `user_sums` adds the user filter.
+pub const COST_SINCE: &str = "sum(cost_nanos)";
+/// Users' cost minus revenue since a time.
+pub const LOSS_SINCE: &str = "sum(cost_nanos) - sum(revenue_nanos)";
+
+/// Per-user sums of `measure` (one of the constants above) for a tenant since
+/// a time, for `users` named users or (0) every user. Binds: tenant, since, users.
+pub fn user_sums(measure: &str, users: usize) -> String {
+    let filter = if users == 0 { String::new() } else { format!(" AND user_id IN ({})", vec!["?"; users].join(",")) };
+    format!(
+        "SELECT user_id, {measure} AS total FROM rollups_minute WHERE tenant = ? AND window_start >= toDateTime(?){filter} GROUP BY user_id"
+    )
+}
+
 /// The offset ranges' last event already in `events`, per partition. Binds:
 /// topic, then (partition, after, up to) per range.
 pub fn events_present(partitions: usize) -> String {
@@ -204,6 +219,23 @@ pub fn compat_statements() -> Vec<String> {
         &[Sample::Str("topic"), Sample::Int(3), Sample::Int(-1), Sample::Int(42), Sample::Int(4), Sample::Int(-1), Sample::Int(7)],
     ));
     out.push(render(&markers_present(2), "", &[Sample::Str("topic"), Sample::Int(3), Sample::Int(42), Sample::Int(4), Sample::Int(7)]));
+    let alert = crate::alerts::AlertRow {
+        tenant: "acme".into(),
+        user_id: "u-1".into(),
+        rule: "peers".into(),
+        opened_at: written_at,
+        state: "open".into(),
+        observed_nanos: 200,
+        threshold_nanos: 100,
+        window_secs: 3600,
+        updated_at: written_at,
+        resolved_at: 0,
+        version: 1,
+    };
+    out.push(values_insert("alerts", &alert));
+    out.push(render(OPEN_ALERTS, &fields::<crate::alerts::AlertRow>(), &[]));
+    out.push(render(&user_sums(COST_SINCE, 0), "", &[Sample::Str("acme"), Sample::Int(0)]));
+    out.push(render(&user_sums(LOSS_SINCE, 2), "", &[Sample::Str("acme"), Sample::Int(0), Sample::Str("u-1"), Sample::Str("u-2")]));
     out.push(render(
         KEYS_SINCE,
         &fields::<crate::store::KeyRow>(),

@@ -184,6 +184,10 @@ impl Store {
         Ok(())
     }
 
+    pub async fn insert_alerts(&self, rows: &[crate::alerts::AlertRow]) -> Result<(), AggregatorError> {
+        self.insert::<crate::alerts::AlertRow>("alerts", rows).await
+    }
+
     pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), AggregatorError> {
         self.insert::<DeadLetterRow>("dead_letters", rows).await
     }

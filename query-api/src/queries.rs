@@ -121,6 +121,24 @@ pub fn events(scope: &Scope, cursor: Option<&(i64, i64, String)>, limit: i64) ->
     sql
 }
 
+/// Runaway alerts, latest version of each, newest first. `state` is
+/// open, resolved or all; the range selects alerts active in it.
+pub fn alerts(tenant: &str, from: i64, to: i64, state: &str, user: Option<&str>, rule: Option<&str>, limit: i64) -> Sql {
+    let mut sql = Sql::new("SELECT ?fields FROM alerts FINAL WHERE tenant = ? AND opened_at < toDateTime(?) AND (state = 'open' OR resolved_at >= toDateTime(?))");
+    sql.binds.extend([crate::sql::s(tenant), i(to), i(from)]);
+    if state != "all" {
+        sql.push(" AND state = ?", [crate::sql::s(state)]);
+    }
+    if let Some(u) = user {
+        sql.push(" AND user_id = ?", [crate::sql::s(u)]);
+    }
+    if let Some(r) = rule {
+        sql.push(" AND rule = ?", [crate::sql::s(r)]);
+    }
+    sql.push(" ORDER BY opened_at DESC, user_id, rule LIMIT ?", [i(limit)]);
+    sql
+}
+
 /// Every statement above with sample values, for the compatibility check on
 /// ClickHouse 18.16 and the current engine (after the aggregator's, which
 /// create the tables).
@@ -147,6 +165,9 @@ pub fn compat_statements() -> Vec<String> {
     out.push(top(&rollups, "customer_id", "cost", false, 10).render(sum_fields));
     out.push(negative_count(&rollups, &["user_id", "model"]).render(sum_fields));
     out.push(events(&events_scope, None, 100).render(&event_fields));
+    let alert_fields = <meterline_aggregator::alerts::AlertRow as clickhouse::Row>::COLUMN_NAMES.join(",");
+    out.push(alerts("acme", 0, 2_000_000_000, "open", Some("u-1"), Some("peers"), 10).render(&alert_fields));
+    out.push(alerts("acme", 0, 2_000_000_000, "all", None, None, 10).render(&alert_fields));
     out.push(events(&events_scope, Some(&(1_800_000_000, 5, "it's".to_owned())), 100).render(&event_fields));
     out
 }

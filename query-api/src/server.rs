@@ -50,6 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/margins", get(margins))
         .route("/v1/users/{user_id}/usage", get(user_usage))
         .route("/v1/events", get(events))
+        .route("/v1/alerts", get(alerts))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -315,6 +316,44 @@ async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
             })
             .collect();
         Ok(json!({"range": range_json(&scope), "events": out, "next_cursor": next}))
+    })
+    .await
+}
+
+async fn alerts(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
+    answer("/v1/alerts", &state.clone(), &headers, |tenant| async move {
+        let p = Params::new(&raw, &["state", "rule", "limit"])?;
+        for unsupported in ["customer_id", "feature", "model", "environment", "billable"] {
+            if p.get(unsupported).is_some() {
+                return Err(ApiError::bad_request("invalid_parameter", "alerts are per user; filter by user_id or rule").with_field(unsupported));
+            }
+        }
+        let which = p.choice("state", &["open", "resolved", "all"], "open")?;
+        let rule = p.get("rule").map(|r| meterline_aggregator::alerts::RULES.iter().copied().find(|k| *k == r)).map(|r| {
+            r.ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("must be one of {}", meterline_aggregator::alerts::RULES.join(", "))).with_field("rule"))
+        }).transpose()?;
+        let limit = p.limit(100, 1_000)?;
+        let scope = p.scope(&tenant, "opened_at", Some(30), state.max_days)?;
+        let sql = queries::alerts(&tenant, scope.from.timestamp(), scope.to.timestamp(), which, p.get("user_id"), rule, limit);
+        let rows: Vec<meterline_aggregator::alerts::AlertRow> = sql.query(state.store.client()).fetch_all().await.map_err(QueryError::from)?;
+        let at = |secs: u32| (secs > 0).then(|| DateTime::<Utc>::from_timestamp(i64::from(secs), 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).flatten();
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|a| {
+                json!({
+                    "user_id": a.user_id,
+                    "rule": a.rule,
+                    "state": a.state,
+                    "observed_usd": money(i128::from(a.observed_nanos)),
+                    "threshold_usd": money(i128::from(a.threshold_nanos)),
+                    "window_secs": a.window_secs,
+                    "opened_at": at(a.opened_at),
+                    "updated_at": at(a.updated_at),
+                    "resolved_at": at(a.resolved_at),
+                })
+            })
+            .collect();
+        Ok(json!({"range": range_json(&scope), "alerts": out}))
     })
     .await
 }

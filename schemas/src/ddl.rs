@@ -111,6 +111,27 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         PARTITION BY toYYYYMM(written_at)
         ORDER BY (kafka_topic, kafka_partition, kafka_offset)",
     ],
+}, Migration {
+    version: 2,
+    name: "runaway-user alerts",
+    statements: &[
+        // One row per alert instance (tenant, user, rule, opened_at); each
+        // update writes a higher version, and readers take the latest (FINAL).
+        "CREATE TABLE IF NOT EXISTS alerts (
+            tenant String,
+            user_id String,
+            rule String,
+            opened_at DateTime,
+            state String,
+            observed_nanos Int64,
+            threshold_nanos Int64,
+            window_secs UInt32,
+            updated_at DateTime,
+            resolved_at DateTime,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        ORDER BY (tenant, user_id, rule, opened_at)",
+    ],
 }];
 
 /// `cost_source` values in `events`.
