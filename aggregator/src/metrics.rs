@@ -70,6 +70,13 @@ fn describe() {
     describe_gauge!(CONSUMER_LAG, "Messages between the partition's end and the aggregator's position, by partition.");
     describe_gauge!(BUFFERED, "Events consumed and not yet written.");
     describe_gauge!(PARTITIONS, "Partitions assigned to this aggregator.");
+    describe_counter!(USAGE_EVENTS, "Unique events written, by tenant, model and feature (capped label values fold into other).");
+    describe_counter!(USAGE_TOKENS, "Tokens of written events (all four kinds), by tenant, model and feature.");
+    describe_counter!(USAGE_COST, "Cost of written events in nano-USD, by tenant, model and feature.");
+    describe_counter!(USAGE_REVENUE, "Revenue of written events in nano-USD, by tenant, model and feature.");
+    describe_gauge!(ALERTS_OPEN, "Open runaway-user alerts, by tenant and rule.");
+    describe_counter!(ALERTS_OPENED, "Runaway-user alerts opened, by tenant and rule.");
+    describe_counter!(WEBHOOK_FAILURES, "Alert notifications given up on after every retry.");
 }
 
 pub fn consumed(n: u64) {

@@ -310,3 +310,21 @@ impl Drop for QueryApi {
         }
     }
 }
+
+/// Runs `promtool` (from the stack) with `args` and `stdin`; its status and output.
+pub fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(stack_var("METERLINE_PROMTOOL"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("promtool stdin");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}

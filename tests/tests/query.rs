@@ -182,6 +182,14 @@ async fn every_endpoint_equals_the_ground_truth() {
     let (status, body) = api.get("/openapi.json", None).await;
     assert_eq!(status, 200);
     assert!(body["paths"]["/v1/top-spenders"].is_object(), "OpenAPI document served");
+    let served: Value = body;
+    let checked_in: Value = serde_json::from_str(include_str!("../../query-api/openapi.json")).expect("openapi.json");
+    assert_eq!(served, checked_in);
+    // The query API's own metrics pass promtool.
+    let text = reqwest::get(format!("{}/metrics", api.url)).await.expect("metrics").text().await.expect("text");
+    assert!(text.contains("meterline_query_requests_total{endpoint=\"/v1/top-spenders\",status=\"200\"}"), "{text}");
+    let (ok, out) = promtool(&["check", "metrics"], &text);
+    assert!(ok, "query API /metrics: {out}\n{text}");
     drop(agg);
     ingest.stop().await;
 }
