@@ -4,10 +4,10 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p meterline-ingest -p meterline-aggregator
+RUN cargo build --release --locked -p meterline-ingest -p meterline-aggregator -p meterline-query-api
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/meterline-ingest /src/target/release/meterline-aggregator /usr/local/bin/
+COPY --from=build /src/target/release/meterline-ingest /src/target/release/meterline-aggregator /src/target/release/meterline-query-api /usr/local/bin/
 COPY config /etc/meterline
 USER nobody
