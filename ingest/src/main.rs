@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, topic = %config.kafka.topic, "ingest listening");
-    meterline_ingest::serve(config, listener, shutdown_signal()).await?;
+    meterline_ingest::serve(config, listener, meterline_ingest::shutdown_signal()).await?;
     tracing::info!("ingest stopped");
     Ok(())
 }
@@ -26,22 +26,4 @@ fn config_path() -> anyhow::Result<String> {
         (Some("--config"), Some(path)) => Ok(path),
         _ => std::env::var("METERLINE_CONFIG").context("usage: meterline-ingest --config FILE (or set METERLINE_CONFIG)"),
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
