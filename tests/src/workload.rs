@@ -22,7 +22,14 @@ pub struct Totals {
 /// Batches to post in order, and what they must add up to.
 #[derive(Debug, Clone)]
 pub struct Workload {
+    /// Originals with their copies (retries, conflicting copies) one to three
+    /// batches after them: post in order, one at a time.
     pub batches: Vec<Vec<Value>>,
+    /// The same events split for concurrent senders: every original first,
+    /// then every copy. A copy must not overtake its original, or the
+    /// conflicting copy would be the first and win.
+    pub originals: Vec<Value>,
+    pub copies: Vec<Value>,
     /// Keyed by (user_id, window start in Unix seconds).
     pub expected: BTreeMap<(String, i64), Totals>,
     pub unique_events: u64,
@@ -146,6 +153,7 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
     // Batches of originals, with retries and conflicting copies posted after
     // their original was acked (one to three batches later).
     let mut batches: Vec<Vec<Value>> = originals.chunks(batch_size).map(<[Value]>::to_vec).collect();
+    let mut copies = Vec::new();
     let (mut retries, mut conflicts) = (0, 0);
     let count = batches.len();
     for (i, original) in originals.iter().enumerate() {
@@ -153,6 +161,7 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
         if rng.chance(10) {
             retries += 1;
             push(&mut batches, target, original.clone());
+            copies.push(original.clone());
         }
         if rng.chance(2) {
             conflicts += 1;
@@ -160,10 +169,11 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
             changed["input_tokens"] = json!(changed["input_tokens"].as_u64().unwrap_or(0) + 1);
             changed["cost_usd"] = json!("0.5");
             changed.as_object_mut().map(|o| o.remove("credits"));
-            push(&mut batches, target, changed);
+            push(&mut batches, target, changed.clone());
+            copies.push(changed);
         }
     }
-    Workload { batches, expected, unique_events: actions as u64, retries, conflicts }
+    Workload { batches, originals, copies, expected, unique_events: actions as u64, retries, conflicts }
 }
 
 fn push(batches: &mut Vec<Vec<Value>>, at: usize, event: Value) {
