@@ -13,6 +13,8 @@
 //! 3. `rollups_minute`: one server-side `INSERT ... SELECT` that sums the
 //!    flush's events into minute rollups *and* writes one progress marker per
 //!    Kafka partition (the last offset it covers), in the same INSERT;
+//! 3b. `rollups_user_day`: the same, into daily per-user rows, with markers of
+//!    its own (each rollup table has its own progress and its own repair);
 //! 4. the Kafka offset commit (best effort).
 //!
 //! The rollup INSERT is one block in one table partition (tables are

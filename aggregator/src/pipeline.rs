@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::dedupe::{Known, PartitionDedupe};
 use crate::metrics;
 use crate::rollup::{self, EventRow, Source, fingerprint, key_hash, price};
+use crate::sql::Rollup;
 use crate::store::{DeadLetterRow, Range, Store};
 
 /// A partition's assignment change, recorded by the rebalance callbacks and
@@ -127,6 +128,7 @@ enum Stage {
     DeadLetters,
     Events,
     Rollups,
+    DayRollups,
     Commit,
 }
 
@@ -445,17 +447,21 @@ impl Pipeline {
     async fn load<C: Consumer<Ctx>>(&mut self, consumer: &C, partition: i32) -> Result<(), AggregatorError> {
         let started = Instant::now();
         let topic = self.topic.clone();
-        let progress = self.store.progress(&topic, partition).await?;
-        let mut written_next = progress.rollup_offset.map(|o| o + 1);
-        if let Some(last) = self.store.orphans(&topic, partition, progress).await? {
-            // The crash came between a flush's events insert and its rollups
-            // insert (or cut the events insert short): roll those events up,
-            // with their marker, before consuming after them.
-            let range = Range { partition, after: progress.rollup_offset.unwrap_or(-1), up_to: last };
-            self.store.roll_up(&topic, &[range], now_secs(), Store::repair_since(progress)).await?;
-            metrics::repaired();
-            tracing::warn!(partition, after = range.after, up_to = last, "rolled up events a crash left without rollups");
-            written_next = Some(last + 1);
+        let mut written_next: Option<i64> = None;
+        for rollup in Rollup::ALL {
+            let progress = self.store.progress(rollup, &topic, partition).await?;
+            written_next = written_next.max(progress.rollup_offset.map(|o| o + 1));
+            if let Some(last) = self.store.orphans(&topic, partition, progress).await? {
+                // The crash came between a flush's events insert and this
+                // rollup's insert (or cut the events insert short); or the
+                // table is new and backfills. Roll those events up, with
+                // their marker, before consuming after them.
+                let range = Range { partition, after: progress.rollup_offset.unwrap_or(-1), up_to: last };
+                self.store.roll_up(rollup, &topic, &[range], now_secs(), Store::repair_since(progress)).await?;
+                metrics::repaired();
+                tracing::warn!(partition, table = rollup.table(), after = range.after, up_to = last, "rolled up events a crash left without rollups");
+                written_next = written_next.max(Some(last + 1));
+            }
         }
         let now = Utc::now().timestamp();
         let mut dedupe = PartitionDedupe::new(&self.config.dedupe);
@@ -698,19 +704,21 @@ impl Pipeline {
                         }
                     }
                 }
-                Stage::Rollups => {
+                Stage::Rollups | Stage::DayRollups => {
+                    let (rollup, next) =
+                        if pending.stage == Stage::Rollups { (Rollup::Minute, Stage::DayRollups) } else { (Rollup::UserDay, Stage::Commit) };
                     let ranges: Vec<Range> = pending.ranges.values().copied().collect();
                     let done = if pending.attempted && !ranges.is_empty() {
-                        self.store.markers_present(&self.topic, &ranges).await
+                        self.store.markers_present(rollup, &self.topic, &ranges).await
                     } else {
                         Ok(false)
                     };
                     match done {
                         Err(e) => Err(e),
-                        Ok(true) => Ok(Stage::Commit),
+                        Ok(true) => Ok(next),
                         Ok(false) => {
                             pending.attempted = true;
-                            self.store.roll_up(&self.topic, &ranges, pending.written_at, pending.written_at).await.map(|()| Stage::Commit)
+                            self.store.roll_up(rollup, &self.topic, &ranges, pending.written_at, pending.written_at).await.map(|()| next)
                         }
                     }
                 }
@@ -727,6 +735,7 @@ impl Pipeline {
                     let table = match pending.stage {
                         Stage::DeadLetters => "dead_letters",
                         Stage::Events => "events",
+                        Stage::DayRollups => "rollups_user_day",
                         _ => "rollups_minute",
                     };
                     tracing::warn!(error = %e, table, "ClickHouse write failed; holding offsets and retrying");

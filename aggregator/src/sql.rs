@@ -17,8 +17,45 @@ pub const SERVER_VERSION: &str = "SELECT version()";
 pub const PING: &str = "SELECT 1";
 pub const APPLIED_MIGRATIONS: &str = "SELECT version FROM schema_migrations";
 pub const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name, applied_at) SELECT ?, ?, now()";
-pub const PROGRESS: &str = "SELECT max(source_offset) AS offset, max(written_at) AS written_at, sum(markers) AS marker_count \
-     FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND source_partition = ? AND markers > 0";
+/// A rollup table written from `events`, with its own progress markers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollup {
+    /// `rollups_minute`: every dimension, one-minute windows.
+    Minute,
+    /// `rollups_user_day`: tenant, user and customer, one-day windows.
+    UserDay,
+}
+
+impl Rollup {
+    pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::UserDay];
+
+    pub fn table(self) -> &'static str {
+        match self {
+            Rollup::Minute => "rollups_minute",
+            Rollup::UserDay => "rollups_user_day",
+        }
+    }
+
+    /// The window and dimension columns selected from `events`, and the GROUP BY.
+    fn dimensions(self) -> (&'static str, &'static str) {
+        match self {
+            Rollup::Minute => (
+                "toStartOfMinute(event_time) AS w, user_id, customer_id, feature, model, environment, billable",
+                "tenant, w, user_id, customer_id, feature, model, environment, billable",
+            ),
+            Rollup::UserDay => ("toStartOfDay(event_time) AS w, user_id, customer_id, '', '', '', toUInt8(0)", "tenant, w, user_id, customer_id"),
+        }
+    }
+}
+
+/// The last progress marker of one Kafka partition in `rollup`.
+pub fn progress(rollup: Rollup) -> String {
+    format!(
+        "SELECT max(source_offset) AS offset, max(written_at) AS written_at, sum(markers) AS marker_count \
+         FROM {} WHERE tenant = '' AND source_topic = ? AND source_partition = ? AND markers > 0",
+        rollup.table()
+    )
+}
 pub const ORPHANS: &str = "SELECT max(kafka_offset) AS last_offset, count() AS orphans FROM events \
      WHERE kafka_topic = ? AND kafka_partition = ? AND kafka_offset > ? AND written_at >= toDateTime(?)";
 pub const KEYS_SINCE: &str = "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? AND written_at >= ?";
@@ -45,21 +82,23 @@ pub fn lookup(groups: &[usize]) -> String {
 /// picks it up), but a prefix of client-sent rollups could hold a partition's
 /// rows without its marker, and the repair would count them twice. An INSERT
 /// ... SELECT has no client body to cut, and squashes into one block: one part.
-pub fn rollups_from_events(partitions: usize) -> String {
+pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
+    let (select, group) = rollup.dimensions();
+    let table = rollup.table();
     let ranges = vec!["(kafka_partition = ? AND kafka_offset > ? AND kafka_offset <= ?)"; partitions.max(1)].join(" OR ");
     let marker = "SELECT '', toDateTime(0), '', '', '', '', '', toUInt8(0), ?, toInt32(?), toInt64(?), toUInt64(0), \
          toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toInt64(0), toInt64(0), toInt64(0), toUInt64(0), toUInt64(1), toDateTime(?)";
     let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
     format!(
-        "INSERT INTO rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+        "INSERT INTO {table} (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
          source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
          reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT tenant, toStartOfMinute(event_time) AS w, user_id, customer_id, feature, model, environment, billable, \
+         SELECT tenant, {select}, \
          '', toInt32(-1), toInt64(-1), count(), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
          sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), countIf(cost_source = 0), \
          toUInt64(0), toDateTime(?) \
          FROM events WHERE kafka_topic = ? AND written_at >= toDateTime(?) AND ({ranges}) \
-         GROUP BY tenant, w, user_id, customer_id, feature, model, environment, billable \
+         GROUP BY {group} \
          UNION ALL {markers}"
     )
 }
@@ -88,9 +127,9 @@ pub fn events_present(partitions: usize) -> String {
 
 /// How many of the given progress markers exist. Binds: topic, then
 /// (partition, offset) per marker.
-pub fn markers_present(partitions: usize) -> String {
+pub fn markers_present(rollup: Rollup, partitions: usize) -> String {
     let markers = vec!["(source_partition = ? AND source_offset = ?)"; partitions.max(1)].join(" OR ");
-    format!("SELECT count() FROM rollups_minute WHERE tenant = '' AND source_topic = ? AND markers > 0 AND ({markers})")
+    format!("SELECT count() FROM {} WHERE tenant = '' AND source_topic = ? AND markers > 0 AND ({markers})", rollup.table())
 }
 
 /// A sample value for a placeholder, as SQL text.
@@ -189,8 +228,9 @@ pub fn compat_statements() -> Vec<String> {
     out.push(values_insert("dead_letters", &dead));
     out.push(render(ORPHANS, "", &[Sample::Str("topic"), Sample::Int(3), Sample::Int(-1), Sample::Int(0)]));
     let w = i64::from(written_at);
+    for rollup in Rollup::ALL {
     out.push(render(
-        &rollups_from_events(2),
+        &rollups_from_events(rollup, 2),
         "",
         &[
             Sample::Int(w),
@@ -212,13 +252,14 @@ pub fn compat_statements() -> Vec<String> {
             Sample::Int(w),
         ],
     ));
-    out.push(render(PROGRESS, "", &[Sample::Str("topic"), Sample::Int(3)]));
+    out.push(render(&progress(rollup), "", &[Sample::Str("topic"), Sample::Int(3)]));
+    out.push(render(&markers_present(rollup, 2), "", &[Sample::Str("topic"), Sample::Int(3), Sample::Int(42), Sample::Int(4), Sample::Int(7)]));
+    }
     out.push(render(
         &events_present(2),
         "",
         &[Sample::Str("topic"), Sample::Int(3), Sample::Int(-1), Sample::Int(42), Sample::Int(4), Sample::Int(-1), Sample::Int(7)],
     ));
-    out.push(render(&markers_present(2), "", &[Sample::Str("topic"), Sample::Int(3), Sample::Int(42), Sample::Int(4), Sample::Int(7)]));
     let alert = crate::alerts::AlertRow {
         tenant: "acme".into(),
         user_id: "u-1".into(),

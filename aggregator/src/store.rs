@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::sql::Rollup;
 use crate::{AggregatorError, sql};
 use crate::config::ClickHouseConfig;
 use crate::rollup::{EventRow, key_hash};
@@ -167,11 +168,11 @@ impl Store {
 
     /// Rolls up the events in each (partition, after, up to] range written
     /// since `since`, with a progress marker per range: one atomic INSERT.
-    pub async fn roll_up(&self, topic: &str, ranges: &[Range], written_at: u32, since: u32) -> Result<(), AggregatorError> {
+    pub async fn roll_up(&self, rollup: Rollup, topic: &str, ranges: &[Range], written_at: u32, since: u32) -> Result<(), AggregatorError> {
         if ranges.is_empty() {
             return Ok(());
         }
-        let mut query = self.client.query(&sql::rollups_from_events(ranges.len())).bind(written_at).bind(topic).bind(since);
+        let mut query = self.client.query(&sql::rollups_from_events(rollup, ranges.len())).bind(written_at).bind(topic).bind(since);
         for r in ranges {
             query = query.bind(r.partition).bind(r.after).bind(r.up_to);
         }
@@ -193,10 +194,10 @@ impl Store {
     }
 
     /// The last progress marker of `partition`.
-    pub async fn progress(&self, topic: &str, partition: i32) -> Result<Progress, AggregatorError> {
+    pub async fn progress(&self, rollup: Rollup, topic: &str, partition: i32) -> Result<Progress, AggregatorError> {
         let row: MarkerRow = self
             .client
-            .query(sql::PROGRESS)
+            .query(&sql::progress(rollup))
             .bind(topic)
             .bind(partition)
             .fetch_one()
@@ -220,8 +221,8 @@ impl Store {
 
     /// True when every range's progress marker is in `rollups_minute` (the
     /// rollup insert is atomic, so it is all of them or none).
-    pub async fn markers_present(&self, topic: &str, ranges: &[Range]) -> Result<bool, AggregatorError> {
-        let mut query = self.client.query(&sql::markers_present(ranges.len())).bind(topic);
+    pub async fn markers_present(&self, rollup: Rollup, topic: &str, ranges: &[Range]) -> Result<bool, AggregatorError> {
+        let mut query = self.client.query(&sql::markers_present(rollup, ranges.len())).bind(topic);
         for r in ranges {
             query = query.bind(r.partition).bind(r.up_to);
         }

@@ -89,17 +89,13 @@ impl<'a> Params<'a> {
         if to - from > Duration::days(max_days) {
             return Err(bad("from", format!("the range may span at most {max_days} days")));
         }
-        let mut sql = Sql::default();
-        sql.push(
-            &format!("tenant = ? AND {time_column} >= toDateTime(?) AND {time_column} < toDateTime(?)"),
-            [s(tenant), i(from.timestamp().max(0)), i(to.timestamp().max(0))],
-        );
+        let mut filters = Vec::new();
         for f in STRING_FILTERS {
             if let Some(v) = self.get(f) {
                 if v.is_empty() || v.len() > 256 {
                     return Err(bad(f, "must be 1 to 256 bytes"));
                 }
-                sql.push(&format!(" AND {f} = ?"), [s(v)]);
+                filters.push((*f, s(v)));
             }
         }
         if let Some(v) = self.get("billable") {
@@ -108,21 +104,45 @@ impl<'a> Params<'a> {
                 "false" => 0,
                 _ => return Err(bad("billable", "must be true or false")),
             };
-            sql.push(" AND billable = ?", [i(b)]);
+            filters.push(("billable", i(b)));
         }
-        Ok(Scope { from, to, filter: sql })
+        let mut scope = Scope { tenant: tenant.to_owned(), time_column: time_column.to_owned(), from, to, filters, filter: Sql::default() };
+        scope.filter = scope.clause(&[(from.timestamp(), to.timestamp())]);
+        Ok(scope)
     }
 }
 
 /// A request's range and WHERE clause.
 #[derive(Debug, Clone)]
 pub struct Scope {
+    pub tenant: String,
+    pub time_column: String,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
+    /// Equality filters on whitelisted columns.
+    pub filters: Vec<(&'static str, Value)>,
+    /// The clause for the whole range.
     pub filter: Sql,
 }
 
 impl Scope {
+    /// The WHERE clause for the tenant and filters over the union of `ranges`
+    /// (Unix seconds, half-open).
+    pub fn clause(&self, ranges: &[(i64, i64)]) -> Sql {
+        let column = &self.time_column;
+        let mut sql = Sql::default();
+        sql.push("tenant = ? AND (", [s(self.tenant.clone())]);
+        for (n, (from, to)) in ranges.iter().enumerate() {
+            let or = if n == 0 { "" } else { " OR " };
+            sql.push(&format!("{or}({column} >= toDateTime(?) AND {column} < toDateTime(?))"), [i((*from).max(0)), i((*to).max(0))]);
+        }
+        sql.push(")", []);
+        for (column, value) in &self.filters {
+            sql.push(&format!(" AND {column} = ?"), [value.clone()]);
+        }
+        sql
+    }
+
     pub fn binds(&self) -> Vec<Value> {
         self.filter.binds.clone()
     }

@@ -56,14 +56,41 @@ fn dims(group_by: &[&str]) -> String {
         .join(", ")
 }
 
+/// The rows a request sums over, as a FROM clause (with its WHERE). Whole
+/// UTC days come from `rollups_user_day` (a thirtieth or less of the minute
+/// rows) and the range's partial edge days from `rollups_minute`, when the
+/// request needs nothing the daily table drops: minute or hour buckets, or a
+/// feature, model, environment or billable filter or grouping.
+pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
+    let daily_ok = matches!(granularity, "day" | "month" | "total")
+        && group_by.iter().all(|d| matches!(*d, "user_id" | "customer_id"))
+        && scope.filters.iter().all(|(c, _)| matches!(*c, "user_id" | "customer_id"))
+        && scope.time_column == "window_start";
+    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+    let day_from = (from + 86_399).div_euclid(86_400) * 86_400;
+    let day_to = to.div_euclid(86_400) * 86_400;
+    let mut sql = Sql::default();
+    if !daily_ok || day_from >= day_to {
+        sql.push(" FROM rollups_minute WHERE ", []);
+        let f = scope.clause(&[(from, to)]);
+        sql.push(&f.text, f.binds);
+        return sql;
+    }
+    let days = scope.clause(&[(day_from, day_to)]);
+    let edges = scope.clause(&[(from, day_from), (day_to, to)]);
+    sql.push(" FROM (SELECT * FROM rollups_user_day WHERE ", []);
+    sql.push(&days.text, days.binds);
+    sql.push(" UNION ALL SELECT * FROM rollups_minute WHERE ", []);
+    sql.push(&edges.text, edges.binds);
+    sql.push(")", []);
+    sql
+}
+
 /// Sums grouped by bucket and dimensions, in bucket then key order.
 pub fn sums(scope: &Scope, granularity: &str, group_by: &[&str], having_negative: bool, order_by_margin: bool, limit: i64) -> Sql {
-    let mut sql = Sql::new(format!(
-        "SELECT toUInt32({}) AS g_bucket, {}, {SUMS} FROM rollups_minute WHERE ",
-        bucket(granularity),
-        dims(group_by)
-    ));
-    sql.push(&scope.filter.text, scope.binds());
+    let mut sql = Sql::new(format!("SELECT toUInt32({}) AS g_bucket, {}, {SUMS}", bucket(granularity), dims(group_by)));
+    let from = source(scope, granularity, group_by);
+    sql.push(&from.text, from.binds);
     sql.push(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model", []);
     if having_negative {
         sql.push(" HAVING s_revenue - s_cost < 0", []);
@@ -86,8 +113,9 @@ pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) 
         _ => "s_cost",
     };
     let dir = if descending { "DESC" } else { "ASC" };
-    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS} FROM rollups_minute WHERE ", dims(&[by])));
-    sql.push(&scope.filter.text, scope.binds());
+    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS}", dims(&[by])));
+    let from = source(scope, "total", &[by]);
+    sql.push(&from.text, from.binds);
     sql.push(
         &format!(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model ORDER BY {order} {dir}, g_user, g_customer LIMIT ?"),
         [i(limit)],
@@ -97,11 +125,9 @@ pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) 
 
 /// How many groups have a negative margin.
 pub fn negative_count(scope: &Scope, group_by: &[&str]) -> Sql {
-    let mut sql = Sql::new(format!(
-        "SELECT count() FROM (SELECT {}, sum(revenue_nanos) - sum(cost_nanos) AS m FROM rollups_minute WHERE ",
-        dims(group_by)
-    ));
-    sql.push(&scope.filter.text, scope.binds());
+    let mut sql = Sql::new(format!("SELECT count() FROM (SELECT {}, sum(revenue_nanos) - sum(cost_nanos) AS m", dims(group_by)));
+    let from = source(scope, "total", group_by);
+    sql.push(&from.text, from.binds);
     sql.push(" GROUP BY g_user, g_customer, g_feature, g_model HAVING m < 0)", []);
     sql
 }
@@ -147,11 +173,18 @@ pub fn compat_statements() -> Vec<String> {
     for (k, v) in [("from", "2020-01-01T00:00:00Z"), ("to", "2030-01-01T00:00:00Z"), ("feature", "chat"), ("billable", "true")] {
         raw.insert(k.to_owned(), v.to_owned());
     }
-    let scope = |column: &str| {
-        crate::params::Params::new(&raw, &[]).and_then(|p| p.scope("acme", column, Some(30), 10_000)).map(|s| s.filter).unwrap_or_default()
+    let scope = |column: &str, raw: &std::collections::HashMap<String, String>| {
+        crate::params::Params::new(raw, &[]).and_then(|p| p.scope("acme", column, Some(30), 10_000)).expect("sample scope")
     };
-    let rollups = crate::params::Scope { from: chrono::Utc::now(), to: chrono::Utc::now(), filter: scope("window_start") };
-    let events_scope = crate::params::Scope { from: chrono::Utc::now(), to: chrono::Utc::now(), filter: scope("event_time") };
+    let rollups = scope("window_start", &raw);
+    let events_scope = scope("event_time", &raw);
+    // A range with partial edge days and no feature filter: the daily table's path.
+    let mut daily_raw = raw.clone();
+    daily_raw.remove("feature");
+    daily_raw.remove("billable");
+    daily_raw.insert("from".into(), "2026-01-01T10:00:00Z".into());
+    daily_raw.insert("to".into(), "2026-01-31T10:00:00Z".into());
+    let daily = scope("window_start", &daily_raw);
     let sum_fields = "";
     let event_fields = <meterline_aggregator::rollup::EventRow as clickhouse::Row>::COLUMN_NAMES.join(",");
     let mut out = Vec::new();
@@ -164,6 +197,9 @@ pub fn compat_statements() -> Vec<String> {
     }
     out.push(top(&rollups, "customer_id", "cost", false, 10).render(sum_fields));
     out.push(negative_count(&rollups, &["user_id", "model"]).render(sum_fields));
+    out.push(sums(&daily, "day", &["user_id"], false, false, 10).render(sum_fields));
+    out.push(top(&daily, "customer_id", "margin", true, 10).render(sum_fields));
+    out.push(negative_count(&daily, &["user_id"]).render(sum_fields));
     out.push(events(&events_scope, None, 100).render(&event_fields));
     let alert_fields = <meterline_aggregator::alerts::AlertRow as clickhouse::Row>::COLUMN_NAMES.join(",");
     out.push(alerts("acme", 0, 2_000_000_000, "open", Some("u-1"), Some("peers"), 10).render(&alert_fields));

@@ -132,6 +132,46 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         ) ENGINE = ReplacingMergeTree(version)
         ORDER BY (tenant, user_id, rule, opened_at)",
     ],
+}, Migration {
+    version: 3,
+    name: "daily per-user rollups",
+    statements: &[
+        // Daily sums per tenant, user and customer (feature, model and
+        // environment are '' and billable 0): what 30-day top spenders and
+        // margins read for whole days, a thirtieth or less of the minute rows.
+        // Same columns as rollups_minute, so a range can read whole days here
+        // and its edges there in one UNION ALL. Written by its own INSERT ...
+        // SELECT from events with its own progress markers; an existing
+        // deployment backfills it from events on the next assignment.
+        "CREATE TABLE IF NOT EXISTS rollups_user_day (
+            tenant String,
+            window_start DateTime,
+            user_id String,
+            customer_id String,
+            feature String,
+            model String,
+            environment String,
+            billable UInt8,
+            source_topic String,
+            source_partition Int32,
+            source_offset Int64,
+            events UInt64,
+            input_tokens UInt64,
+            output_tokens UInt64,
+            cached_input_tokens UInt64,
+            reasoning_tokens UInt64,
+            cost_nanos Int64,
+            revenue_nanos Int64,
+            credits_nanos Int64,
+            unpriced_events UInt64,
+            markers UInt64,
+            written_at DateTime
+        ) ENGINE = SummingMergeTree((events, input_tokens, output_tokens, cached_input_tokens,
+            reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers))
+        PARTITION BY toYYYYMM(written_at)
+        ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
+            source_topic, source_partition, source_offset)",
+    ],
 }];
 
 /// `cost_source` values in `events`.

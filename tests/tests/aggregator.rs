@@ -76,6 +76,31 @@ async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline
             .collect();
         panic!("rollups differ from the ground truth in {} windows, e.g.\n{}", work.expected.len(), diffs.join("\n"));
     }
+    // The daily per-user table, written by its own insert after the minute
+    // one, reaches the same per-user totals.
+    let mut per_user: std::collections::BTreeMap<String, (u64, i64, i64)> = std::collections::BTreeMap::new();
+    for ((user, _), t) in &work.expected {
+        let e = per_user.entry(user.clone()).or_default();
+        e.0 += t.events;
+        e.1 += t.cost_nanos;
+        e.2 += t.revenue_nanos;
+    }
+    let daily_sql = format!(
+        "SELECT user_id, sum(events) AS e, sum(cost_nanos) AS c, sum(revenue_nanos) AS r FROM {database}.rollups_user_day \
+         WHERE tenant = 'acme' GROUP BY user_id FORMAT JSONEachRow"
+    );
+    let num = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<i64>().ok()).or(v.as_i64()).expect("number");
+    let daily = poll_until(Duration::from_secs(60), "the daily table to catch up", || async {
+        let rows: std::collections::BTreeMap<String, (u64, i64, i64)> = ch
+            .rows(&daily_sql)
+            .await
+            .iter()
+            .map(|r| (r["user_id"].as_str().expect("user").to_owned(), (num(&r["e"]) as u64, num(&r["c"]), num(&r["r"]))))
+            .collect();
+        (rows.values().map(|v| v.0).sum::<u64>() >= work.unique_events).then_some(rows)
+    })
+    .await;
+    assert_eq!(daily, per_user, "daily per-user rollups");
     // The audit trail holds each unique event once, with its partition and offset.
     let raw = ch
         .rows(&format!(

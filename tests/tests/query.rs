@@ -86,6 +86,28 @@ async fn every_endpoint_equals_the_ground_truth() {
     }
     assert_eq!(got, work.expected, "usage by user and minute");
 
+    // By user and day, read from the daily table for whole days and minute
+    // rows for the range's edges: the same numbers.
+    let (status, body) = api.get(&format!("/v1/usage?granularity=day&group_by=user_id&limit=100000&{range}"), key).await;
+    assert_eq!(status, 200, "{body}");
+    let mut expected_days: BTreeMap<(String, i64), (u64, i64, i64)> = BTreeMap::new();
+    for ((user, window), t) in &work.expected {
+        let e = expected_days.entry((user.clone(), window.div_euclid(86_400) * 86_400)).or_default();
+        e.0 += t.events;
+        e.1 += t.cost_nanos;
+        e.2 += t.revenue_nanos;
+    }
+    let got_days: BTreeMap<(String, i64), (u64, i64, i64)> = body["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            let day = chrono::DateTime::parse_from_rfc3339(r["window_start"].as_str().expect("day")).expect("rfc3339").timestamp();
+            ((r["user_id"].as_str().expect("user").to_owned(), day), (r["events"].as_u64().expect("n"), nanos(&r["cost_usd"]), nanos(&r["revenue_usd"])))
+        })
+        .collect();
+    assert_eq!(got_days, expected_days, "usage by user and day");
+
     // Per-user totals, computed from the ground truth.
     let mut users: BTreeMap<String, Totals> = BTreeMap::new();
     for ((user, _), t) in &work.expected {

@@ -35,12 +35,22 @@ async fn main() -> anyhow::Result<()> {
          source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
          cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
          SELECT 'acme', toDateTime(intDiv({now} - (number % 2592000), 60) * 60), concat('user-', toString(number % {users})), \
-         concat('cust-', toString(number % 97)), ['chat','search','summarize'][number % 3 + 1], ['gpt-4o','claude','llama'][number % 3 + 1], \
+         concat('cust-', toString((number % {users}) % 97)), ['chat','search','summarize'][number % 3 + 1], ['gpt-4o','claude','llama'][number % 3 + 1], \
          'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(intHash64(number) % 50000000), toInt64(intHash64(number + 1) % 60000000), 0, 0, 0, \
          toDateTime({now}) FROM system.numbers LIMIT {rows}"
     ))
     .await;
+    // The daily per-user table as the aggregator keeps it (summed from the same rows).
+    ch.query(&format!(
+        "INSERT INTO {db}.rollups_user_day SELECT tenant, toStartOfDay(window_start) AS d, user_id, customer_id, '', '', '', toUInt8(0), \
+         '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), \
+         sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), toDateTime({now}) \
+         FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id"
+    ))
+    .await;
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_day FINAL")).await;
+    let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_day")).await;
     let loaded = started.elapsed().as_secs_f64();
     let count = ch.query(&format!("SELECT count() FROM {db}.rollups_minute")).await;
 
@@ -53,7 +63,12 @@ async fn main() -> anyhow::Result<()> {
         ("one user's usage, 30 days", format!("/v1/users/user-4242/usage?from={from}&to={to}")),
         ("usage by day and model, 30 days", format!("/v1/usage?granularity=day&group_by=model&from={from}&to={to}")),
     ];
-    println!("query-bench: {users} users, 30 days, {} minute rows (loaded in {loaded:.1} s), ClickHouse {}", count.trim(), ch.query("SELECT version()").await.trim());
+    println!(
+        "query-bench: {users} users, 30 days, {} minute rows, {} daily per-user rows (loaded in {loaded:.1} s), ClickHouse {}",
+        count.trim(),
+        daily_rows.trim(),
+        ch.query("SELECT version()").await.trim()
+    );
     println!("| query | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
     for (name, path) in &queries {
