@@ -13,9 +13,9 @@
 //! 3. `rollups_minute`: one server-side `INSERT ... SELECT` that sums the
 //!    flush's events into minute rollups *and* writes one progress marker per
 //!    Kafka partition (the last offset it covers), in the same INSERT;
-//! 3b. `rollups_user_day`: the same, into daily per-user rows, with markers of
+//! 4. `rollups_user_day`: the same, into daily per-user rows, with markers of
 //!    its own (each rollup table has its own progress and its own repair);
-//! 4. the Kafka offset commit (best effort).
+//! 5. the Kafka offset commit (best effort).
 //!
 //! The rollup INSERT is one block in one table partition (tables are
 //! partitioned by `written_at`, set once per flush, and a flush is capped far
@@ -38,9 +38,10 @@
 //!   repair rolls them up. Nothing is rolled up twice: a marker and the rows
 //!   it covers land together or not at all, and the repair starts after the
 //!   last marker.
-//! - **Between (3) and (4)**: ClickHouse holds everything; the stale Kafka
+//! - **Between (3), (4) and (5)**: a rollup table whose marker is missing is
+//!   repaired like (3); otherwise ClickHouse holds everything, and the stale Kafka
 //!   commit is ignored because the marker is later.
-//! - **After (4)**: nothing to do.
+//! - **After (5)**: nothing to do.
 //!
 //! Duplicates are decided before writing: the dedupe state (see [`dedupe`])
 //! is rebuilt from `events` on assignment, so a restart or rebalance does
