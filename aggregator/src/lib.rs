@@ -38,8 +38,8 @@
 //!   repair rolls them up. Nothing is rolled up twice: a marker and the rows
 //!   it covers land together or not at all, and the repair starts after the
 //!   last marker.
-//! - **Between (3), (4) and (5)**: a rollup table whose marker is missing is
-//!   repaired like (3); otherwise ClickHouse holds everything, and the stale Kafka
+//! - **Between (3) and (5)**: a rollup table whose marker is missing is
+//!   repaired as above; otherwise ClickHouse holds everything, and the stale Kafka
 //!   commit is ignored because the marker is later.
 //! - **After (5)**: nothing to do.
 //!
