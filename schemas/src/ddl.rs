@@ -12,6 +12,41 @@
 //! the writer sets once per flush: a flush is one part, all or nothing. (Event
 //! time would split a flush holding late events across months.)
 
+/// The columns and engine shared by both rollup tables: they must stay
+/// identical, because the query API reads whole days from one and edge
+/// minutes from the other in a single `UNION ALL` of `SELECT *`.
+macro_rules! rollup_table {
+    () => {
+        "            tenant String,
+            window_start DateTime,
+            user_id String,
+            customer_id String,
+            feature String,
+            model String,
+            environment String,
+            billable UInt8,
+            source_topic String,
+            source_partition Int32,
+            source_offset Int64,
+            events UInt64,
+            input_tokens UInt64,
+            output_tokens UInt64,
+            cached_input_tokens UInt64,
+            reasoning_tokens UInt64,
+            cost_nanos Int64,
+            revenue_nanos Int64,
+            credits_nanos Int64,
+            unpriced_events UInt64,
+            markers UInt64,
+            written_at DateTime
+        ) ENGINE = SummingMergeTree((events, input_tokens, output_tokens, cached_input_tokens,
+            reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers))
+        PARTITION BY toYYYYMM(written_at)
+        ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
+            source_topic, source_partition, source_offset)"
+    };
+}
+
 /// One migration: a version, a name for humans, and its statements.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
@@ -68,34 +103,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         // anything), in the same INSERT as the rows it covers. Markers carry
         // markers = 1: SummingMergeTree deletes rows whose summed columns are
         // all zero when it merges, which would erase the record of progress.
-        "CREATE TABLE IF NOT EXISTS rollups_minute (
-            tenant String,
-            window_start DateTime,
-            user_id String,
-            customer_id String,
-            feature String,
-            model String,
-            environment String,
-            billable UInt8,
-            source_topic String,
-            source_partition Int32,
-            source_offset Int64,
-            events UInt64,
-            input_tokens UInt64,
-            output_tokens UInt64,
-            cached_input_tokens UInt64,
-            reasoning_tokens UInt64,
-            cost_nanos Int64,
-            revenue_nanos Int64,
-            credits_nanos Int64,
-            unpriced_events UInt64,
-            markers UInt64,
-            written_at DateTime
-        ) ENGINE = SummingMergeTree((events, input_tokens, output_tokens, cached_input_tokens,
-            reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers))
-        PARTITION BY toYYYYMM(written_at)
-        ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
-            source_topic, source_partition, source_offset)",
+        concat!("CREATE TABLE IF NOT EXISTS rollups_minute (", rollup_table!()),
         // Records that could not be decoded, with what is needed to replay them.
         // Replaying a partition may write the same record again; the replacing
         // engine keeps one row per (topic, partition, offset).
@@ -143,34 +151,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         // and its edges there in one UNION ALL. Written by its own INSERT ...
         // SELECT from events with its own progress markers; an existing
         // deployment backfills it from events on the next assignment.
-        "CREATE TABLE IF NOT EXISTS rollups_user_day (
-            tenant String,
-            window_start DateTime,
-            user_id String,
-            customer_id String,
-            feature String,
-            model String,
-            environment String,
-            billable UInt8,
-            source_topic String,
-            source_partition Int32,
-            source_offset Int64,
-            events UInt64,
-            input_tokens UInt64,
-            output_tokens UInt64,
-            cached_input_tokens UInt64,
-            reasoning_tokens UInt64,
-            cost_nanos Int64,
-            revenue_nanos Int64,
-            credits_nanos Int64,
-            unpriced_events UInt64,
-            markers UInt64,
-            written_at DateTime
-        ) ENGINE = SummingMergeTree((events, input_tokens, output_tokens, cached_input_tokens,
-            reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers))
-        PARTITION BY toYYYYMM(written_at)
-        ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
-            source_topic, source_partition, source_offset)",
+        concat!("CREATE TABLE IF NOT EXISTS rollups_user_day (", rollup_table!()),
     ],
 }];
 
