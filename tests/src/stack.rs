@@ -97,6 +97,21 @@ impl ClickHouse {
         body
     }
 
+    /// Runs `sql`; `None` on an error answer (a table the services have not
+    /// created yet, while a test polls).
+    pub async fn try_query(&self, sql: &str) -> Option<String> {
+        let response = reqwest::Client::new().post(&self.url).body(sql.to_owned()).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.text().await.ok()
+    }
+
+    /// True once the aggregator has migrated `database`.
+    pub async fn migrated(&self, database: &str) -> bool {
+        self.try_query(&format!("EXISTS TABLE {database}.rollups_user_day")).await.is_some_and(|t| t.trim() == "1")
+    }
+
     /// Rows of `sql` (which must end in `FORMAT JSONEachRow`) as JSON values.
     pub async fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
         self.query(sql).await.lines().map(|l| serde_json::from_str(l).expect("JSONEachRow line")).collect()

@@ -45,7 +45,7 @@ async fn every_endpoint_equals_the_ground_truth() {
     let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("globex-ingest-key").json(&globex).send().await.expect("post");
     assert_eq!(r.status(), 202);
     poll_until(Duration::from_secs(120), "every event rolled up", || async {
-        if ch.query(&format!("EXISTS TABLE {database}.rollups_minute")).await.trim() != "1" {
+        if !ch.migrated(&database).await {
             return None;
         }
         let acme = event_count(&fetch_totals(&ch, &database, "acme").await);
