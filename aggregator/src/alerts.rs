@@ -62,6 +62,42 @@ pub struct Evaluator {
     client: reqwest::Client,
 }
 
+/// The sums the rules read for one tenant, in nano-USD.
+#[derive(Debug, Default)]
+pub struct Spend {
+    /// Every user's cost over the trailing window (all of the tenant's users:
+    /// the peers rule needs their median).
+    pub window: HashMap<String, i64>,
+    /// Cost over the last 7 days, for the users evaluated.
+    pub week: HashMap<String, i64>,
+    /// Cost minus revenue since the start of the calendar month, for the users evaluated.
+    pub loss: HashMap<String, i64>,
+}
+
+/// The starts (Unix seconds) of the periods behind [`Spend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Periods {
+    pub window: i64,
+    pub week: i64,
+    pub month: i64,
+}
+
+impl Periods {
+    pub fn at(rules: &AlertRules, now: chrono::DateTime<Utc>) -> Periods {
+        let now_s = now.timestamp();
+        let month = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().map_or(0, |t| t.timestamp());
+        Periods { window: (now_s - i64::from(rules.window_secs)).max(0), week: (now_s - 7 * 86_400).max(0), month }
+    }
+}
+
+/// One alert's change of state, decided but not yet stored.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub row: AlertRow,
+    /// `opened` or `resolved` (notified), or `None` for an update of an open alert.
+    pub event: Option<&'static str>,
+}
+
 impl Evaluator {
     pub fn new(config: AlertsConfig) -> Evaluator {
         Evaluator { config, open: BTreeMap::new(), loaded: false, client: reqwest::Client::new() }
@@ -75,18 +111,25 @@ impl Evaluator {
         !self.open.is_empty()
     }
 
-    /// Evaluates `touched` users (tenant, user) and every open alert's user.
-    pub async fn evaluate(&mut self, store: &Store, touched: &BTreeSet<(String, String)>) -> Result<(), AggregatorError> {
-        if !self.config.enabled {
-            return Ok(());
+    pub fn config(&self) -> &AlertsConfig {
+        &self.config
+    }
+
+    /// False until the stored open alerts were loaded with [`Evaluator::load`].
+    pub fn loaded(&self) -> bool {
+        self.loaded
+    }
+
+    /// Takes the open alerts as stored (after a restart).
+    pub fn load(&mut self, rows: Vec<AlertRow>) {
+        for r in rows {
+            self.open.insert((r.tenant.clone(), r.user_id.clone(), r.rule.clone()), r);
         }
-        if !self.loaded {
-            let rows: Vec<AlertRow> = store.client().query(crate::sql::OPEN_ALERTS).fetch_all().await?;
-            for r in rows {
-                self.open.insert((r.tenant.clone(), r.user_id.clone(), r.rule.clone()), r);
-            }
-            self.loaded = true;
-        }
+        self.loaded = true;
+    }
+
+    /// The users to evaluate, by tenant: those `touched` and every open alert's.
+    pub fn targets(&self, touched: &BTreeSet<(String, String)>) -> BTreeMap<String, BTreeSet<String>> {
         let mut by_tenant: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (t, u) in touched {
             by_tenant.entry(t.clone()).or_default().insert(u.clone());
@@ -94,63 +137,34 @@ impl Evaluator {
         for (t, u, _) in self.open.keys() {
             by_tenant.entry(t.clone()).or_default().insert(u.clone());
         }
-        let now = Utc::now();
-        let now_s = now.timestamp();
-        for (tenant, users) in by_tenant {
-            let rules = self.config.rules_for(&tenant);
-            let window = i64::from(rules.window_secs);
-            let sums = |sql: &'static str, since: i64, users: Option<&BTreeSet<String>>| {
-                let mut q = store.client().query(&crate::sql::user_sums(sql, users.map_or(0, BTreeSet::len))).bind(&tenant).bind(since.max(0));
-                if let Some(us) = users {
-                    for u in us {
-                        q = q.bind(u.as_str());
-                    }
-                }
-                q
-            };
-            let hour: Vec<UserSum> = sums(crate::sql::COST_SINCE, now_s - window, None).fetch_all().await?;
-            let hour: HashMap<String, i64> = hour.into_iter().map(|r| (r.user_id, r.total)).collect();
-            let week: Vec<UserSum> = sums(crate::sql::COST_SINCE, now_s - 7 * 86_400, Some(&users)).fetch_all().await?;
-            let week: HashMap<String, i64> = week.into_iter().map(|r| (r.user_id, r.total)).collect();
-            let month_start = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().map_or(0, |t| t.timestamp());
-            let loss: Vec<UserSum> = sums(crate::sql::LOSS_SINCE, month_start, Some(&users)).fetch_all().await?;
-            let loss: HashMap<String, i64> = loss.into_iter().map(|r| (r.user_id, r.total)).collect();
-            let median = median(hour.values().copied().filter(|c| *c > 0).collect());
-            let windows_per_week = (7 * 86_400 / window.max(1)).max(1);
-            for user in &users {
-                let spent = hour.get(user).copied().unwrap_or(0);
-                let per_window = week.get(user).copied().unwrap_or(0) / windows_per_week;
-                let verdicts = [
-                    ("absolute", spent, rules.absolute_cost.0),
-                    ("peers", spent, (median.saturating_mul(rules.peer_multiple)).max(rules.peer_floor.0)),
-                    ("self", spent, (per_window.saturating_mul(rules.self_multiple)).max(rules.self_floor.0)),
-                    ("margin", loss.get(user).copied().unwrap_or(0), rules.margin_loss.0),
-                ];
-                for (rule, observed, threshold) in verdicts {
-                    self.transition(&tenant, user, rule, observed, threshold, rules.window_secs, now_s, store).await?;
-                }
+        by_tenant
+    }
+
+    /// The rules' verdicts on `users` of `tenant`: pure, shared by every store.
+    pub fn decide(&self, tenant: &str, users: &BTreeSet<String>, spend: &Spend, now: i64) -> Vec<Transition> {
+        let rules = self.config.rules_for(tenant);
+        let window = i64::from(rules.window_secs);
+        let median = median(spend.window.values().copied().filter(|c| *c > 0).collect());
+        let windows_per_week = (7 * 86_400 / window.max(1)).max(1);
+        let mut out = Vec::new();
+        for user in users {
+            let spent = spend.window.get(user).copied().unwrap_or(0);
+            let per_window = spend.week.get(user).copied().unwrap_or(0) / windows_per_week;
+            let verdicts = [
+                ("absolute", spent, rules.absolute_cost.0),
+                ("peers", spent, (median.saturating_mul(rules.peer_multiple)).max(rules.peer_floor.0)),
+                ("self", spent, (per_window.saturating_mul(rules.self_multiple)).max(rules.self_floor.0)),
+                ("margin", spend.loss.get(user).copied().unwrap_or(0), rules.margin_loss.0),
+            ];
+            for (rule, observed, threshold) in verdicts {
+                out.extend(self.transition(tenant, user, rule, observed, threshold, rules.window_secs, now));
             }
         }
-        let mut open: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        for (t, _, r) in self.open.keys() {
-            *open.entry((t.as_str(), r.as_str())).or_default() += 1;
-        }
-        metrics::alerts_open(&open);
-        Ok(())
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn transition(
-        &mut self,
-        tenant: &str,
-        user: &str,
-        rule: &str,
-        observed: i64,
-        threshold: i64,
-        window_secs: u32,
-        now: i64,
-        store: &Store,
-    ) -> Result<(), AggregatorError> {
+    fn transition(&self, tenant: &str, user: &str, rule: &str, observed: i64, threshold: i64, window_secs: u32, now: i64) -> Option<Transition> {
         let key = (tenant.to_owned(), user.to_owned(), rule.to_owned());
         let holds = observed > threshold;
         let now32 = u32::try_from(now).unwrap_or(u32::MAX);
@@ -170,7 +184,6 @@ impl Evaluator {
                     resolved_at: 0,
                     version,
                 };
-                metrics::alert_opened(tenant, rule);
                 (row, Some("opened"))
             }
             (Some(open), true) if open.observed_nanos != observed || open.threshold_nanos != threshold => {
@@ -190,17 +203,70 @@ impl Evaluator {
                 row.version = version.max(open.version + 1);
                 (row, Some("resolved"))
             }
-            _ => return Ok(()),
+            _ => return None,
         };
-        store.insert_alerts(std::slice::from_ref(&row)).await?;
-        if row.state == "open" {
-            self.open.insert(key, row.clone());
-        } else {
-            self.open.remove(&key);
+        Some(Transition { row, event })
+    }
+
+    /// Records transitions that are now stored: the open set, metrics, log
+    /// lines and webhook notifications.
+    pub fn applied(&mut self, transitions: Vec<Transition>) {
+        for Transition { row, event } in transitions {
+            let key = (row.tenant.clone(), row.user_id.clone(), row.rule.clone());
+            if row.state == "open" {
+                self.open.insert(key, row.clone());
+            } else {
+                self.open.remove(&key);
+            }
+            if let Some(event) = event {
+                if event == "opened" {
+                    metrics::alert_opened(&row.tenant, &row.rule);
+                }
+                tracing::info!(tenant = %row.tenant, user = %row.user_id, rule = %row.rule, observed = %Nanos(row.observed_nanos), threshold = %Nanos(row.threshold_nanos), event, "runaway alert");
+                self.notify(event, row);
+            }
         }
-        if let Some(event) = event {
-            tracing::info!(tenant, user, rule, observed = %Nanos(observed), threshold = %Nanos(threshold), event, "runaway alert");
-            self.notify(event, row);
+        let mut open: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for (t, _, r) in self.open.keys() {
+            *open.entry((t.as_str(), r.as_str())).or_default() += 1;
+        }
+        metrics::alerts_open(&open);
+    }
+
+    /// Evaluates `touched` users (tenant, user) and every open alert's user
+    /// against ClickHouse, and stores the transitions there.
+    pub async fn evaluate(&mut self, store: &Store, touched: &BTreeSet<(String, String)>) -> Result<(), AggregatorError> {
+        if !self.config.enabled {
+            return Ok(());
+        }
+        if !self.loaded {
+            let rows: Vec<AlertRow> = store.client().query(crate::sql::OPEN_ALERTS).fetch_all().await?;
+            self.load(rows);
+        }
+        let now = Utc::now();
+        for (tenant, users) in self.targets(touched) {
+            let periods = Periods::at(&self.config.rules_for(&tenant), now);
+            let sums = |sql: &'static str, since: i64, users: Option<&BTreeSet<String>>| {
+                let mut q = store.client().query(&crate::sql::user_sums(sql, users.map_or(0, BTreeSet::len))).bind(&tenant).bind(since);
+                if let Some(us) = users {
+                    for u in us {
+                        q = q.bind(u.as_str());
+                    }
+                }
+                q
+            };
+            let collect = |rows: Vec<UserSum>| rows.into_iter().map(|r| (r.user_id, r.total)).collect::<HashMap<_, _>>();
+            let spend = Spend {
+                window: collect(sums(crate::sql::COST_SINCE, periods.window, None).fetch_all().await?),
+                week: collect(sums(crate::sql::COST_SINCE, periods.week, Some(&users)).fetch_all().await?),
+                loss: collect(sums(crate::sql::LOSS_SINCE, periods.month, Some(&users)).fetch_all().await?),
+            };
+            let transitions = self.decide(&tenant, &users, &spend, now.timestamp());
+            if !transitions.is_empty() {
+                let rows: Vec<AlertRow> = transitions.iter().map(|t| t.row.clone()).collect();
+                store.insert_alerts(&rows).await?;
+            }
+            self.applied(transitions);
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::AggregatorError;
 use crate::config::Config;
-use crate::dedupe::{Known, PartitionDedupe};
+use crate::dedupe::{Decision, Known, PartitionDedupe};
 use crate::metrics;
 use crate::rollup::{self, EventRow, Source, fingerprint, key_hash, price};
 use crate::sql::Rollup;
@@ -628,9 +628,9 @@ impl Pipeline {
                         Known::New => None,
                     },
                 };
-                match seen {
-                    Some(f) if f == fp => metrics::duplicate("retry"),
-                    Some(_) => {
+                match Decision::of(seen, fp) {
+                    Decision::Retry => metrics::duplicate("retry"),
+                    Decision::Conflict => {
                         metrics::duplicate("conflict");
                         tracing::warn!(
                             tenant = %env.tenant,
@@ -638,7 +638,7 @@ impl Pipeline {
                             "dropped a copy whose payload differs from the first"
                         );
                     }
-                    None => {
+                    Decision::New => {
                         batch_new.insert(h, fp);
                         let tenant = self.tenants.tenant(&env.tenant);
                         let priced = price(&env.event, tenant, &self.catalog);

@@ -103,6 +103,18 @@ pub fn datetime_secs(ts: DateTime<Utc>) -> u32 {
     u32::try_from(ts.timestamp().max(0)).unwrap_or(u32::MAX)
 }
 
+/// Width of a minute rollup window, in seconds.
+pub const MINUTE_SECS: i64 = 60;
+/// Width of a daily rollup window, in seconds (UTC days).
+pub const DAY_SECS: i64 = 86_400;
+
+/// The start of the `width`-second window holding `secs`: UTC windows, the
+/// arithmetic ClickHouse's `toStartOfMinute` and `toStartOfDay` do on a UTC
+/// server, and the embedded store's.
+pub fn window_start(secs: i64, width: i64) -> i64 {
+    secs.div_euclid(width) * width
+}
+
 /// Where a record came from in Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Source<'a> {

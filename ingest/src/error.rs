@@ -14,6 +14,8 @@ pub enum IngestError {
     Schema(#[from] meterline_schemas::SchemaError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("event log: {0}")]
+    Log(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -5,12 +5,14 @@
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod log;
 pub mod metrics;
 pub mod producer;
 pub mod server;
 
 pub use config::Config;
 pub use error::{ApiError, IngestError};
+pub use log::EventLog;
 pub use server::serve;
 
 /// Resolves on SIGINT or SIGTERM: the shutdown future the binaries pass to `serve`.

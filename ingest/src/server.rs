@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use meterline_schemas::prices::{Catalog, PriceBook};
-use meterline_schemas::tenants::{KeyRing, Principal, Scope};
-use meterline_schemas::wire::{self, Envelope};
+use meterline_schemas::tenants::{KeyRing, Principal, Scope, TenantConfig};
+use meterline_schemas::wire::Envelope;
 use meterline_schemas::{TimeBounds, batch, parse_event};
 use serde::Serialize;
 use std::future::Future;
@@ -19,10 +19,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::error::ApiError;
 use crate::metrics;
-use crate::producer::{EventProducer, Outgoing};
+use crate::log::EventLog;
+use crate::producer::EventProducer;
 use crate::IngestError;
 
 /// Everything a request needs, shared by all requests.
@@ -31,22 +32,29 @@ pub struct AppState {
     keys: KeyRing,
     catalog: Catalog,
     bounds: TimeBounds,
-    producer: EventProducer,
+    log: Arc<dyn EventLog>,
     permits: Semaphore,
     max_body_bytes: usize,
     max_events: usize,
 }
 
 impl AppState {
-    pub fn new(config: &Config) -> Result<AppState, IngestError> {
+    /// Ingest's state over any event log: the all-in-one binary passes its
+    /// embedded store here, the ingest service its Kafka producer.
+    pub fn new(
+        tenants: &[TenantConfig],
+        bounds: TimeBounds,
+        server: &ServerConfig,
+        log: Arc<dyn EventLog>,
+    ) -> Result<AppState, IngestError> {
         Ok(AppState {
-            keys: KeyRing::from_config(&config.tenants)?,
+            keys: KeyRing::from_config(tenants)?,
             catalog: Catalog::builtin()?,
-            bounds: config.events,
-            producer: EventProducer::new(&config.kafka)?,
-            permits: Semaphore::new(config.server.max_in_flight_requests),
-            max_body_bytes: config.server.max_body_bytes,
-            max_events: config.server.max_events_per_request,
+            bounds,
+            log,
+            permits: Semaphore::new(server.max_in_flight_requests),
+            max_body_bytes: server.max_body_bytes,
+            max_events: server.max_events_per_request,
         })
     }
 }
@@ -79,13 +87,13 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), IngestError> {
-    let state = Arc::new(AppState::new(&config)?);
+    let producer = EventProducer::new(&config.kafka)?;
+    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, Arc::new(producer.clone()))?);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    let keeper = tokio::spawn(keep_topic(state.producer.clone()));
-    let app = router(state.clone());
+    let keeper = tokio::spawn(keep_topic(producer.clone()));
+    let app = router(state);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     keeper.abort();
-    let producer = state.producer.clone();
     let _ = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
     Ok(())
 }
@@ -109,22 +117,26 @@ async fn keep_topic(producer: EventProducer) {
     }
 }
 
+/// The API routes alone, for a process that serves them beside others.
+pub fn api_routes(state: Arc<AppState>) -> Router {
+    Router::new().route("/v1/events", post(post_events)).with_state(state)
+}
+
+/// The ingest service's whole router: the API, health, readiness, metrics.
 pub fn router(state: Arc<AppState>) -> Router {
     let handle = metrics::handle();
-    Router::new()
-        .route("/v1/events", post(post_events))
+    api_routes(state.clone())
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz).with_state(state))
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .fallback(|| async { ApiError::not_found() })
-        .with_state(state)
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.producer.ready().await {
+    if state.log.ready().await {
         (StatusCode::OK, "ready").into_response()
     } else {
-        ApiError::unavailable("the Kafka broker is not reachable or the topic is missing").into_response()
+        ApiError::unavailable("the event log is not reachable (Kafka broker down or topic missing)").into_response()
     }
 }
 
@@ -165,7 +177,7 @@ async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, req
 
 /// What the blocking stage hands back: events to send and events refused.
 struct Validated {
-    outgoing: Vec<Outgoing>,
+    outgoing: Vec<Envelope>,
     unpriced: u64,
     rejected: Vec<RejectedEvent>,
     rejected_reasons: Vec<&'static str>,
@@ -193,7 +205,7 @@ async fn handle_events(state: &Arc<AppState>, headers: &HeaderMap, request: Body
     let accepted = validated.outgoing.len();
     if accepted > 0 {
         let started = Instant::now();
-        let sent = state.producer.send_all(&validated.outgoing).await;
+        let sent = state.log.append(validated.outgoing).await;
         metrics::produced(started.elapsed().as_secs_f64(), sent.is_ok());
         if let Err(e) = sent {
             tracing::warn!(error = %e, tenant = %principal.tenant, events = accepted, "broker did not ack; answering 503");
@@ -240,9 +252,7 @@ fn validate(
                 if prices.cost_of(&event).is_none() {
                     out.unpriced += 1;
                 }
-                let key = wire::message_key(tenant_id, &event.user_id);
-                let envelope = Envelope { tenant: tenant_id.to_owned(), received_at: now, event };
-                out.outgoing.push(Outgoing { key, payload: wire::encode(&envelope) });
+                out.outgoing.push(Envelope { tenant: tenant_id.to_owned(), received_at: now, event });
             }
             Err(rejection) => {
                 out.rejected_reasons.push(rejection.errors.first().map_or("invalid", |e| e.code.as_str()));

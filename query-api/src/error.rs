@@ -13,6 +13,8 @@ pub enum QueryError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
     Aggregator(#[from] meterline_aggregator::AggregatorError),
+    #[error("store: {0}")]
+    Store(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

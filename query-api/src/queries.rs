@@ -42,11 +42,13 @@ pub fn bucket(granularity: &str) -> &'static str {
     }
 }
 
-const SUMS: &str = "sum(events) AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
+/// The summed columns, named as [`SumRow`] reads them (valid SQL for every store).
+pub const SUMS: &str = "sum(events) AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
      sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
      sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, sum(unpriced_events) AS s_unpriced";
 
-fn dims(group_by: &[&str]) -> String {
+/// The grouped dimension columns with their aliases; '' for the others.
+pub fn dims(group_by: &[&str]) -> String {
     // Aliases differ from column names on purpose: ClickHouse 18.16 resolves a
     // WHERE name to a same-named SELECT alias.
     [("user_id", "g_user"), ("customer_id", "g_customer"), ("feature", "g_feature"), ("model", "g_model")]
@@ -56,12 +58,20 @@ fn dims(group_by: &[&str]) -> String {
         .join(", ")
 }
 
-/// The rows a request sums over, as a FROM clause (with its WHERE). Whole
-/// UTC days come from `rollups_user_day` (a thirtieth or less of the minute
-/// rows) and the range's partial edge days from `rollups_minute`, when the
-/// request needs nothing the daily table drops: minute or hour buckets, or a
-/// feature, model, environment or billable filter or grouping.
-pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
+/// Which rollup rows answer a request. Whole UTC days come from
+/// `rollups_user_day` (a thirtieth or less of the minute rows) and the range's
+/// partial edge days from `rollups_minute`, when the request needs nothing the
+/// daily table drops: minute or hour buckets, or a feature, model,
+/// environment or billable filter or grouping. Shared by every store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Minute rows over `[from, to)`.
+    Minutes { from: i64, to: i64 },
+    /// Daily rows over `[day_from, day_to)`, minute rows over `[from, day_from)` and `[day_to, to)`.
+    Days { from: i64, day_from: i64, day_to: i64, to: i64 },
+}
+
+pub fn plan(scope: &Scope, granularity: &str, group_by: &[&str]) -> Plan {
     let daily_ok = matches!(granularity, "day" | "month" | "total")
         && group_by.iter().all(|d| matches!(*d, "user_id" | "customer_id"))
         && scope.filters.iter().all(|(c, _)| matches!(*c, "user_id" | "customer_id"))
@@ -69,20 +79,28 @@ pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
     let day_from = (from + 86_399).div_euclid(86_400) * 86_400;
     let day_to = to.div_euclid(86_400) * 86_400;
+    if !daily_ok || day_from >= day_to { Plan::Minutes { from, to } } else { Plan::Days { from, day_from, day_to, to } }
+}
+
+/// The rows a request sums over, as a FROM clause (with its WHERE); see [`plan`].
+pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
     let mut sql = Sql::default();
-    if !daily_ok || day_from >= day_to {
-        sql.push(" FROM rollups_minute WHERE ", []);
-        let f = scope.clause(&[(from, to)]);
-        sql.push(&f.text, f.binds);
-        return sql;
+    match plan(scope, granularity, group_by) {
+        Plan::Minutes { from, to } => {
+            sql.push(" FROM rollups_minute WHERE ", []);
+            let f = scope.clause(&[(from, to)]);
+            sql.push(&f.text, f.binds);
+        }
+        Plan::Days { from, day_from, day_to, to } => {
+            let days = scope.clause(&[(day_from, day_to)]);
+            let edges = scope.clause(&[(from, day_from), (day_to, to)]);
+            sql.push(" FROM (SELECT * FROM rollups_user_day WHERE ", []);
+            sql.push(&days.text, days.binds);
+            sql.push(" UNION ALL SELECT * FROM rollups_minute WHERE ", []);
+            sql.push(&edges.text, edges.binds);
+            sql.push(")", []);
+        }
     }
-    let days = scope.clause(&[(day_from, day_to)]);
-    let edges = scope.clause(&[(from, day_from), (day_to, to)]);
-    sql.push(" FROM (SELECT * FROM rollups_user_day WHERE ", []);
-    sql.push(&days.text, days.binds);
-    sql.push(" UNION ALL SELECT * FROM rollups_minute WHERE ", []);
-    sql.push(&edges.text, edges.binds);
-    sql.push(")", []);
     sql
 }
 
@@ -104,14 +122,19 @@ pub fn sums(scope: &Scope, granularity: &str, group_by: &[&str], having_negative
     sql
 }
 
-/// The top `limit` keys of dimension `by` ordered by `metric`.
-pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) -> Sql {
-    let order = match metric {
+/// The ORDER BY expression of a top-spenders metric (a fixed set, never user text).
+pub fn metric_order(metric: &str) -> &'static str {
+    match metric {
         "tokens" => "s_input + s_output + s_cached + s_reasoning",
         "revenue" => "s_revenue",
         "margin" => "s_revenue - s_cost",
         _ => "s_cost",
-    };
+    }
+}
+
+/// The top `limit` keys of dimension `by` ordered by `metric`.
+pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) -> Sql {
+    let order = metric_order(metric);
     let dir = if descending { "DESC" } else { "ASC" };
     let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS}", dims(&[by])));
     let from = source(scope, "total", &[by]);

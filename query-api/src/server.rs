@@ -7,11 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use meterline_aggregator::rollup::EventRow;
-use meterline_aggregator::store::{self, Store};
+use meterline_aggregator::store;
 use meterline_ingest::ApiError;
 use meterline_ingest::server::authenticate;
 use meterline_schemas::Nanos;
-use meterline_schemas::tenants::{KeyRing, Scope};
+use meterline_schemas::tenants::{KeyRing, Scope, TenantConfig};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +21,8 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::params::{DIMENSIONS, Params};
-use crate::queries::{self, SumRow};
+use crate::queries::SumRow;
+use crate::store::{AlertsQuery, ClickHouseStore, QueryStore, SumsQuery, TopQuery};
 use crate::{QueryError, metrics};
 
 /// The OpenAPI document, checked in beside the crate.
@@ -30,20 +31,29 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 #[derive(Debug)]
 pub struct AppState {
     keys: KeyRing,
-    store: Store,
+    store: Arc<dyn QueryStore>,
     max_days: i64,
+}
+
+impl AppState {
+    /// The query API's state over any store: the all-in-one binary passes its
+    /// embedded store, the query service ClickHouse.
+    pub fn new(tenants: &[TenantConfig], store: Arc<dyn QueryStore>, max_range_days: i64) -> Result<AppState, QueryError> {
+        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days })
+    }
 }
 
 /// Connects to ClickHouse and serves until `shutdown`, then drains.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
-    let store = store::connect(&config.clickhouse).await?;
-    let state = Arc::new(AppState { keys: KeyRing::from_config(&config.tenants)?, store, max_days: config.server.max_range_days });
+    let store = ClickHouseStore(store::connect(&config.clickhouse).await?);
+    let state = Arc::new(AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    let handle = metrics::handle();
+/// The API routes alone (with the OpenAPI document), for a process that
+/// serves them beside others.
+pub fn api_routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/top-spenders", get(top_spenders))
@@ -52,18 +62,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/alerts", get(alerts))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .with_state(state)
+}
+
+/// The query service's whole router: the API, health, readiness, metrics.
+pub fn router(state: Arc<AppState>) -> Router {
+    let handle = metrics::handle();
+    api_routes(state.clone())
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz).with_state(state))
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .fallback(|| async { ApiError::not_found() })
-        .with_state(state)
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.store.ping().await {
         (StatusCode::OK, "ready").into_response()
     } else {
-        ApiError::unavailable("ClickHouse is not reachable").into_response()
+        ApiError::unavailable("the store is not reachable").into_response()
     }
 }
 
@@ -87,8 +103,8 @@ where
     response
 }
 
-async fn fetch(state: &AppState, sql: &crate::sql::Sql) -> Result<Vec<SumRow>, ApiError> {
-    Ok(sql.query(state.store.client()).fetch_all::<SumRow>().await.map_err(QueryError::from)?)
+async fn fetch(state: &AppState, scope: &crate::params::Scope, q: SumsQuery) -> Result<Vec<SumRow>, ApiError> {
+    Ok(state.store.sums(scope, &q).await?)
 }
 
 fn money(n: i128) -> String {
@@ -148,7 +164,7 @@ async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw
         let granularity = p.choice("granularity", &["minute", "hour", "day", "month", "total"], "day")?;
         let limit = p.limit(10_000, 100_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        let rows = fetch(&state, &queries::sums(&scope, granularity, &group_by, false, false, limit)).await?;
+        let rows = fetch(&state, &scope, SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, limit }).await?;
         let total = granularity != "total";
         Ok(json!({
             "range": range_json(&scope),
@@ -170,8 +186,8 @@ async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        let rows = fetch(&state, &queries::top(&scope, by, metric, descending, limit)).await?;
-        let totals = fetch(&state, &queries::sums(&scope, "total", &[], false, false, 1)).await?;
+        let rows = state.store.top(&scope, TopQuery { by, metric, descending, limit }).await?;
+        let totals = fetch(&state, &scope, SumsQuery::totals(&[], 1)).await?;
         let t = totals.first().cloned().unwrap_or_default();
         let value = |r: &SumRow| -> i128 {
             match metric {
@@ -210,13 +226,9 @@ async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(r
         };
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        let rows = fetch(&state, &queries::sums(&scope, "total", &group_by, negative_only, true, limit)).await?;
-        let totals = fetch(&state, &queries::sums(&scope, "total", &[], false, false, 1)).await?;
-        let negative: u64 = queries::negative_count(&scope, &group_by)
-            .query(state.store.client())
-            .fetch_one()
-            .await
-            .map_err(QueryError::from)?;
+        let rows = fetch(&state, &scope, SumsQuery { granularity: "total", group_by: group_by.clone(), negative_only, order_by_margin: true, limit }).await?;
+        let totals = fetch(&state, &scope, SumsQuery::totals(&[], 1)).await?;
+        let negative = state.store.negative_count(&scope, &group_by).await?;
         let with_pct = |r: &SumRow, dims: &[&str]| {
             let mut v = row_json(r, dims, false);
             v["margin_pct"] = json!(ratio((i128::from(r.s_revenue) - i128::from(r.s_cost)) * 100, i128::from(r.s_revenue), 2));
@@ -242,10 +254,10 @@ async fn user_usage(State(state): State<Arc<AppState>>, Path(user_id): Path<Stri
         let p = Params::new(&raw, &[])?;
         // Default: this calendar month, as a customer-facing statement would.
         let scope = p.scope(&tenant, "window_start", None, state.max_days)?;
-        let totals = fetch(&state, &queries::sums(&scope, "total", &[], false, false, 1)).await?;
-        let by_feature = fetch(&state, &queries::sums(&scope, "total", &["feature"], false, false, 10_000)).await?;
-        let by_model = fetch(&state, &queries::sums(&scope, "total", &["model"], false, false, 10_000)).await?;
-        let daily = fetch(&state, &queries::sums(&scope, "day", &[], false, false, 10_000)).await?;
+        let totals = fetch(&state, &scope, SumsQuery::totals(&[], 1)).await?;
+        let by_feature = fetch(&state, &scope, SumsQuery::totals(&["feature"], 10_000)).await?;
+        let by_model = fetch(&state, &scope, SumsQuery::totals(&["model"], 10_000)).await?;
+        let daily = fetch(&state, &scope, SumsQuery { granularity: "day", ..SumsQuery::totals(&[], 10_000) }).await?;
         Ok(json!({
             "user_id": user_id,
             "range": range_json(&scope),
@@ -282,8 +294,7 @@ async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
         let limit = p.limit(100, 1_000)?;
         let cursor = p.get("cursor").map(decode_cursor).transpose()?;
         let scope = p.scope(&tenant, "event_time", None, state.max_days)?;
-        let sql = queries::events(&scope, cursor.as_ref(), limit + 1);
-        let mut rows: Vec<EventRow> = sql.query(state.store.client()).fetch_all().await.map_err(QueryError::from)?;
+        let mut rows: Vec<EventRow> = state.store.events(&scope, cursor.as_ref(), limit + 1).await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
         let next = if more { rows.last().map(encode_cursor) } else { None };
@@ -310,8 +321,9 @@ async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
                     "revenue_usd": money(i128::from(r.revenue_nanos)),
                     "credits": money(i128::from(r.credits_nanos)),
                     "metadata": serde_json::from_str::<Value>(&r.metadata).ok(),
-                    "kafka_partition": r.kafka_partition,
-                    "kafka_offset": r.kafka_offset,
+                    // Where the event sits in Kafka; null from the embedded store, which has no log.
+                    "kafka_partition": (!r.kafka_topic.is_empty()).then_some(r.kafka_partition),
+                    "kafka_offset": (!r.kafka_topic.is_empty()).then_some(r.kafka_offset),
                 })
             })
             .collect();
@@ -334,8 +346,8 @@ async fn alerts(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
         }).transpose()?;
         let limit = p.limit(100, 1_000)?;
         let scope = p.scope(&tenant, "opened_at", Some(30), state.max_days)?;
-        let sql = queries::alerts(&tenant, scope.from.timestamp(), scope.to.timestamp(), which, p.get("user_id"), rule, limit);
-        let rows: Vec<meterline_aggregator::alerts::AlertRow> = sql.query(state.store.client()).fetch_all().await.map_err(QueryError::from)?;
+        let q = AlertsQuery { tenant: tenant.clone(), from: scope.from.timestamp(), to: scope.to.timestamp(), state: which, user: p.get("user_id").map(str::to_owned), rule, limit };
+        let rows = state.store.alerts(&q).await?;
         let at = |secs: u32| (secs > 0).then(|| DateTime::<Utc>::from_timestamp(i64::from(secs), 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).flatten();
         let out: Vec<Value> = rows
             .iter()

@@ -1,0 +1,35 @@
+//! The seam between ingest and wherever accepted events become durable: Kafka
+//! in the distributed deployment, the embedded store in the all-in-one binary.
+
+use futures::future::BoxFuture;
+use meterline_schemas::wire::{self, Envelope};
+
+use crate::IngestError;
+use crate::producer::{EventProducer, Outgoing};
+
+/// Where validated events go. A 2xx answer is given only after `append`
+/// returned `Ok` for the request's events.
+pub trait EventLog: Send + Sync + std::fmt::Debug {
+    /// Makes every event durable, or returns `Err` (and the request is
+    /// answered 503, so the client retries the batch unchanged).
+    fn append(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), IngestError>>;
+
+    /// True when `append` can be expected to succeed.
+    fn ready(&self) -> BoxFuture<'_, bool>;
+}
+
+impl EventLog for EventProducer {
+    fn append(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), IngestError>> {
+        Box::pin(async move {
+            let outgoing: Vec<Outgoing> = events
+                .iter()
+                .map(|e| Outgoing { key: wire::message_key(&e.tenant, &e.event.user_id), payload: wire::encode(e) })
+                .collect();
+            self.send_all(&outgoing).await
+        })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(EventProducer::ready(self))
+    }
+}
