@@ -1,0 +1,110 @@
+//! The all-in-one binary's configuration: one TOML file (by default
+//! `<data dir>/meterline.toml`, generated on first run) with `METERLINE_*`
+//! env overrides, validated at startup with messages that name the key.
+
+use meterline_aggregator::config::{AlertsConfig, MetricsConfig};
+use meterline_ingest::config::ServerConfig;
+use meterline_schemas::config::load_toml_with_env;
+use meterline_schemas::tenants::{KeyRing, TenantConfig};
+use meterline_schemas::TimeBounds;
+use serde::Deserialize;
+
+use crate::EmbeddedError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP server: the same keys as ingest's `[server]`.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Event time bounds: the same as ingest's `[events]`.
+    #[serde(default)]
+    pub events: TimeBounds,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub query: QueryConfig,
+    /// Runaway-user rules: the same as the aggregator's `[alerts]`.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    /// Business metric label caps: the same as the aggregator's `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Most events one group commit writes; requests waiting beyond it go in the next.
+    pub max_commit_events: usize,
+    /// SQLite connections serving reads beside the one writer.
+    pub read_connections: usize,
+    /// Runaway rules are evaluated at most this often while events stream in
+    /// (and this often for open alerts when none do), in milliseconds.
+    pub alert_eval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { max_commit_events: 20_000, read_connections: 4, alert_eval_ms: 1_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Longest `from`..`to` range a request may ask for, in days.
+    pub max_range_days: i64,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig { max_range_days: 400 }
+    }
+}
+
+impl Config {
+    pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, EmbeddedError> {
+        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics"], vars)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), EmbeddedError> {
+        let bad = |key: &str, message: &str| Err(EmbeddedError::Config(format!("{key}: {message}")));
+        if self.server.max_in_flight_requests == 0 {
+            return bad("server.max_in_flight_requests", "must be at least 1");
+        }
+        if self.server.max_events_per_request == 0 {
+            return bad("server.max_events_per_request", "must be at least 1");
+        }
+        if self.server.max_body_bytes < 1024 {
+            return bad("server.max_body_bytes", "must be at least 1024");
+        }
+        if !(1..=1_000_000).contains(&self.storage.max_commit_events) {
+            return bad("storage.max_commit_events", "must be between 1 and 1000000");
+        }
+        if !(1..=64).contains(&self.storage.read_connections) {
+            return bad("storage.read_connections", "must be between 1 and 64");
+        }
+        if !(10..=3_600_000).contains(&self.storage.alert_eval_ms) {
+            return bad("storage.alert_eval_ms", "must be between 10 and 3600000");
+        }
+        if self.query.max_range_days < 1 {
+            return bad("query.max_range_days", "must be at least 1");
+        }
+        if self.alerts.rules.window_secs == 0 {
+            return bad("alerts.rules.window_secs", "must be at least 1");
+        }
+        if let Some((tenant, _)) = self.alerts.tenants.iter().find(|(_, r)| r.window_secs == 0) {
+            return bad(&format!("alerts.tenants.{tenant}.window_secs"), "must be at least 1");
+        }
+        if self.tenants.is_empty() {
+            return bad("tenants", "configure at least one tenant with keys");
+        }
+        KeyRing::from_config(&self.tenants)?;
+        Ok(())
+    }
+}

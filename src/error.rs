@@ -1,0 +1,26 @@
+//! The crate's error type.
+
+/// Everything that can go wrong in the all-in-one binary.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Schema(#[from] meterline_schemas::SchemaError),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Ingest(#[from] meterline_ingest::IngestError),
+    #[error(transparent)]
+    Query(#[from] meterline_query_api::QueryError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the embedded writer has stopped")]
+    WriterStopped,
+}
+
+impl From<EmbeddedError> for meterline_ingest::IngestError {
+    fn from(e: EmbeddedError) -> Self {
+        meterline_ingest::IngestError::Log(e.to_string())
+    }
+}

@@ -1,0 +1,19 @@
+//! Meterline in one process: ingest, dedupe and rollups, the query API and
+//! runaway alerts over an embedded SQLite store in a data directory, with the
+//! same HTTP API, auth, validation, metrics and alerts as the distributed
+//! deployment (Kafka + ClickHouse). It reuses the services' libraries; only
+//! the log (a group-commit queue instead of Kafka) and the store (SQLite
+//! instead of ClickHouse) differ, behind `meterline_ingest::EventLog` and
+//! `meterline_query_api::store::QueryStore`.
+
+pub mod config;
+pub mod demo;
+pub mod devconfig;
+pub mod error;
+pub mod query;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use error::EmbeddedError;
+pub use server::serve;

@@ -1,0 +1,80 @@
+//! The all-in-one server: ingest's and the query API's own routes, auth and
+//! validation over the embedded store, on one listener, with one `/metrics`.
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use futures::future::BoxFuture;
+use meterline_ingest::{ApiError, EventLog, IngestError};
+use meterline_query_api::store::QueryStore;
+use meterline_schemas::wire::Envelope;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::query::EmbeddedQueries;
+use crate::store::Embedded;
+use crate::EmbeddedError;
+
+/// Ingest's event log, made durable by the embedded writer's group commit.
+#[derive(Debug, Clone)]
+pub struct EmbeddedLog(pub Arc<Embedded>);
+
+impl EventLog for EmbeddedLog {
+    fn append(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), IngestError>> {
+        Box::pin(async move { Ok(self.0.append(events).await?) })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(self.0.writer_running()))
+    }
+}
+
+/// The router over an open store: the whole API, health, readiness, metrics.
+pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedError> {
+    // One process, one recorder: ingest's installs it; the other crates'
+    // handles only describe their metrics into it.
+    let handle = meterline_ingest::metrics::handle();
+    let _ = meterline_aggregator::metrics::handle();
+    let _ = meterline_query_api::metrics::handle();
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog(store.clone()));
+    let ingest = meterline_ingest::server::AppState::new(&config.tenants, config.events, &config.server, log)?;
+    let queries = Arc::new(EmbeddedQueries(store));
+    let query = meterline_query_api::server::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?;
+    let ready = move || {
+        let queries = queries.clone();
+        async move {
+            if queries.ping().await {
+                (StatusCode::OK, "ready").into_response()
+            } else {
+                ApiError::unavailable("the embedded store is not answering").into_response()
+            }
+        }
+    };
+    Ok(meterline_ingest::server::api_routes(Arc::new(ingest))
+        .merge(meterline_query_api::server::api_routes(Arc::new(query)))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .fallback(|| async { ApiError::not_found() }))
+}
+
+/// Opens the store in `data_dir` and serves until `shutdown`; then finishes
+/// in-flight requests and the writer's last commit within the grace period.
+pub async fn serve(config: Config, data_dir: &Path, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), EmbeddedError> {
+    let (store, writer) = Embedded::open(data_dir, &config)?;
+    let app = router(&config, Arc::new(store))?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    // The router (and with it every handle on the writer's queue) is gone:
+    // the writer commits what it holds and stops.
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let joined = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || writer.join())).await;
+    if joined.is_err() {
+        tracing::warn!("the embedded writer did not stop within the grace period");
+    }
+    Ok(())
+}
