@@ -206,11 +206,9 @@ impl Ingest {
 pub const TENANTS: &[(&str, &str, &str)] =
     &[("acme", "acme-ingest-key", "acme-read-key"), ("globex", "globex-ingest-key", "globex-read-key")];
 
-/// An ingest config for `brokers` and `topic` with the test tenants.
-pub fn ingest_config(brokers: &str, topic: &str, extra: &str) -> meterline_ingest::Config {
-    let mut text = format!(
-        "{extra}\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\npartitions = 4\nproduce_timeout_ms = 3000\n"
-    );
+/// The test tenants as `[[tenants]]` TOML: their keys, and a credit price of 0.001 USD.
+pub fn tenants_toml() -> String {
+    let mut text = String::new();
     for (tenant, ingest, read) in TENANTS {
         text.push_str(&format!(
             "[[tenants]]\nid = \"{tenant}\"\ncredit_price_usd = \"0.001\"\n\
@@ -220,7 +218,72 @@ pub fn ingest_config(brokers: &str, topic: &str, extra: &str) -> meterline_inges
             meterline_schemas::tenants::hash_key(read),
         ));
     }
+    text
+}
+
+/// An ingest config for `brokers` and `topic` with the test tenants.
+pub fn ingest_config(brokers: &str, topic: &str, extra: &str) -> meterline_ingest::Config {
+    let text = format!(
+        "{extra}\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\npartitions = 4\nproduce_timeout_ms = 3000\n{}",
+        tenants_toml()
+    );
     meterline_ingest::Config::load(&text, []).expect("test config")
+}
+
+/// The all-in-one server running in this process over a data directory.
+#[derive(Debug)]
+pub struct Embedded {
+    pub url: String,
+    pub dir: std::path::PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Embedded {
+    /// Starts it on a port-0 listener with the test tenants and `extra` TOML.
+    pub async fn start(dir: &std::path::Path, extra: &str) -> Embedded {
+        init_tracing();
+        let config = meterline::Config::load(&format!("{extra}\n{}", tenants_toml()), []).expect("embedded config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let data = dir.to_owned();
+        let task = tokio::spawn(async move {
+            meterline::serve(config, &data, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("embedded serve");
+        });
+        Embedded { url, dir: dir.to_owned(), shutdown: Some(tx), task }
+    }
+
+    /// Stops it and waits for the writer's last commit.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("embedded task");
+    }
+}
+
+/// A fresh, empty temp directory for one test.
+pub fn temp_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("meterline-{test}-{}-{}", std::process::id(), free_port()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// GETs `url` with `key`: the status and JSON body.
+pub async fn get_json(url: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(k) = key {
+        request = request.bearer_auth(k);
+    }
+    let response = request.send().await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 /// A unique topic name for one test.
@@ -294,13 +357,7 @@ impl QueryApi {
 
     /// GET `path` with `key`; the status and JSON body.
     pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
-        let mut request = reqwest::Client::new().get(format!("{}{path}", self.url));
-        if let Some(k) = key {
-            request = request.bearer_auth(k);
-        }
-        let response = request.send().await.expect("query request");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+        get_json(&format!("{}{path}", self.url), key).await
     }
 }
 

@@ -156,7 +156,7 @@ pub fn service_binary(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Process {
     name: String,
-    config: PathBuf,
+    args: Vec<std::ffi::OsString>,
     log: PathBuf,
     child: Option<tokio::process::Child>,
 }
@@ -168,7 +168,14 @@ impl Process {
         let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
         let path = dir.join(format!("{tag}.toml"));
         std::fs::write(&path, config).expect("write config");
-        let mut p = Process { name: binary.to_owned(), config: path, log: dir.join(format!("{tag}.log")), child: None };
+        Process::start_args(binary, &["--config".as_ref(), path.as_os_str()])
+    }
+
+    /// Starts `binary` with `args`.
+    pub fn start_args(binary: &str, args: &[&std::ffi::OsStr]) -> Process {
+        let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
+        let log = std::env::temp_dir().join(format!("{tag}.log"));
+        let mut p = Process { name: binary.to_owned(), args: args.iter().map(|a| a.to_os_string()).collect(), log, child: None };
         p.restart();
         p
     }
@@ -176,8 +183,7 @@ impl Process {
     pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = tokio::process::Command::new(service_binary(&self.name))
-            .arg("--config")
-            .arg(&self.config)
+            .args(&self.args)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .stdout(Stdio::null())
             .stderr(log)
