@@ -157,6 +157,7 @@ pub fn service_binary(name: &str) -> PathBuf {
 pub struct Process {
     name: String,
     args: Vec<std::ffi::OsString>,
+    cwd: Option<PathBuf>,
     log: PathBuf,
     child: Option<tokio::process::Child>,
 }
@@ -173,16 +174,26 @@ impl Process {
 
     /// Starts `binary` with `args`.
     pub fn start_args(binary: &str, args: &[&std::ffi::OsStr]) -> Process {
+        Process::start_in(binary, args, None)
+    }
+
+    /// Starts `binary` with `args` in the working directory `cwd`.
+    pub fn start_in(binary: &str, args: &[&std::ffi::OsStr], cwd: Option<&Path>) -> Process {
         let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
         let log = std::env::temp_dir().join(format!("{tag}.log"));
-        let mut p = Process { name: binary.to_owned(), args: args.iter().map(|a| a.to_os_string()).collect(), log, child: None };
+        let args = args.iter().map(|a| a.to_os_string()).collect();
+        let mut p = Process { name: binary.to_owned(), args, cwd: cwd.map(Path::to_owned), log, child: None };
         p.restart();
         p
     }
 
     pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = tokio::process::Command::new(service_binary(&self.name))
+        let mut command = tokio::process::Command::new(service_binary(&self.name));
+        if let Some(dir) = &self.cwd {
+            command.current_dir(dir);
+        }
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .stdout(Stdio::null())
