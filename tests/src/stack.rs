@@ -145,8 +145,10 @@ fn which(name: &str) -> PathBuf {
 /// The path of a workspace binary built in this profile (`scripts/test` builds them first).
 pub fn service_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // A test runs from target/<profile>/deps/<test>, a bench binary from
+    // target/<profile>/<bench>: the services are in target/<profile>/ either way.
+    let exe_dir = exe.parent().expect("exe dir");
+    let profile_dir = if exe_dir.ends_with("deps") { exe_dir.parent().expect("target dir") } else { exe_dir };
     let path = profile_dir.join(name);
     assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` (scripts/test does)", path.display());
     path
@@ -202,6 +204,11 @@ impl Process {
             .spawn()
             .expect("spawn service");
         self.child = Some(child);
+    }
+
+    /// The running process's id (to read its memory from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
     }
 
     /// SIGKILL: no flush, no commit, no goodbye.

@@ -109,5 +109,21 @@ async fn main() -> anyhow::Result<()> {
     println!("| POST /v1/events via ingest | {ingest_rate:.0} | {ingest_secs:.2} |");
     println!("ratio ingest/raw: {:.2}", ingest_rate / raw_rate);
     println!("request latency ms: p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}", pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    // One line for scripts/bench to collect.
+    println!(
+        "BENCH_JSON {}",
+        serde_json::json!({
+            "bench": "ingest",
+            "events": events,
+            "batch": batch,
+            "concurrency": concurrency,
+            "raw_events_per_s": raw_rate,
+            "raw_secs": raw_secs,
+            "ingest_events_per_s": ingest_rate,
+            "ingest_secs": ingest_secs,
+            "ratio": ingest_rate / raw_rate,
+            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
+        })
+    );
     Ok(())
 }

@@ -71,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| query | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
+    let mut results = Vec::new();
     for (name, path) in &queries {
         let (status, _) = api.get(path, Some("acme-read-key")).await; // warm-up
         anyhow::ensure!(status == 200, "{name}: {status}");
@@ -85,7 +86,22 @@ async fn main() -> anyhow::Result<()> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let p = |q: f64| ms(times[((times.len() as f64 * q) as usize).min(times.len() - 1)]);
         println!("| {name} | {:.1} | {:.1} | {:.1} |", p(0.5), p(0.99), ms(times[times.len() - 1]));
+        results.push(serde_json::json!({"query": name, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": ms(times[times.len() - 1])}));
     }
     ch.query(&format!("DROP DATABASE {db}")).await;
+    // One line for scripts/bench to collect.
+    println!(
+        "BENCH_JSON {}",
+        serde_json::json!({
+            "bench": "query",
+            "users": users,
+            "days": 30,
+            "minute_rows": count.trim().parse::<u64>().unwrap_or(0),
+            "daily_rows": daily_rows.trim().parse::<u64>().unwrap_or(0),
+            "runs": runs,
+            "load_secs": loaded,
+            "queries": results,
+        })
+    );
     Ok(())
 }

@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Collects one benchmark run's logs into bench/RESULTS.json and renders bench/RESULTS.md.
+
+Called by scripts/bench (standard library only):
+
+    scripts/bench-report.py --mode quick|full --logs DIR --json FILE --md FILE [--stack-fresh 0|1]
+
+DIR holds, per benchmark NAME: NAME.cmd (the command line), NAME.rc (its exit
+status), NAME.secs (wall time) and NAME.log (its output, in which the bench
+printed one `BENCH_JSON {...}` line), or NAME.skip (why it did not run).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import urllib.request
+
+# In the order the suite runs them; the table's rows follow the issue's numbering.
+BENCHES = ["ingest", "aggregator", "sink", "query", "memory", "embedded"]
+
+
+def read(path, default=None):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def command_output(*args):
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine():
+    cpu = "unknown"
+    for line in (read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in (read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    os_name = "unknown"
+    for line in (read("/etc/os-release") or "").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            os_name = line.split("=", 1)[1].strip('"')
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "mem_total_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": os_name,
+    }
+
+
+def clickhouse_server_version():
+    url = os.environ.get("METERLINE_TEST_CLICKHOUSE_URL")
+    if not url:
+        return "unknown"
+    try:
+        with urllib.request.urlopen(url, data=b"SELECT version()", timeout=10) as r:
+            return r.read().decode().strip()
+    except OSError:
+        return "unknown"
+
+
+def versions():
+    tansu = os.environ.get("METERLINE_TANSU_BIN", "tansu")
+    return {
+        "tansu": command_output(tansu, "--version"),
+        "clickhouse_server": clickhouse_server_version(),
+        "clickhouse_client": command_output(os.environ.get("METERLINE_CLICKHOUSE_CLIENT", "clickhouse-client"), "--version"),
+        "rustc": command_output("rustc", "--version"),
+        "cargo": command_output("cargo", "--version"),
+        "python": platform.python_version(),
+    }
+
+
+def git():
+    commit = command_output("git", "rev-parse", "HEAD")
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip() != ""
+    return {"commit": commit, "dirty": dirty}
+
+
+def collect(logs):
+    """Per benchmark: its command, exit status, time, BENCH_JSON result or why there is none."""
+    out = {}
+    for name in BENCHES:
+        skip = read(os.path.join(logs, f"{name}.skip"))
+        if skip is not None:
+            out[name] = {"ran": False, "error": skip.strip()}
+            continue
+        cmd = read(os.path.join(logs, f"{name}.cmd"))
+        if cmd is None:
+            out[name] = {"ran": False, "error": "not run (the suite stopped before it)"}
+            continue
+        rc = int((read(os.path.join(logs, f"{name}.rc")) or "-1").strip() or -1)
+        log = read(os.path.join(logs, f"{name}.log"), "")
+        result = None
+        for line in log.splitlines():
+            if line.startswith("BENCH_JSON "):
+                try:
+                    result = json.loads(line[len("BENCH_JSON "):])
+                except json.JSONDecodeError:
+                    pass
+        entry = {
+            "ran": True,
+            "command": cmd.strip(),
+            "exit": rc,
+            "seconds": int((read(os.path.join(logs, f"{name}.secs")) or "0").strip() or 0),
+            "log": os.path.relpath(os.path.join(logs, f"{name}.log")),
+            "result": result,
+        }
+        if result is None or rc != 0:
+            # The last lines a person needs to see why.
+            tail = [l for l in log.splitlines() if l.strip()][-6:]
+            why = "timed out" if rc == 124 else f"exit {rc}"
+            if result is None:
+                why += ", no BENCH_JSON line"
+            entry["error"] = why + (": " + " / ".join(tail) if tail else "")
+            if result is None:
+                entry["result"] = None
+        out[name] = entry
+    return out
+
+
+def num(x, digits=0):
+    if x is None or (isinstance(x, float) and x != x):
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def verdict(ok):
+    return "yes" if ok else "**no**"
+
+
+def rows(b):
+    """The summary table: one row per metric, numbered as in issue #6."""
+    out = []
+
+    def missing(n, metric, name, goal):
+        out.append({"n": n, "metric": metric, "meterline": "—", "raw": "—", "ratio": "—", "goal": goal,
+                    "met": "not run: " + b[name].get("error", "no result")})
+
+    r = b["ingest"].get("result")
+    if r:
+        out.append({"n": "1", "metric": f"Ingest: events/s through `POST /v1/events` into the broker (batches of {r['batch']:,}, {r['concurrency']} concurrent)",
+                    "meterline": num(r["ingest_events_per_s"]), "raw": num(r["raw_events_per_s"]) + " (rdkafka producer)",
+                    "ratio": num(r["ratio"], 2), "goal": "≥ 0.8", "met": verdict(r["ratio"] >= 0.8)})
+    else:
+        missing("1", "Ingest: events/s vs raw rdkafka producer", "ingest", "≥ 0.8")
+
+    r = b["aggregator"].get("result")
+    if r:
+        out.append({"n": "2", "metric": "Aggregator: events/s consumed, deduplicated, rolled up, written to ClickHouse",
+                    "meterline": num(r["aggregator_events_per_s"]), "raw": num(r["raw_events_per_s"]) + " (rdkafka consumer)",
+                    "ratio": num(r["ratio"], 2), "goal": "≥ 0.7", "met": verdict(r["ratio"] >= 0.7)})
+    else:
+        missing("2", "Aggregator: events/s vs raw rdkafka consumer", "aggregator", "≥ 0.7")
+
+    r = b["sink"].get("result")
+    if r:
+        out.append({"n": "3", "metric": f"Sink: `events` rows/s, `Store::insert_events` in batches of {r['batch']:,} ({r['rows']:,} rows, median of {r.get('rounds', 1)} rounds)",
+                    "meterline": num(r["meterline_rows_per_s"]), "raw": num(r["clickhouse_client_rows_per_s"]) + " (clickhouse-client, RowBinary)",
+                    "ratio": num(r["ratio"], 2), "goal": "≥ 0.9", "met": verdict(r["ratio"] >= 0.9)})
+    else:
+        missing("3", "Sink: rows/s vs clickhouse-client", "sink", "≥ 0.9")
+
+    r = b["aggregator"].get("result")
+    if r and r.get("freshness"):
+        f = r["freshness"]
+        ok = f["batches_seen"] == f["batches"] and f["p99_ms"] is not None and f["p99_ms"] <= 2000
+        out.append({"n": "4", "metric": f"Freshness: ack to visible in rollups at {f['target_events_per_s']:,} events/s "
+                                        f"(half the measured maximum; {num(f['achieved_events_per_s'])} achieved)",
+                    "meterline": f"p50 {num(f['p50_ms'])} ms, p99 {num(f['p99_ms'])} ms", "raw": "—", "ratio": "—",
+                    "goal": "p99 ≤ 2,000 ms", "met": verdict(ok) + ("" if f["batches_seen"] == f["batches"] else f" ({f['batches_seen']} of {f['batches']} batches seen)")})
+    else:
+        missing("4", "Freshness p50/p99", "aggregator", "p99 ≤ 2,000 ms")
+
+    r = b["query"].get("result")
+    if r:
+        for i, q in enumerate(r["queries"]):
+            top = q["query"].startswith("top spenders")
+            out.append({"n": f"5{'abcdefgh'[i]}", "metric": f"Query: {q['query']} ({r['users']:,} users, {r['minute_rows']:,} minute rows)",
+                        "meterline": f"p50 {num(q['p50_ms'])} ms, p99 {num(q['p99_ms'])} ms", "raw": "—", "ratio": "—",
+                        "goal": "p99 < 100 ms" if top else "—", "met": verdict(q["p99_ms"] < 100) if top else "n/a"})
+    else:
+        missing("5", "Queries p50/p99", "query", "top spenders p99 < 100 ms")
+
+    r = b["memory"].get("result")
+    if r:
+        # The pipeline's order, not the JSON's (alphabetical) one.
+        order = ["ingest", "aggregator", "query-api"]
+        services = sorted(r["services"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        for i, (svc, m) in enumerate(services):
+            out.append({"n": f"6{'abc'[i]}", "metric": f"Memory: {svc} resident at steady state ({r['rate']:,} events/s offered, queries running)",
+                        "meterline": f"{num(m['steady_rss_mib'], 1)} MiB (peak {num(m['peak_mib'], 1)} MiB)", "raw": "—", "ratio": "—",
+                        "goal": "bounded (no number set)", "met": "n/a"})
+    else:
+        missing("6", "Memory: resident memory of each service", "memory", "bounded")
+    r = b["aggregator"].get("result")
+    if r and r.get("dedupe"):
+        d = r["dedupe"]
+        out.append({"n": "6d", "metric": f"Dedupe state at {d['keys']:,} keys (bloom false positives {d['bloom_false_positive_ratio'] * 100:.2f}%)",
+                    "meterline": f"{d['bytes_per_key']:.2f} bytes/key ({d['bytes'] / 1048576:.1f} MiB)", "raw": "—", "ratio": "—",
+                    "goal": "bounded (no number set)", "met": "n/a"})
+    else:
+        missing("6d", "Dedupe bytes per key at 10M keys", "aggregator", "bounded")
+
+    e = b["embedded"]
+    r = e.get("result")
+    if r:
+        q = r["queries"]["top_spenders"]
+        out.append({"n": "7", "metric": f"Embedded mode: sustained ingest (batches of 1,000, 4 concurrent, durable before 202); "
+                    f"top spenders over 30 days at {r['users']:,} users x {r['days']} days",
+                    "meterline": f"{r['ingest_events_per_sec']:,.0f} events/s (request p99 {r['ingest_p99_ms']:,.0f} ms); "
+                    f"top spenders p50 {q['p50_ms']:,.0f} ms, p99 {q['p99_ms']:,.0f} ms; peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB",
+                    "raw": "—", "ratio": "—", "goal": "its stated scale (README)", "met": "see numbers"})
+    else:
+        out.append({"n": "7", "metric": "Embedded mode: sustained events/s and top-spenders p99 at its claimed scale",
+                    "meterline": "—", "raw": "—", "ratio": "—", "goal": "its stated scale", "met": e.get("error", "not run")})
+    return out
+
+
+def markdown(data):
+    m = data["machine"]
+    v = data["versions"]
+    lines = [
+        "# Meterline benchmark results",
+        "",
+        f"Written by `scripts/bench{' --quick' if data['mode'] == 'quick' else ''}` on {data['date']} "
+        f"(commit `{data['git']['commit'][:12]}`{', with uncommitted changes' if data['git']['dirty'] else ''}).",
+        "",
+    ]
+    if data["mode"] == "quick":
+        lines += ["**Quick mode: smoke-test sizes, not the issue's scale.** Goals are judged at full scale "
+                  "(`scripts/bench`); the verdicts below only say how this small run came out.", ""]
+    lines += [
+        "## Machine",
+        "",
+        f"- {m['cores']} cores, {m['cpu']}, {m['mem_total_gib']} GiB memory",
+        f"- {m['os']}, kernel {m['kernel']}",
+        f"- broker: {v['tansu']} (in-memory storage); ClickHouse server {v['clickhouse_server']}, {v['clickhouse_client']}",
+        f"- {v['rustc']}, {v['cargo']}, Python {v['python']}",
+        f"- Everything (broker, ClickHouse, services, load) shares these cores; the stack was "
+        f"{'started fresh for this run' if data['stack_fresh'] else 'already running before this run (not fresh)'}.",
+        "",
+        "## Results",
+        "",
+        "| # | metric | Meterline | raw tool | ratio | goal | met? |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in data["rows"]:
+        cells = [r["n"], r["metric"], r["meterline"], r["raw"], r["ratio"], r["goal"], r["met"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    lines += [
+        "",
+        "Ratios are taken within this run only: on this shared machine the raw rates themselves move a lot between runs.",
+        "",
+        "## Commands",
+        "",
+        "With the stack up (`eval \"$(scripts/stack up)\"`) and release binaries built (`cargo build --release --workspace --bins`):",
+        "",
+        "```sh",
+    ]
+    for name in BENCHES:
+        b = data["benchmarks"][name]
+        if b.get("ran"):
+            lines.append(f"{b['command']}   # {name}: {b['seconds']} s, exit {b['exit']}")
+        else:
+            lines.append(f"# {name}: {b.get('error', 'not run')}")
+    lines += ["```", ""]
+    errors = [(n, b["error"]) for n, b in data["benchmarks"].items() if b.get("ran") and b.get("error")]
+    if errors:
+        lines += ["## Failures", ""]
+        lines += [f"- {n}: {e}" for n, e in errors]
+        lines.append("")
+    lines += [f"Machine-readable: `{os.path.basename(data['json_path'])}` beside this file (every number each benchmark printed).", ""]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["quick", "full"], required=True)
+    p.add_argument("--logs", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("--stack-fresh", default="1")
+    a = p.parse_args()
+    benchmarks = collect(a.logs)
+    data = {
+        "mode": a.mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git": git(),
+        "machine": machine(),
+        "versions": versions(),
+        "stack_fresh": a.stack_fresh == "1",
+        "json_path": a.json,
+        "benchmarks": benchmarks,
+    }
+    data["rows"] = rows(benchmarks)
+    data.pop("json_path")
+    with open(a.json, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    data["json_path"] = a.json
+    with open(a.md, "w", encoding="utf-8") as f:
+        f.write(markdown(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+//! The embedded mode's limits on this machine: sustained ingest through the
+//! real HTTP path into SQLite (group commits, dedupe, both rollups, alerts),
+//! then query latency with USERS users' history over DAYS days loaded the same way.
+//!
+//! `cargo run --release -p meterline-tests --bin embedded-bench -- [EVENTS] [USERS] [DAYS] [RUNS]`
+//! (no stack needed). Prints a table and one `BENCH_JSON {...}` line.
+
+use meterline_tests::{Embedded, get_json, temp_dir};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BATCH: usize = 1_000;
+const CONCURRENCY: usize = 4;
+const FEATURES: [&str; 3] = ["chat", "search", "summarize"];
+const MODELS: [&str; 3] = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5"];
+
+/// Pre-serialized batch bodies, so the client's JSON work is not timed.
+fn bodies(events: usize, users: usize, days: i64, tag: &str) -> Vec<bytes_body::Body> {
+    let now = chrono::Utc::now();
+    let mut out = Vec::new();
+    let mut n = 0usize;
+    while n < events {
+        let batch: Vec<serde_json::Value> = (n..(n + BATCH).min(events))
+            .map(|i| {
+                // History mode spreads user-days evenly; stream mode is the last minute.
+                let (user, at) = if days > 0 {
+                    let day = (i / users) as i64 % days;
+                    (i % users, now - chrono::Duration::days(day) - chrono::Duration::minutes(2 + (i % 600) as i64))
+                } else {
+                    // A power law: user k of 10,000 with weight 1/(k+1).
+                    let k = ((i.wrapping_mul(2_654_435_761) % 1_000_003) as f64 / 1_000_003.0 * 9.21).exp() as usize - 1;
+                    (k.min(users - 1), now - chrono::Duration::minutes(1))
+                };
+                json!({
+                    "idempotency_key": format!("{tag}-{i}"),
+                    "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    "user_id": format!("user-{user}"),
+                    "customer_id": format!("cust-{}", user % 97),
+                    "feature": FEATURES[i % 3],
+                    "model": MODELS[i % 3],
+                    "input_tokens": 500 + i % 3_000,
+                    "output_tokens": 100 + i % 700,
+                    "credits": "1.5",
+                })
+            })
+            .collect();
+        n += batch.len();
+        out.push(bytes_body::Body(serde_json::to_vec(&batch).expect("json"), batch.len()));
+    }
+    out
+}
+
+mod bytes_body {
+    /// A request body and how many events it holds.
+    #[derive(Debug, Clone)]
+    pub struct Body(pub Vec<u8>, pub usize);
+}
+
+/// Posts every body with `CONCURRENCY` clients: events/s and request latencies.
+async fn post_all(url: &str, bodies: Vec<bytes_body::Body>) -> (f64, Vec<Duration>) {
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (bodies, next, url) = (bodies.clone(), next.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut times = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { return times };
+                let t = Instant::now();
+                let r = client
+                    .post(format!("{url}/v1/events"))
+                    .bearer_auth("acme-ingest-key")
+                    .header("content-type", "application/json")
+                    .body(body.0.clone())
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status(), 202, "batch refused");
+                times.push(t.elapsed());
+            }
+        }));
+    }
+    let mut times = Vec::new();
+    for t in tasks {
+        times.extend(t.await.expect("poster"));
+    }
+    let events: usize = bodies.iter().map(|b| b.1).sum();
+    times.sort();
+    (events as f64 / started.elapsed().as_secs_f64(), times)
+}
+
+fn pct(times: &[Duration], q: f64) -> f64 {
+    times[((times.len() as f64 * q) as usize).min(times.len() - 1)].as_secs_f64() * 1e3
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let events = args.first().copied().unwrap_or(300_000);
+    let users = args.get(1).copied().unwrap_or(10_000);
+    let days = args.get(2).copied().unwrap_or(30) as i64;
+    let runs = args.get(3).copied().unwrap_or(50);
+    let dir = temp_dir("embedded-bench");
+    let extra = format!("[server]\nmax_in_flight_requests = 64\n{}", std::env::var("BENCH_EXTRA").unwrap_or_default().replace("\\n", "\n"));
+    let server = Embedded::start(&dir, &extra).await;
+
+    // 1. Sustained ingest: acked events/s, every event durable before its 202.
+    let stream = bodies(events, 10_000, 0, "s");
+    let (rate, times) = post_all(&server.url, stream).await;
+    println!(
+        "embedded-bench: ingest {events} events in batches of {BATCH}, {CONCURRENCY} concurrent: {rate:.0} events/s, request p50 {:.1} ms p99 {:.1} ms",
+        pct(&times, 0.5),
+        pct(&times, 0.99)
+    );
+
+    // 2. History: every user on every day, through the same path.
+    let history = bodies(users * days as usize, users, days, "h");
+    let loaded = Instant::now();
+    let (history_rate, _) = post_all(&server.url, history).await;
+    println!("embedded-bench: history {users} users x {days} days loaded in {:.1} s ({history_rate:.0} events/s)", loaded.elapsed().as_secs_f64());
+
+    let now = chrono::Utc::now();
+    let from = (now - chrono::Duration::days(30)).format("%Y-%m-%dT%H:%M:%SZ");
+    let to = (now + chrono::Duration::minutes(1)).format("%Y-%m-%dT%H:%M:%SZ");
+    let queries = [
+        ("top_spenders", format!("/v1/top-spenders?metric=cost&limit=100&from={from}&to={to}")),
+        ("margins", format!("/v1/margins?group_by=user_id&limit=100&from={from}&to={to}")),
+        ("user_usage", format!("/v1/users/user-42/usage?from={from}&to={to}")),
+        ("usage_day_model", format!("/v1/usage?granularity=day&group_by=model&from={from}&to={to}")),
+    ];
+    println!("| query (30 days, {users} users) | p50 ms | p99 ms |");
+    println!("|---|---:|---:|");
+    let mut results = serde_json::Map::new();
+    for (name, path) in &queries {
+        let url = format!("{}{path}", server.url);
+        let (status, _) = get_json(&url, Some("acme-read-key")).await;
+        anyhow::ensure!(status == 200, "{name}: {status}");
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let (status, _) = get_json(&url, Some("acme-read-key")).await;
+            anyhow::ensure!(status == 200, "{name}: {status}");
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!("| {name} | {:.1} | {:.1} |", pct(&times, 0.5), pct(&times, 0.99));
+        results.insert(name.to_string(), json!({"p50_ms": pct(&times, 0.5), "p99_ms": pct(&times, 0.99)}));
+    }
+    let db_bytes: u64 = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    println!("embedded-bench: database {:.1} MiB on disk, process peak RSS {} MiB", db_bytes as f64 / 1_048_576.0, rss_kib("VmHWM:") / 1024);
+    println!(
+        "BENCH_JSON {}",
+        json!({
+            "bench": "embedded",
+            "ingest_events_per_sec": rate,
+            "ingest_p50_ms": pct(&times, 0.5),
+            "ingest_p99_ms": pct(&times, 0.99),
+            "history_events_per_sec": history_rate,
+            "users": users,
+            "days": days,
+            "queries": results,
+            "db_bytes": db_bytes,
+            "peak_rss_kib": rss_kib("VmHWM:"),
+        })
+    );
+    server.stop().await;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
