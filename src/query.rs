@@ -43,7 +43,12 @@ fn int(v: i64) -> Value {
 
 /// The tenant, the union of `ranges` on the scope's time column, and the filters.
 fn clause(scope: &Scope, ranges: &[(i64, i64)]) -> Q {
-    let column = scope.time_column.as_str();
+    clause_on(scope, ranges, &scope.time_column)
+}
+
+/// [`clause`] with the time column written as `column` (e.g. `+window_start`,
+/// which keeps SQLite from using an index on it).
+fn clause_on(scope: &Scope, ranges: &[(i64, i64)], column: &str) -> Q {
     let mut q = Q::default();
     q.push("tenant = ? AND (", [Value::Text(scope.tenant.clone())]);
     for (n, (from, to)) in ranges.iter().enumerate() {
@@ -61,25 +66,52 @@ fn clause(scope: &Scope, ranges: &[(i64, i64)]) -> Q {
     q
 }
 
-/// The columns both rollup tables share, for the UNION of the two.
-const ROLLUP_COLUMNS: &str = "tenant, window_start, user_id, customer_id, feature, model, environment, billable, events, \
-     input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events";
+/// The outer sums over per-table partial sums `p_*` (named as [`SumRow`]
+/// reads them). The partial sums must not be called `s_*`: in the outer
+/// ORDER BY and HAVING expressions SQLite would resolve such a name to the
+/// subquery's column (one row's partial sum), not to the total.
+const RESUMS: &str = "sum(p_events) AS s_events, sum(p_input) AS s_input, sum(p_output) AS s_output, sum(p_cached) AS s_cached, \
+     sum(p_reasoning) AS s_reasoning, sum(p_cost) AS s_cost, sum(p_revenue) AS s_revenue, sum(p_credits) AS s_credits, \
+     sum(p_unpriced) AS s_unpriced";
 
-fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Q {
+/// Sums by bucket and dimensions over the rows [`queries::plan`] picks, as a
+/// complete SELECT (callers add HAVING, ORDER BY, LIMIT). Each table is
+/// summed on its own first: SQLite then aggregates the daily table in its
+/// user-first key order without sorting, and the outer GROUP BY sees only
+/// partial sums.
+fn grouped(scope: &Scope, granularity: &str, group_by: &[&str]) -> Q {
+    // Group by the real columns only: constant aliases in a GROUP BY make
+    // SQLite sort, while `user_id` alone streams in the daily table's key order.
+    let mut keys: Vec<&str> = group_by.to_vec();
+    if granularity != "total" || keys.is_empty() {
+        keys.push("g_bucket");
+    }
+    let keys = keys.join(", ");
+    let inner = |table: &str, range: (i64, i64)| {
+        let mut q = Q::default();
+        let partial = queries::SUMS.replace(" AS s_", " AS p_");
+        q.push(&format!("SELECT {} AS g_bucket, {}, {partial} FROM {table} WHERE ", bucket(granularity), queries::dims(group_by)), []);
+        // A long range reads most of the daily table: scan it in key order
+        // rather than through the time index (the unary + keeps the index out).
+        let key_order = table == "rollups_user_day" && range.1 - range.0 >= 7 * 86_400;
+        q.append(clause_on(scope, &[range], if key_order { "+window_start" } else { "window_start" }));
+        q.push(&format!(" GROUP BY {keys}"), []);
+        q
+    };
     let mut q = Q::default();
+    q.push(&format!("SELECT g_bucket, g_user, g_customer, g_feature, g_model, {RESUMS} FROM ("), []);
     match queries::plan(scope, granularity, group_by) {
-        Plan::Minutes { from, to } => {
-            q.push(" FROM rollups_minute WHERE ", []);
-            q.append(clause(scope, &[(from, to)]));
-        }
+        Plan::Minutes { from, to } => q.append(inner("rollups_minute", (from, to))),
         Plan::Days { from, day_from, day_to, to } => {
-            q.push(&format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM rollups_user_day WHERE "), []);
-            q.append(clause(scope, &[(day_from, day_to)]));
-            q.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
-            q.append(clause(scope, &[(from, day_from), (day_to, to)]));
-            q.push(")", []);
+            q.append(inner("rollups_user_day", (day_from, day_to)));
+            q.push(" UNION ALL ", []);
+            // One branch per edge: an OR of two ranges would scan every minute row.
+            q.append(inner("rollups_minute", (from, day_from)));
+            q.push(" UNION ALL ", []);
+            q.append(inner("rollups_minute", (day_to, to)));
         }
     }
+    q.push(") GROUP BY g_bucket, g_user, g_customer, g_feature, g_model", []);
     q
 }
 
@@ -170,10 +202,7 @@ impl EmbeddedQueries {
 impl QueryStore for EmbeddedQueries {
     fn sums<'a>(&'a self, scope: &'a Scope, s: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         Box::pin(async move {
-            let mut q = Q::default();
-            q.push(&format!("SELECT {} AS g_bucket, {}, {}", bucket(s.granularity), queries::dims(&s.group_by), queries::SUMS), []);
-            q.append(source(scope, s.granularity, &s.group_by));
-            q.push(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model", []);
+            let mut q = grouped(scope, s.granularity, &s.group_by);
             if s.negative_only {
                 q.push(" HAVING s_revenue - s_cost < 0", []);
             }
@@ -189,14 +218,9 @@ impl QueryStore for EmbeddedQueries {
 
     fn top<'a>(&'a self, scope: &'a Scope, t: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         Box::pin(async move {
-            let mut q = Q::default();
-            q.push(&format!("SELECT 0 AS g_bucket, {}, {}", queries::dims(&[t.by]), queries::SUMS), []);
-            q.append(source(scope, "total", &[t.by]));
+            let mut q = grouped(scope, "total", &[t.by]);
             let dir = if t.descending { "DESC" } else { "ASC" };
-            q.push(
-                &format!(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model ORDER BY {} {dir}, g_user, g_customer LIMIT ?", queries::metric_order(t.metric)),
-                [int(t.limit)],
-            );
+            q.push(&format!(" ORDER BY {} {dir}, g_user, g_customer LIMIT ?", queries::metric_order(t.metric)), [int(t.limit)]);
             self.rows(q, sum_row).await
         })
     }
@@ -204,9 +228,9 @@ impl QueryStore for EmbeddedQueries {
     fn negative_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
         Box::pin(async move {
             let mut q = Q::default();
-            q.push(&format!("SELECT count(*) FROM (SELECT {}, sum(revenue_nanos) - sum(cost_nanos) AS m", queries::dims(group_by)), []);
-            q.append(source(scope, "total", group_by));
-            q.push(" GROUP BY g_user, g_customer, g_feature, g_model HAVING m < 0)", []);
+            q.push("SELECT count(*) FROM (", []);
+            q.append(grouped(scope, "total", group_by));
+            q.push(" HAVING s_revenue - s_cost < 0)", []);
             let counts = self.rows(q, |r| r.get::<_, i64>(0)).await?;
             Ok(counts.first().map_or(0, |n| u64::try_from(*n).unwrap_or(0)))
         })

@@ -177,6 +177,10 @@ async fn main() -> anyhow::Result<()> {
         })
     );
     server.stop().await;
-    std::fs::remove_dir_all(&dir)?;
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("embedded-bench: kept {}", dir.display());
+    } else {
+        std::fs::remove_dir_all(&dir)?;
+    }
     Ok(())
 }
