@@ -80,13 +80,8 @@ const RESUMS: &str = "sum(p_events) AS s_events, sum(p_input) AS s_input, sum(p_
 /// user-first key order without sorting, and the outer GROUP BY sees only
 /// partial sums.
 fn grouped(scope: &Scope, granularity: &str, group_by: &[&str]) -> Q {
-    // Group by the real columns only: constant aliases in a GROUP BY make
-    // SQLite sort, while `user_id` alone streams in the daily table's key order.
-    let mut keys: Vec<&str> = group_by.to_vec();
-    if granularity != "total" || keys.is_empty() {
-        keys.push("g_bucket");
-    }
-    let keys = keys.join(", ");
+    // `user_id` alone streams in the daily table's key order.
+    let keys = queries::group_keys(granularity, group_by);
     let inner = |table: &str, range: (i64, i64)| {
         let mut q = Q::default();
         let partial = queries::SUMS.replace(" AS s_", " AS p_");
@@ -111,7 +106,7 @@ fn grouped(scope: &Scope, granularity: &str, group_by: &[&str]) -> Q {
             q.append(inner("rollups_minute", (day_to, to)));
         }
     }
-    q.push(") GROUP BY g_bucket, g_user, g_customer, g_feature, g_model", []);
+    q.push(&format!(") GROUP BY {keys}"), []);
     q
 }
 

@@ -104,12 +104,31 @@ pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
     sql
 }
 
+/// The GROUP BY keys: the grouped dimensions' columns and the bucket, but
+/// no constant: with constant keys ClickHouse 18.16 hashes every key
+/// serialized together (and SQLite sorts), where one string key alone has a
+/// fast path. The bucket stays when there is nothing else, so that no rows
+/// give no group on every server.
+pub fn group_keys(granularity: &str, group_by: &[&str]) -> String {
+    let alias = |d: &&str| match *d {
+        "user_id" => "g_user",
+        "customer_id" => "g_customer",
+        "feature" => "g_feature",
+        _ => "g_model",
+    };
+    let mut keys: Vec<&str> = group_by.iter().map(alias).collect();
+    if granularity != "total" || keys.is_empty() {
+        keys.push("g_bucket");
+    }
+    keys.join(", ")
+}
+
 /// Sums grouped by bucket and dimensions, in bucket then key order.
 pub fn sums(scope: &Scope, granularity: &str, group_by: &[&str], having_negative: bool, order_by_margin: bool, limit: i64) -> Sql {
     let mut sql = Sql::new(format!("SELECT toUInt32({}) AS g_bucket, {}, {SUMS}", bucket(granularity), dims(group_by)));
     let from = source(scope, granularity, group_by);
     sql.push(&from.text, from.binds);
-    sql.push(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model", []);
+    sql.push(&format!(" GROUP BY {}", group_keys(granularity, group_by)), []);
     if having_negative {
         sql.push(" HAVING s_revenue - s_cost < 0", []);
     }
@@ -140,7 +159,7 @@ pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) 
     let from = source(scope, "total", &[by]);
     sql.push(&from.text, from.binds);
     sql.push(
-        &format!(" GROUP BY g_bucket, g_user, g_customer, g_feature, g_model ORDER BY {order} {dir}, g_user, g_customer LIMIT ?"),
+        &format!(" GROUP BY {} ORDER BY {order} {dir}, g_user, g_customer LIMIT ?", group_keys("total", &[by])),
         [i(limit)],
     );
     sql
@@ -151,7 +170,7 @@ pub fn negative_count(scope: &Scope, group_by: &[&str]) -> Sql {
     let mut sql = Sql::new(format!("SELECT count() FROM (SELECT {}, sum(revenue_nanos) - sum(cost_nanos) AS m", dims(group_by)));
     let from = source(scope, "total", group_by);
     sql.push(&from.text, from.binds);
-    sql.push(" GROUP BY g_user, g_customer, g_feature, g_model HAVING m < 0)", []);
+    sql.push(&format!(" GROUP BY {} HAVING m < 0)", group_keys("total", group_by)), []);
     sql
 }
 

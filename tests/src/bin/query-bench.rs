@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--sql") {
+        return print_sql();
+    }
     let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
     let users = args.first().copied().unwrap_or(100_000);
     let per_day = args.get(1).copied().unwrap_or(3);
@@ -26,28 +29,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let store = meterline_aggregator::store::connect(&config).await?;
     store.migrate().await?;
-    let rows = users * 30 * per_day;
     let now = chrono::Utc::now().timestamp();
     let started = Instant::now();
     // Server-side generation: user n spends on `per_day` minutes of each of 30 days.
-    ch.query(&format!(
-        "INSERT INTO {db}.rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
-         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT 'acme', toDateTime(intDiv({now} - (number % 2592000), 60) * 60), concat('user-', toString(number % {users})), \
-         concat('cust-', toString((number % {users}) % 97)), ['chat','search','summarize'][number % 3 + 1], ['gpt-4o','claude','llama'][number % 3 + 1], \
-         'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(intHash64(number) % 50000000), toInt64(intHash64(number + 1) % 60000000), 0, 0, 0, \
-         toDateTime({now}) FROM system.numbers LIMIT {rows}"
-    ))
-    .await;
-    // The daily per-user table as the aggregator keeps it (summed from the same rows).
-    ch.query(&format!(
-        "INSERT INTO {db}.rollups_user_day SELECT tenant, toStartOfDay(window_start) AS d, user_id, customer_id, '', '', '', toUInt8(0), \
-         '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), \
-         sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), toDateTime({now}) \
-         FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id"
-    ))
-    .await;
+    for statement in load_statements(&db, users, per_day, now) {
+        ch.query(&statement).await;
+    }
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_day FINAL")).await;
     let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_day")).await;
@@ -88,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
         println!("| {name} | {:.1} | {:.1} | {:.1} |", p(0.5), p(0.99), ms(times[times.len() - 1]));
         results.push(serde_json::json!({"query": name, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": ms(times[times.len() - 1])}));
     }
-    ch.query(&format!("DROP DATABASE {db}")).await;
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("query-bench: kept database {db}");
+    } else {
+        ch.query(&format!("DROP DATABASE {db}")).await;
+    }
     // One line for scripts/bench to collect.
     println!(
         "BENCH_JSON {}",
@@ -103,5 +94,63 @@ async fn main() -> anyhow::Result<()> {
             "queries": results,
         })
     );
+    Ok(())
+}
+
+/// The statements that fill `db` with `users` users x 30 days ending at `now`.
+fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> {
+    let rows = users * 30 * per_day;
+    vec![
+        format!(
+        "INSERT INTO {db}.rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT 'acme', toDateTime(intDiv({now} - (number % 2592000), 60) * 60), concat('user-', toString(number % {users})), \
+         concat('cust-', toString((number % {users}) % 97)), ['chat','search','summarize'][number % 3 + 1], ['gpt-4o','claude','llama'][number % 3 + 1], \
+         'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(intHash64(number) % 50000000), toInt64(intHash64(number + 1) % 60000000), 0, 0, 0, \
+         toDateTime({now}) FROM system.numbers LIMIT {rows}"
+    ),
+    // The daily per-user table as the aggregator keeps it (summed from the same rows).
+        format!(
+        "INSERT INTO {db}.rollups_user_day SELECT tenant, toStartOfDay(window_start) AS d, user_id, customer_id, '', '', '', toUInt8(0), \
+         '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), \
+         sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), toDateTime({now}) \
+         FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id"
+    ),
+    ]
+}
+
+/// `--sql [USERS] [ROWS_PER_USER_DAY]`: one JSON document with the schema,
+/// the load and the endpoints' statements, for `scripts/chdb-query-bench.py`
+/// to time the same design on the current ClickHouse engine (chDB).
+fn print_sql() -> anyhow::Result<()> {
+    use meterline_query_api::queries::{negative_count, sums, top};
+    let args: Vec<u64> = std::env::args().skip(2).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let users = args.first().copied().unwrap_or(100_000);
+    let per_day = args.get(1).copied().unwrap_or(3);
+    let now = chrono::Utc::now().timestamp();
+    let mut setup: Vec<String> = meterline_schemas::ddl::MIGRATIONS.iter().flat_map(|m| m.statements.iter().map(|s| (*s).to_owned())).collect();
+    setup.extend(load_statements("default", users, per_day, now));
+    let fmt = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+    let mut raw = std::collections::HashMap::from([("from".to_owned(), fmt(now - 30 * 86_400)), ("to".to_owned(), fmt(now + 60))]);
+    let scope = |raw: &std::collections::HashMap<String, String>| {
+        meterline_query_api::params::Params::new(raw, &[])
+            .and_then(|p| p.scope("acme", "window_start", Some(30), 400))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let all = scope(&raw)?;
+    raw.insert("user_id".into(), "user-4242".into());
+    let one = scope(&raw)?;
+    let r = |sql: meterline_query_api::sql::Sql| sql.render("");
+    let totals = r(sums(&all, "total", &[], false, false, 1));
+    let queries = serde_json::json!([
+        {"query": "top spenders by cost, 30 days", "sql": [r(top(&all, "user_id", "cost", true, 100)), totals]},
+        {"query": "lowest margins, 30 days", "sql": [r(sums(&all, "total", &["user_id"], false, true, 100)), totals, r(negative_count(&all, &["user_id"]))]},
+        {"query": "one user's usage, 30 days", "sql": [
+            r(sums(&one, "total", &[], false, false, 1)), r(sums(&one, "total", &["feature"], false, false, 10_000)),
+            r(sums(&one, "total", &["model"], false, false, 10_000)), r(sums(&one, "day", &[], false, false, 10_000))]},
+        {"query": "usage by day and model, 30 days", "sql": [r(sums(&all, "day", &["model"], false, false, 10_000))]},
+    ]);
+    println!("{}", serde_json::json!({"users": users, "setup": setup, "queries": queries}));
     Ok(())
 }
