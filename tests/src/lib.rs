@@ -221,6 +221,17 @@ pub fn tenants_toml() -> String {
     text
 }
 
+/// An aggregator config on the test stack: HTTP on `listen`, a 200 ms flush,
+/// 2 s group sessions (tansu joins take half of it), the test tenants, and
+/// `extra` sections.
+pub fn aggregator_config(listen: u16, brokers: &str, topic: &str, clickhouse_url: &str, database: &str, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{listen}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"g-{topic}\"\n\
+         session_timeout_ms = 2000\n[clickhouse]\nurl = \"{clickhouse_url}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n{extra}\n{}",
+        tenants_toml()
+    )
+}
+
 /// An ingest config for `brokers` and `topic` with the test tenants.
 pub fn ingest_config(brokers: &str, topic: &str, extra: &str) -> meterline_ingest::Config {
     let text = format!(

@@ -53,14 +53,17 @@ async fn runaway_user_opens_notifies_and_resolves() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let metrics_port = free_port();
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{metrics_port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"r-{topic}\"\n\
-         session_timeout_ms = 2000\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n\
-         [alerts]\nwebhook_url = \"{hook}\"\ninterval_secs = 1\n\
-         [alerts.rules]\nwindow_secs = 120\nabsolute_cost = \"1000\"\npeer_multiple = 50\npeer_floor = \"0.1\"\n\
-         self_multiple = 10\nself_floor = \"0.1\"\nmargin_loss = \"1000\"\n\
-         [[tenants]]\nid = \"acme\"\n[[tenants]]\nid = \"globex\"\n",
-        ch.url
+    let config = aggregator_config(
+        metrics_port,
+        &brokers,
+        &topic,
+        &ch.url,
+        &database,
+        &format!(
+            "[alerts]\nwebhook_url = \"{hook}\"\ninterval_secs = 1\n\
+             [alerts.rules]\nwindow_secs = 120\nabsolute_cost = \"1000\"\npeer_multiple = 50\npeer_floor = \"0.1\"\n\
+             self_multiple = 10\nself_floor = \"0.1\"\nmargin_loss = \"1000\"\n"
+        ),
     );
     let agg = Process::start("meterline-aggregator", &config);
     let api = QueryApi::start(&ch.url, &database).await;

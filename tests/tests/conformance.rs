@@ -50,14 +50,7 @@ async fn both_stores_give_the_same_answers() {
     let database = ch.database(&format!("conf_{}", free_port())).await;
     create_topic(&brokers, &topic, 4).await;
     let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
-    let agg_config = format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"c-{topic}\"\n\
-         session_timeout_ms = 2000\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n\
-         [alerts]\ninterval_secs = 1\n{}",
-        free_port(),
-        ch.url,
-        tenants_toml()
-    );
+    let agg_config = aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, "[alerts]\ninterval_secs = 1\n");
     let mut agg = Process::start("meterline-aggregator", &agg_config);
     let dir = temp_dir("conformance");
     let embedded = Embedded::start(&dir, "[storage]\nalert_eval_ms = 100\n[alerts]\ninterval_secs = 1\n").await;

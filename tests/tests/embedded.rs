@@ -156,6 +156,20 @@ async fn restart_keeps_data_keys_and_open_alerts() {
     assert_eq!((opened["state"].as_str(), opened["observed_usd"].as_str()), (Some("open"), Some("20")));
     let before = per_user(&url, &keys.read).await;
 
+    // The same metrics as the distributed services, from one endpoint, with
+    // bounded labels (tenant, model, feature; never the user).
+    let metrics = reqwest::get(format!("{url}/metrics")).await.expect("metrics").text().await.expect("text");
+    for series in [
+        "meterline_ingest_events_accepted_total{tenant=\"dev\"} 2",
+        "meterline_aggregator_usage_cost_nano_usd_total{tenant=\"dev\",model=\"gpt-4o\",feature=\"agent\"} 20000000000",
+        "meterline_aggregator_alerts_open{tenant=\"dev\",rule=\"absolute\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == series), "missing {series} in\n{metrics}");
+    }
+    assert!(!metrics.contains("user=") && !metrics.contains("\"big\""), "no per-user label");
+    let (ok, out) = promtool(&["check", "metrics"], &metrics);
+    assert!(ok, "promtool check metrics: {out}");
+
     server.stop().await;
     server.restart();
     ready(&url).await;

@@ -17,13 +17,7 @@ async fn load_generator_ground_truth_matches_the_query_api() {
     let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
     let agg = Process::start(
         "meterline-aggregator",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"l-{topic}\"\n\
-             session_timeout_ms = 2000\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n\
-             [[tenants]]\nid = \"acme\"\ncredit_price_usd = \"0.001\"\n",
-            free_port(),
-            ch.url
-        ),
+        &aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, ""),
     );
     let options = LoadOptions {
         url: ingest.url.clone(),

@@ -26,11 +26,7 @@ async fn ingest_and_aggregator_metrics_pass_promtool() {
     let port = free_port();
     let agg = Process::start(
         "meterline-aggregator",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"p-{topic}\"\n\
-             session_timeout_ms = 2000\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n[[tenants]]\nid = \"acme\"\n",
-            ch.url
-        ),
+        &aggregator_config(port, &brokers, &topic, &ch.url, &database, ""),
     );
     let events: Vec<_> = (0..20).map(|n| event("p-user", n)).collect();
     let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("acme-ingest-key").json(&events).send().await.expect("post");

@@ -27,13 +27,7 @@ async fn every_endpoint_equals_the_ground_truth() {
     let database = ch.database(&format!("q_{}", free_port())).await;
     create_topic(&brokers, &topic, 4).await;
     let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
-    let agg_config = format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"q-{topic}\"\n\
-         session_timeout_ms = 2000\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 200\n\
-         [[tenants]]\nid = \"acme\"\ncredit_price_usd = \"0.001\"\n[[tenants]]\nid = \"globex\"\n",
-        free_port(),
-        ch.url
-    );
+    let agg_config = aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, "");
     let agg = Process::start("meterline-aggregator", &agg_config);
     let work = workload::generate(7, 2_500, 150, 500, chrono::Utc::now());
     for b in &work.batches {

@@ -12,25 +12,11 @@
 
 use meterline_tests::load::{LoadOptions, run};
 use meterline_tests::stack::{ClickHouse, Process};
-use meterline_tests::{TENANTS, free_port, poll_until, stack_var, unique_topic};
+use meterline_tests::{free_port, poll_until, stack_var, tenants_toml, unique_topic};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The test tenants' `[[tenants]]` blocks (ingest and read keys).
-fn tenants_toml() -> String {
-    let mut text = String::new();
-    for (tenant, ingest, read) in TENANTS {
-        text.push_str(&format!(
-            "[[tenants]]\nid = \"{tenant}\"\ncredit_price_usd = \"0.001\"\n\
-             [[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
-             [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
-            meterline_schemas::tenants::hash_key(ingest),
-            meterline_schemas::tenants::hash_key(read),
-        ));
-    }
-    text
-}
 
 /// VmRSS and VmHWM of `pid` in KiB, from /proc.
 fn memory_kib(pid: u32) -> Option<(u64, u64)> {
