@@ -39,10 +39,23 @@ use crate::config::Config;
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "meterline.db";
 
+/// The columns both rollup tables have (the daily one leaves feature, model
+/// and environment empty and billable 0, as ClickHouse's does).
+macro_rules! rollup_columns {
+    () => {
+        "tenant TEXT NOT NULL, window_start INTEGER NOT NULL, user_id TEXT NOT NULL, customer_id TEXT NOT NULL,
+        feature TEXT NOT NULL, model TEXT NOT NULL, environment TEXT NOT NULL, billable INTEGER NOT NULL,
+        events INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+        revenue_nanos INTEGER NOT NULL, credits_nanos INTEGER NOT NULL, unpriced_events INTEGER NOT NULL,"
+    };
+}
+
 /// The schema, applied in order; `PRAGMA user_version` records how far.
 const MIGRATIONS: &[&str] = &[
     // 1: events (the audit trail and the dedupe record), rollups, alerts.
-    "CREATE TABLE events (
+    concat!(
+        "CREATE TABLE events (
         tenant TEXT NOT NULL, idempotency_key TEXT NOT NULL, fingerprint INTEGER NOT NULL,
         event_time INTEGER NOT NULL, event_time_ns INTEGER NOT NULL,
         user_id TEXT NOT NULL, customer_id TEXT NOT NULL, feature TEXT NOT NULL, model TEXT NOT NULL,
@@ -53,30 +66,23 @@ const MIGRATIONS: &[&str] = &[
         credits_nanos INTEGER NOT NULL, metadata TEXT NOT NULL, received_at INTEGER NOT NULL, written_at INTEGER NOT NULL,
         UNIQUE (tenant, idempotency_key));
      CREATE INDEX events_by_user ON events (tenant, user_id, event_time, event_time_ns, idempotency_key);
-     CREATE TABLE rollups_minute (
-        tenant TEXT NOT NULL, window_start INTEGER NOT NULL, user_id TEXT NOT NULL, customer_id TEXT NOT NULL,
-        feature TEXT NOT NULL, model TEXT NOT NULL, environment TEXT NOT NULL, billable INTEGER NOT NULL,
-        events INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-        cached_input_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
-        revenue_nanos INTEGER NOT NULL, credits_nanos INTEGER NOT NULL, unpriced_events INTEGER NOT NULL,
-        PRIMARY KEY (tenant, window_start, user_id, customer_id, feature, model, environment, billable)) WITHOUT ROWID;
+     CREATE TABLE rollups_minute (",
+        rollup_columns!(),
+        "PRIMARY KEY (tenant, window_start, user_id, customer_id, feature, model, environment, billable)) WITHOUT ROWID;
      CREATE INDEX rollups_minute_by_user ON rollups_minute (tenant, user_id, window_start);
      -- User first: the alert rules read one user's days, and top spenders
      -- group by user, both in key order; the index serves short ranges.
-     CREATE TABLE rollups_user_day (
-        tenant TEXT NOT NULL, window_start INTEGER NOT NULL, user_id TEXT NOT NULL, customer_id TEXT NOT NULL,
-        feature TEXT NOT NULL, model TEXT NOT NULL, environment TEXT NOT NULL, billable INTEGER NOT NULL,
-        events INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-        cached_input_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
-        revenue_nanos INTEGER NOT NULL, credits_nanos INTEGER NOT NULL, unpriced_events INTEGER NOT NULL,
-        PRIMARY KEY (tenant, user_id, window_start, customer_id, feature, model, environment, billable)) WITHOUT ROWID;
+     CREATE TABLE rollups_user_day (",
+        rollup_columns!(),
+        "PRIMARY KEY (tenant, user_id, window_start, customer_id, feature, model, environment, billable)) WITHOUT ROWID;
      CREATE INDEX rollups_user_day_by_time ON rollups_user_day (tenant, window_start);
      CREATE TABLE alerts (
         tenant TEXT NOT NULL, user_id TEXT NOT NULL, rule TEXT NOT NULL, opened_at INTEGER NOT NULL,
         state TEXT NOT NULL, observed_nanos INTEGER NOT NULL, threshold_nanos INTEGER NOT NULL,
         window_secs INTEGER NOT NULL, updated_at INTEGER NOT NULL, resolved_at INTEGER NOT NULL, version INTEGER NOT NULL,
         PRIMARY KEY (tenant, user_id, rule, opened_at)) WITHOUT ROWID;
-     CREATE INDEX alerts_open ON alerts (state);",
+     CREATE INDEX alerts_open ON alerts (state);"
+    ),
 ];
 
 /// Opens the database with the settings every connection needs.

@@ -220,3 +220,20 @@ pub async fn fetch_totals(ch: &crate::stack::ClickHouse, database: &str, tenant:
 pub fn event_count(totals: &BTreeMap<(String, i64), Totals>) -> u64 {
     totals.values().map(|t| t.events).sum()
 }
+
+/// Waits (up to two minutes) until ClickHouse's minute rollups hold `want`
+/// events for each (tenant, count).
+pub async fn wait_rolled_up(ch: &crate::stack::ClickHouse, database: &str, want: &[(&str, u64)]) {
+    crate::poll_until(std::time::Duration::from_secs(120), "every event rolled up in ClickHouse", || async {
+        if !ch.migrated(database).await {
+            return None;
+        }
+        for (tenant, n) in want {
+            if event_count(&fetch_totals(ch, database, tenant).await) != *n {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}

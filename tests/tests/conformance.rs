@@ -7,7 +7,7 @@
 
 use meterline_schemas::Nanos;
 use meterline_tests::stack::{ClickHouse, Process};
-use meterline_tests::workload::{self, event_count, fetch_totals};
+use meterline_tests::workload;
 use meterline_tests::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -62,15 +62,7 @@ async fn both_stores_give_the_same_answers() {
         post_all(url, "acme-ingest-key", &work.batches).await;
         post_all(url, "globex-ingest-key", std::slice::from_ref(&globex)).await;
     }
-    poll_until(Duration::from_secs(120), "ClickHouse to hold every event", || async {
-        if !ch.migrated(&database).await {
-            return None;
-        }
-        let acme = event_count(&fetch_totals(&ch, &database, "acme").await);
-        let g = event_count(&fetch_totals(&ch, &database, "globex").await);
-        (acme == work.unique_events && g == 30).then_some(())
-    })
-    .await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", work.unique_events), ("globex", 30)]).await;
     let api = QueryApi::start(&ch.url, &database).await;
     let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let wide = format!("from={}&to={}", fmt(now - chrono::Duration::days(40)), fmt(now + chrono::Duration::hours(1)));

@@ -3,11 +3,10 @@
 
 use meterline_schemas::Nanos;
 use meterline_tests::stack::{ClickHouse, Process};
-use meterline_tests::workload::{self, Totals, event_count, fetch_totals};
+use meterline_tests::workload::{self, Totals};
 use meterline_tests::*;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 fn nanos(v: &Value) -> i64 {
     Nanos::parse(v.as_str().expect("decimal string")).expect("decimal").0
@@ -38,15 +37,7 @@ async fn every_endpoint_equals_the_ground_truth() {
     let globex: Vec<Value> = (0..30).map(|n| event("globex-user", n)).collect();
     let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("globex-ingest-key").json(&globex).send().await.expect("post");
     assert_eq!(r.status(), 202);
-    poll_until(Duration::from_secs(120), "every event rolled up", || async {
-        if !ch.migrated(&database).await {
-            return None;
-        }
-        let acme = event_count(&fetch_totals(&ch, &database, "acme").await);
-        let g = event_count(&fetch_totals(&ch, &database, "globex").await);
-        (acme == work.unique_events && g == 30).then_some(())
-    })
-    .await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", work.unique_events), ("globex", 30)]).await;
 
     let api = QueryApi::start(&ch.url, &database).await;
     let now = chrono::Utc::now();
