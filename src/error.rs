@@ -15,6 +15,8 @@ pub enum EmbeddedError {
     Query(#[from] meterline_query_api::QueryError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
     #[error("the embedded writer has stopped")]
     WriterStopped,
 }

@@ -151,7 +151,7 @@ impl Embedded {
         self.jobs.send(Job { events, reply }).await.map_err(|_| EmbeddedError::WriterStopped)?;
         match done.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(EmbeddedError::Config(format!("commit failed: {e}"))),
+            Ok(Err(e)) => Err(EmbeddedError::Commit(e)),
             Err(_) => Err(EmbeddedError::WriterStopped),
         }
     }
