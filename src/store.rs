@@ -447,8 +447,8 @@ impl Writer {
     /// After a commit: metrics, and alert transitions (log, webhook).
     fn record(&mut self, written: Written, started: Instant, runtime: &tokio::runtime::Handle) {
         let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
+        self.business.record_all(&written.rows);
         for row in &written.rows {
-            self.business.record(row);
             let e = per_tenant.entry(row.tenant.as_str()).or_default();
             e.0 += 1;
             e.1 += u64::from(row.cost_source == cost_source::UNPRICED);

@@ -247,13 +247,13 @@ impl Evaluator {
         for (tenant, users) in self.targets(touched) {
             let periods = Periods::at(&self.config.rules_for(&tenant), now);
             let sums = |sql: &'static str, since: i64, users: Option<&BTreeSet<String>>| {
-                let mut q = store.client().query(&crate::sql::user_sums(sql, users.map_or(0, BTreeSet::len))).bind(&tenant).bind(since);
-                if let Some(us) = users {
-                    for u in us {
-                        q = q.bind(u.as_str());
-                    }
+                // No users named means every user, as an empty filter always has.
+                let users = users.filter(|us| !us.is_empty());
+                let q = store.client().query(&crate::sql::user_sums(sql, users.is_some())).bind(&tenant).bind(since);
+                match users {
+                    Some(us) => q.bind(us),
+                    None => q,
                 }
-                q
             };
             let collect = |rows: Vec<UserSum>| rows.into_iter().map(|r| (r.user_id, r.total)).collect::<HashMap<_, _>>();
             let spend = Spend {

@@ -155,14 +155,50 @@ impl BusinessLabels {
 
     /// Counts one written event.
     pub fn record(&mut self, row: &crate::rollup::EventRow) {
-        let model = self.bounded(&row.tenant, "model", &row.model);
-        let feature = self.bounded(&row.tenant, "feature", &row.feature);
-        let labels = [("tenant", row.tenant.clone()), ("model", model), ("feature", feature)];
-        counter!(USAGE_EVENTS, &labels).increment(1);
-        counter!(USAGE_TOKENS, &labels)
-            .increment(row.input_tokens + row.output_tokens + row.cached_input_tokens + row.reasoning_tokens);
-        counter!(USAGE_COST, &labels).increment(u64::try_from(row.cost_nanos).unwrap_or(0));
-        counter!(USAGE_REVENUE, &labels).increment(u64::try_from(row.revenue_nanos).unwrap_or(0));
+        self.record_all(std::iter::once(row));
+    }
+
+    /// Counts a flush's written events. Rows are summed per label set first,
+    /// so the registry is looked up once per set rather than four times per
+    /// row (per row it was a quarter of the aggregator's CPU). Label values
+    /// are capped at each set's first row, in row order, so the values that
+    /// fold into `other` are the ones they would be row by row.
+    pub fn record_all<'a>(&mut self, rows: impl IntoIterator<Item = &'a crate::rollup::EventRow>) {
+        #[derive(Default)]
+        struct Sums {
+            events: u64,
+            tokens: u64,
+            cost: u64,
+            revenue: u64,
+        }
+        let mut index: std::collections::HashMap<(&str, &str, &str), usize> = std::collections::HashMap::new();
+        let mut sets: Vec<([(&'static str, String); 3], Sums)> = Vec::new();
+        for row in rows {
+            let at = match index.get(&(row.tenant.as_str(), row.model.as_str(), row.feature.as_str())) {
+                Some(at) => *at,
+                None => {
+                    let model = self.bounded(&row.tenant, "model", &row.model);
+                    let feature = self.bounded(&row.tenant, "feature", &row.feature);
+                    sets.push(([("tenant", row.tenant.clone()), ("model", model), ("feature", feature)], Sums::default()));
+                    index.insert((&row.tenant, &row.model, &row.feature), sets.len() - 1);
+                    sets.len() - 1
+                }
+            };
+            let Some((_, sums)) = sets.get_mut(at) else { continue };
+            // Wrapping, as the counters' own atomic adds are.
+            sums.events = sums.events.wrapping_add(1);
+            sums.tokens = sums
+                .tokens
+                .wrapping_add(row.input_tokens + row.output_tokens + row.cached_input_tokens + row.reasoning_tokens);
+            sums.cost = sums.cost.wrapping_add(u64::try_from(row.cost_nanos).unwrap_or(0));
+            sums.revenue = sums.revenue.wrapping_add(u64::try_from(row.revenue_nanos).unwrap_or(0));
+        }
+        for (labels, sums) in sets {
+            counter!(USAGE_EVENTS, &labels).increment(sums.events);
+            counter!(USAGE_TOKENS, &labels).increment(sums.tokens);
+            counter!(USAGE_COST, &labels).increment(sums.cost);
+            counter!(USAGE_REVENUE, &labels).increment(sums.revenue);
+        }
     }
 }
 
@@ -190,4 +226,62 @@ pub fn alert_opened(tenant: &str, rule: &str) {
 
 pub fn webhook_failed() {
     counter!(WEBHOOK_FAILURES).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollup::EventRow;
+
+    fn row(model: &str, feature: &str, cost_nanos: i64) -> EventRow {
+        EventRow {
+            tenant: "t".into(),
+            idempotency_key: String::new(),
+            fingerprint: 0,
+            event_time: 0,
+            event_time_ns: 0,
+            user_id: "u".into(),
+            customer_id: String::new(),
+            feature: feature.into(),
+            model: model.into(),
+            provider: String::new(),
+            environment: String::new(),
+            billable: 1,
+            input_tokens: 3,
+            output_tokens: 2,
+            cached_input_tokens: 1,
+            reasoning_tokens: 0,
+            cost_nanos,
+            cost_source: 1,
+            revenue_nanos: 7,
+            credits_nanos: 0,
+            metadata: String::new(),
+            received_at: 0,
+            kafka_topic: String::new(),
+            kafka_partition: 0,
+            kafka_offset: 0,
+            written_at: 0,
+        }
+    }
+
+    fn rendered(record: impl FnOnce(&mut BusinessLabels)) -> Vec<String> {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let mut labels = BusinessLabels::new(1);
+        metrics::with_local_recorder(&recorder, || record(&mut labels));
+        let mut lines: Vec<String> = handle.render().lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_flush_counts_as_its_rows_would_one_by_one() {
+        // A cap of one value: m2 and f2 arrive after the cap and fold into `other`.
+        let rows = [row("m1", "f1", 5), row("m2", "f1", -1), row("m1", "f2", 9), row("m2", "f1", 4), row("m1", "f1", 5)];
+        let one_by_one = rendered(|b| rows.iter().for_each(|r| b.record(r)));
+        let summed = rendered(|b| b.record_all(&rows));
+        assert_eq!(summed, one_by_one);
+        assert!(summed.iter().any(|l| l.contains("usage_events_total{tenant=\"t\",model=\"m1\",feature=\"f1\"} 2")), "{summed:?}");
+        assert!(summed.iter().any(|l| l.contains("usage_events_total{tenant=\"t\",model=\"other\",feature=\"f1\"} 2")), "{summed:?}");
+    }
 }

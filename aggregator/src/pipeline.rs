@@ -692,12 +692,11 @@ impl Pipeline {
                         Ok(landed) => {
                             // Each partition's rows are in offset order, so what
                             // landed is a prefix: send only the rest.
-                            let rows: Vec<EventRow> = pending
+                            let rows: Vec<&EventRow> = pending
                                 .events
                                 .values()
                                 .flatten()
                                 .filter(|r| landed.get(&r.kafka_partition).is_none_or(|last| r.kafka_offset > *last))
-                                .cloned()
                                 .collect();
                             pending.attempted = true;
                             self.store.insert_events(&rows).await.map(|()| Stage::Rollups)
@@ -747,9 +746,9 @@ impl Pipeline {
             }
         }
         self.commit(consumer, &pending);
+        self.business.record_all(pending.events.values().flatten());
         let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
         for row in pending.events.values().flatten() {
-            self.business.record(row);
             let entry = per_tenant.entry(&row.tenant).or_default();
             entry.0 += 1;
             entry.1 += u64::from(row.cost_source == meterline_schemas::ddl::cost_source::UNPRICED);
@@ -762,8 +761,11 @@ impl Pipeline {
         }
         metrics::flushed(pending.started.elapsed().as_secs_f64(), pending.events.values().map(Vec::len).sum());
         self.backoff = Duration::from_millis(100);
+        // Distinct users first: a flush holds many rows per user, and only the users are copied.
+        let users: std::collections::HashSet<(&str, &str)> =
+            pending.events.values().flatten().map(|r| (r.tenant.as_str(), r.user_id.as_str())).collect();
         let touched: std::collections::BTreeSet<(String, String)> =
-            pending.events.values().flatten().map(|r| (r.tenant.clone(), r.user_id.clone())).collect();
+            users.into_iter().map(|(t, u)| (t.to_owned(), u.to_owned())).collect();
         self.evaluate_alerts(&touched).await;
     }
 

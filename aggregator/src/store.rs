@@ -7,6 +7,7 @@
 
 use clickhouse::Client;
 use serde::{Deserialize, Serialize};
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -147,23 +148,26 @@ impl Store {
         tokio::time::timeout(self.timeout, self.client.query(sql::PING).fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
     }
 
-    async fn insert<T>(&self, table: &str, rows: &[T::Value<'_>]) -> Result<(), AggregatorError>
+    async fn insert<'v, T, R>(&self, table: &str, rows: &[R]) -> Result<(), AggregatorError>
     where
         T: clickhouse::RowWrite,
+        R: Borrow<T::Value<'v>> + Sync,
     {
         if rows.is_empty() {
             return Ok(());
         }
         let mut insert = self.client.insert::<T>(table).await?.with_timeouts(Some(self.timeout), Some(self.timeout));
         for row in rows {
-            insert.write(row).await?;
+            insert.write(row.borrow()).await?;
         }
         insert.end().await?;
         Ok(())
     }
 
-    pub async fn insert_events(&self, rows: &[EventRow]) -> Result<(), AggregatorError> {
-        self.insert::<EventRow>("events", rows).await
+    /// Takes rows or references to them: a flush sends the rows it holds
+    /// without copying each one first.
+    pub async fn insert_events(&self, rows: &[impl Borrow<EventRow> + Sync]) -> Result<(), AggregatorError> {
+        self.insert::<EventRow, _>("events", rows).await
     }
 
     /// Rolls up the events in each (partition, after, up to] range written
@@ -186,11 +190,11 @@ impl Store {
     }
 
     pub async fn insert_alerts(&self, rows: &[crate::alerts::AlertRow]) -> Result<(), AggregatorError> {
-        self.insert::<crate::alerts::AlertRow>("alerts", rows).await
+        self.insert::<crate::alerts::AlertRow, _>("alerts", rows).await
     }
 
     pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), AggregatorError> {
-        self.insert::<DeadLetterRow>("dead_letters", rows).await
+        self.insert::<DeadLetterRow, _>("dead_letters", rows).await
     }
 
     /// The last progress marker of `partition`.
