@@ -76,9 +76,11 @@ impl Workload {
             (format!("user-{i:03}"), format!("cust-{:02}", i % 25 + 1), *self.rng.pick(FEATURES), *self.rng.pick(models), input, 50 + self.rng.below(900))
         };
         let cached = if self.rng.below(4) == 0 { input / 2 } else { 0 };
-        // Revenue in credits (0.001 USD each in the dev config): one credit per
-        // 1,000 tokens, flat across models, so heavy users of dear models lose money.
-        let credits = (input + output) / 1_000;
+        // Revenue in credits (0.001 USD each in the dev config): one credit
+        // per 250 tokens, flat across models, so the cheap model earns money
+        // and the dear ones about break even or lose it; the runaway user is
+        // on a flat plan (20 credits a call) and loses money fast.
+        let credits = if runaway { 20 } else { (input + output) / 250 };
         json!({
             "idempotency_key": format!("demo-{}-{}", self.run, self.seq),
             "timestamp": at.to_rfc3339_opts(SecondsFormat::Millis, true),
