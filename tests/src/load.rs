@@ -23,6 +23,8 @@ pub struct LoadOptions {
     /// Events per second across all workers; 0 sends as fast as possible.
     pub rate: u64,
     pub seed: u64,
+    /// Retries, conflicting copies, late events and the runaway user.
+    pub mix: workload::Mix,
 }
 
 /// What happened.
@@ -52,7 +54,7 @@ pub struct UserTruth {
 /// Generates the workload (Zipf-spread users, retries, conflicts, late and
 /// month-boundary events: see `workload::generate`) and sends it.
 pub async fn run(options: &LoadOptions) -> anyhow::Result<(LoadReport, BTreeMap<String, UserTruth>)> {
-    let work = workload::generate(options.seed, options.actions, options.users, options.batch.max(1), chrono::Utc::now());
+    let work = workload::generate_with(options.seed, options.actions, options.users, options.batch.max(1), chrono::Utc::now(), options.mix);
     let truth = truth(&work.expected);
     let client = reqwest::Client::new();
     let started = Instant::now();

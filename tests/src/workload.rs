@@ -69,11 +69,36 @@ fn decimal(nanos: i64) -> String {
     format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
 }
 
-/// `actions` distinct AI actions for `tenant` over `users` users, with a
-/// power-law spread (user k weighs 1/(k+1)^1.2), 10% client retries, 2%
-/// conflicting copies, 3% unpriced events, 20% late events up to 30 days old and 10% on either
-/// side of the last month boundary. Credits convert at 0.001 USD.
+/// The traffic mix, in percent of actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mix {
+    /// Actions sent twice, as a client retry.
+    pub retry_pct: u64,
+    /// Actions followed by a copy with the same key and another payload.
+    pub conflict_pct: u64,
+    /// Events stamped 1 hour to 30 days in the past.
+    pub late_pct: u64,
+    /// One user (`user-runaway`) makes every twentieth call, each 100k+ tokens.
+    pub runaway: bool,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Mix { retry_pct: 10, conflict_pct: 2, late_pct: 20, runaway: false }
+    }
+}
+
+/// `actions` distinct AI actions over `users` users with the default [`Mix`];
+/// see [`generate_with`].
 pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now: DateTime<Utc>) -> Workload {
+    generate_with(seed, actions, users, batch_size, now, Mix::default())
+}
+
+/// `actions` distinct AI actions over `users` users with a power-law spread
+/// (user k weighs 1/(k+1)^1.2), each user in one of 20 customers, 3% unpriced
+/// events, the mix's retries, conflicting copies and late events, and of the
+/// rest 1 in 8 either side of the last month boundary. Credits convert at 0.001 USD.
+pub fn generate_with(seed: u64, actions: usize, users: usize, batch_size: usize, now: DateTime<Utc>, mix: Mix) -> Workload {
     let mut rng = Rng::new(seed);
     let weights: Vec<f64> = (0..users).map(|k| 1.0 / ((k + 1) as f64).powf(1.2)).collect();
     let total: f64 = weights.iter().sum();
@@ -90,20 +115,30 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
             }
             pick -= w;
         }
-        let user = format!("user-{user:04}");
-        let ts = match rng.below(10) {
-            0 | 1 => now - Duration::seconds(3_600 + rng.below(30 * 86_400 - 7_200) as i64),
-            2 => month_start - Duration::milliseconds(1 + rng.below(120_000) as i64),
-            3 if month_start < now - Duration::minutes(3) => month_start + Duration::milliseconds(rng.below(120_000) as i64),
-            _ => now - Duration::milliseconds(rng.below(600_000) as i64),
+        let runaway = mix.runaway && i % 20 == 0;
+        let customer = format!("cust-{}", user % 20);
+        let user = if runaway { "user-runaway".to_owned() } else { format!("user-{user:04}") };
+        let ts = if runaway {
+            now - Duration::milliseconds(rng.below(600_000) as i64)
+        } else if rng.chance(mix.late_pct) {
+            now - Duration::seconds(3_600 + rng.below(30 * 86_400 - 7_200) as i64)
+        } else {
+            match rng.below(8) {
+                0 => month_start - Duration::milliseconds(1 + rng.below(120_000) as i64),
+                1 if month_start < now - Duration::minutes(3) => month_start + Duration::milliseconds(rng.below(120_000) as i64),
+                _ => now - Duration::milliseconds(rng.below(600_000) as i64),
+            }
         };
-        let (input, cached, output, reasoning) = (rng.below(8_000), rng.below(2_000), rng.below(1_500), rng.below(300));
+        let (mut input, cached, output, reasoning) = (rng.below(8_000), rng.below(2_000), rng.below(1_500), rng.below(300));
+        if runaway {
+            input += 100_000;
+        }
         let feature = ["chat", "search", "summarize"][rng.below(3) as usize];
         let mut event = json!({
             "idempotency_key": format!("w{seed}-{i}"),
             "timestamp": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "user_id": user,
-            "customer_id": format!("cust-{}", rng.below(20)),
+            "customer_id": customer,
             "feature": feature,
             "input_tokens": input,
             "output_tokens": output,
@@ -111,7 +146,10 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
             "reasoning_tokens": reasoning,
         });
         let mut unpriced = 0;
-        let cost = if rng.chance(3) {
+        let cost = if runaway {
+            event["model"] = json!("gpt-4o");
+            gpt4o_cost(input, cached, output, reasoning)
+        } else if rng.chance(3) {
             // No cost_usd and a model no catalog prices: counted, cost 0.
             event["model"] = json!("mystery-model");
             unpriced = 1;
@@ -158,12 +196,12 @@ pub fn generate(seed: u64, actions: usize, users: usize, batch_size: usize, now:
     let count = batches.len();
     for (i, original) in originals.iter().enumerate() {
         let target = (i / batch_size.max(1) + 1 + rng.below(3) as usize).min(count);
-        if rng.chance(10) {
+        if rng.chance(mix.retry_pct) {
             retries += 1;
             push(&mut batches, target, original.clone());
             copies.push(original.clone());
         }
-        if rng.chance(2) {
+        if rng.chance(mix.conflict_pct) {
             conflicts += 1;
             let mut changed = original.clone();
             changed["input_tokens"] = json!(changed["input_tokens"].as_u64().unwrap_or(0) + 1);

@@ -28,6 +28,8 @@ async fn load_generator_ground_truth_matches_the_query_api() {
         concurrency: 3,
         rate: 0,
         seed: 11,
+        // The optional runaway user too, and more retries than the default.
+        mix: meterline_tests::workload::Mix { retry_pct: 20, runaway: true, ..Default::default() },
     };
     let (report, truth) = run(&options).await.expect("load run");
     assert!(report.errors_by_status.is_empty(), "{report:?}");
@@ -51,6 +53,7 @@ async fn load_generator_ground_truth_matches_the_query_api() {
     })
     .await;
     assert_eq!(rows.len(), truth.len(), "one row per user");
+    assert_eq!(rows[0]["user_id"], "user-runaway", "the runaway user spends the most");
     for row in rows {
         let user = row["user_id"].as_str().expect("user");
         let t = &truth[user];

@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: 4,
         rate,
         seed: 7,
+        mix: Default::default(),
     };
     let done = Arc::new(AtomicBool::new(false));
     let queries = Arc::new(AtomicU64::new(0));
