@@ -150,29 +150,26 @@ def rows(b):
         out.append({"n": n, "metric": metric, "meterline": "—", "raw": "—", "ratio": "—", "goal": goal,
                     "met": "not run: " + b[name].get("error", "no result")})
 
-    r = b["ingest"].get("result")
-    if r:
-        out.append({"n": "1", "metric": f"Ingest: events/s through `POST /v1/events` into the broker (batches of {r['batch']:,}, {r['concurrency']} concurrent)",
-                    "meterline": num(r["ingest_events_per_s"]), "raw": num(r["raw_events_per_s"]) + " (rdkafka producer)",
-                    "ratio": num(r["ratio"], 2), "goal": "≥ 0.8", "met": verdict(r["ratio"] >= 0.8)})
-    else:
-        missing("1", "Ingest: events/s vs raw rdkafka producer", "ingest", "≥ 0.8")
+    def against_raw(n, name, metric, ours, raw, tool, goal):
+        """A row measured beside a raw tool: absolute numbers, their ratio, the goal."""
+        r = b[name].get("result")
+        if not r:
+            missing(n, f"{metric(None)} vs {tool}", name, f"≥ {goal}")
+            return
+        out.append({"n": n, "metric": metric(r), "meterline": num(r[ours]), "raw": f"{num(r[raw])} ({tool})",
+                    "ratio": num(r["ratio"], 2), "goal": f"≥ {goal}", "met": verdict(r["ratio"] >= goal)})
 
-    r = b["aggregator"].get("result")
-    if r:
-        out.append({"n": "2", "metric": "Aggregator: events/s consumed, deduplicated, rolled up, written to ClickHouse",
-                    "meterline": num(r["aggregator_events_per_s"]), "raw": num(r["raw_events_per_s"]) + " (rdkafka consumer)",
-                    "ratio": num(r["ratio"], 2), "goal": "≥ 0.7", "met": verdict(r["ratio"] >= 0.7)})
-    else:
-        missing("2", "Aggregator: events/s vs raw rdkafka consumer", "aggregator", "≥ 0.7")
-
-    r = b["sink"].get("result")
-    if r:
-        out.append({"n": "3", "metric": f"Sink: `events` rows/s, `Store::insert_events` in batches of {r['batch']:,} ({r['rows']:,} rows, median of {r.get('rounds', 1)} rounds)",
-                    "meterline": num(r["meterline_rows_per_s"]), "raw": num(r["clickhouse_client_rows_per_s"]) + " (clickhouse-client, RowBinary)",
-                    "ratio": num(r["ratio"], 2), "goal": "≥ 0.9", "met": verdict(r["ratio"] >= 0.9)})
-    else:
-        missing("3", "Sink: rows/s vs clickhouse-client", "sink", "≥ 0.9")
+    against_raw("1", "ingest",
+                lambda r: "Ingest: events/s through `POST /v1/events` into the broker"
+                + (f" (batches of {r['batch']:,}, {r['concurrency']} concurrent)" if r else ""),
+                "ingest_events_per_s", "raw_events_per_s", "rdkafka producer", 0.8)
+    against_raw("2", "aggregator",
+                lambda r: "Aggregator: events/s consumed, deduplicated, rolled up, written to ClickHouse",
+                "aggregator_events_per_s", "raw_events_per_s", "rdkafka consumer", 0.7)
+    against_raw("3", "sink",
+                lambda r: "Sink: `events` rows/s, `Store::insert_events`"
+                + (f" in batches of {r['batch']:,} ({r['rows']:,} rows, median of {r.get('rounds', 1)} rounds)" if r else ""),
+                "meterline_rows_per_s", "clickhouse_client_rows_per_s", "clickhouse-client, RowBinary", 0.9)
 
     r = b["aggregator"].get("result")
     if r and r.get("freshness"):
