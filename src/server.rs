@@ -2,11 +2,8 @@
 //! validation over the embedded store, on one listener, with one `/metrics`.
 
 use axum::Router;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use futures::future::BoxFuture;
-use meterline_ingest::{ApiError, EventLog, IngestError};
+use meterline_ingest::{EventLog, IngestError};
 use meterline_query_api::store::QueryStore;
 use meterline_schemas::wire::Envelope;
 use std::future::Future;
@@ -47,20 +44,10 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     let query = meterline_query_api::server::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?;
     let ready = move || {
         let queries = queries.clone();
-        async move {
-            if queries.ping().await {
-                (StatusCode::OK, "ready").into_response()
-            } else {
-                ApiError::unavailable("the embedded store is not answering").into_response()
-            }
-        }
+        async move { queries.ping().await }
     };
-    Ok(meterline_ingest::server::api_routes(Arc::new(ingest))
-        .merge(meterline_query_api::server::api_routes(Arc::new(query)))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .fallback(|| async { ApiError::not_found() }))
+    let api = meterline_ingest::server::api_routes(Arc::new(ingest)).merge(meterline_query_api::server::api_routes(Arc::new(query)));
+    Ok(meterline_ingest::server::with_operations(api, handle, ready, "the embedded store is not answering"))
 }
 
 /// Opens the store in `data_dir` and serves until `shutdown`; then finishes

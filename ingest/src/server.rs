@@ -15,6 +15,7 @@ use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -124,20 +125,38 @@ pub fn api_routes(state: Arc<AppState>) -> Router {
 
 /// The ingest service's whole router: the API, health, readiness, metrics.
 pub fn router(state: Arc<AppState>) -> Router {
-    let handle = metrics::handle();
-    api_routes(state.clone())
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz).with_state(state))
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .fallback(|| async { ApiError::not_found() })
+    let ready = {
+        let state = state.clone();
+        move || {
+            let state = state.clone();
+            async move { state.log.ready().await }
+        }
+    };
+    with_operations(api_routes(state), metrics::handle(), ready, "the event log is not reachable (Kafka broker down or topic missing)")
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.log.ready().await {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        ApiError::unavailable("the event log is not reachable (Kafka broker down or topic missing)").into_response()
-    }
+/// Adds what every Meterline HTTP server answers beside its API: `/healthz`,
+/// `/readyz` (200 while `ready` says so, else 503 saying `unready`),
+/// `/metrics` rendered from `metrics`, and the JSON 404 for anything else.
+pub fn with_operations<F, Fut>(api: Router, metrics: PrometheusHandle, ready: F, unready: &'static str) -> Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    let readyz = move || {
+        let ready = ready.clone();
+        async move {
+            if ready().await {
+                (StatusCode::OK, "ready").into_response()
+            } else {
+                ApiError::unavailable(unready).into_response()
+            }
+        }
+    };
+    api.route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .fallback(|| async { ApiError::not_found() })
 }
 
 /// The principal behind the request's bearer key, if it may use `scope`.

@@ -2,14 +2,14 @@
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use meterline_aggregator::rollup::EventRow;
 use meterline_aggregator::store;
 use meterline_ingest::ApiError;
-use meterline_ingest::server::authenticate;
+use meterline_ingest::server::{authenticate, with_operations};
 use meterline_schemas::Nanos;
 use meterline_schemas::tenants::{KeyRing, Scope, TenantConfig};
 use serde_json::{Value, json};
@@ -67,20 +67,14 @@ pub fn api_routes(state: Arc<AppState>) -> Router {
 
 /// The query service's whole router: the API, health, readiness, metrics.
 pub fn router(state: Arc<AppState>) -> Router {
-    let handle = metrics::handle();
-    api_routes(state.clone())
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz).with_state(state))
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .fallback(|| async { ApiError::not_found() })
-}
-
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.store.ping().await {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        ApiError::unavailable("the store is not reachable").into_response()
-    }
+    let ready = {
+        let state = state.clone();
+        move || {
+            let state = state.clone();
+            async move { state.store.ping().await }
+        }
+    };
+    with_operations(api_routes(state), metrics::handle(), ready, "the store is not reachable")
 }
 
 type Raw = Query<HashMap<String, String>>;
