@@ -221,6 +221,30 @@ pub fn tenants_toml() -> String {
     text
 }
 
+/// A test's own slice of the shared stack: a fresh 4-partition topic, a
+/// fresh ClickHouse database, and ingest in this process in front of them.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub brokers: String,
+    pub ch: stack::ClickHouse,
+    pub topic: String,
+    pub database: String,
+    pub ingest: Ingest,
+}
+
+impl Pipeline {
+    /// Names the topic and the database after `test`.
+    pub async fn start(test: &str) -> Pipeline {
+        let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+        let ch = stack::ClickHouse::shared();
+        let topic = unique_topic(test);
+        let database = ch.database(&format!("{test}_{}", free_port())).await;
+        create_topic(&brokers, &topic, 4).await;
+        let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+        Pipeline { brokers, ch, topic, database, ingest }
+    }
+}
+
 /// An aggregator config on the test stack: HTTP on `listen`, a 200 ms flush,
 /// 2 s group sessions (tansu joins take half of it), the test tenants, and
 /// `extra` sections.

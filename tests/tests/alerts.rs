@@ -3,7 +3,7 @@
 //! calms down; a tenant whose users are all quiet gets no alert.
 
 
-use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::stack::Process;
 use meterline_tests::*;
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,7 @@ async fn post(url: &str, key: &str, events: Vec<Value>) {
 
 #[tokio::test]
 async fn runaway_user_opens_notifies_and_resolves() {
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let ch = ClickHouse::shared();
-    let topic = unique_topic("runaway");
-    let database = ch.database(&format!("r_{}", free_port())).await;
-    create_topic(&brokers, &topic, 4).await;
-    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("runaway").await;
 
     // A webhook receiver that keeps what it is sent.
     let received: Arc<Mutex<Vec<Value>>> = Arc::default();

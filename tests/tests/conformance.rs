@@ -6,7 +6,7 @@
 //! agree on a wrong answer still fail.
 
 use meterline_schemas::Nanos;
-use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::stack::Process;
 use meterline_tests::workload;
 use meterline_tests::*;
 use serde_json::Value;
@@ -44,12 +44,7 @@ fn open_alerts(body: &Value) -> Vec<(String, String, String, String)> {
 
 #[tokio::test]
 async fn both_stores_give_the_same_answers() {
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let ch = ClickHouse::shared();
-    let topic = unique_topic("conformance");
-    let database = ch.database(&format!("conf_{}", free_port())).await;
-    create_topic(&brokers, &topic, 4).await;
-    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("conformance").await;
     let agg_config = aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, "[alerts]\ninterval_secs = 1\n");
     let mut agg = Process::start("meterline-aggregator", &agg_config);
     let dir = temp_dir("conformance");

@@ -3,18 +3,13 @@
 
 use meterline_schemas::Nanos;
 use meterline_tests::load::{LoadOptions, run};
-use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::stack::Process;
 use meterline_tests::*;
 use std::time::Duration;
 
 #[tokio::test]
 async fn load_generator_ground_truth_matches_the_query_api() {
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let ch = ClickHouse::shared();
-    let topic = unique_topic("load");
-    let database = ch.database(&format!("l_{}", free_port())).await;
-    create_topic(&brokers, &topic, 4).await;
-    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("load").await;
     let agg = Process::start(
         "meterline-aggregator",
         &aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, ""),

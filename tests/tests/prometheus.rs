@@ -1,7 +1,7 @@
 //! Prometheus: the alert rules check and pass their unit tests, and every
 //! service's /metrics passes `promtool check metrics`.
 
-use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::stack::Process;
 use meterline_tests::*;
 use serde_json::json;
 use std::time::Duration;
@@ -17,12 +17,7 @@ fn alert_rules_check_and_pass_their_unit_tests() {
 
 #[tokio::test]
 async fn ingest_and_aggregator_metrics_pass_promtool() {
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let ch = ClickHouse::shared();
-    let topic = unique_topic("promtool");
-    create_topic(&brokers, &topic, 4).await;
-    let database = ch.database(&format!("p_{}", free_port())).await;
-    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("promtool").await;
     let port = free_port();
     let agg = Process::start(
         "meterline-aggregator",

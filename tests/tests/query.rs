@@ -2,7 +2,7 @@
 //! every endpoint's numbers equal what the test computes itself.
 
 use meterline_schemas::Nanos;
-use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::stack::Process;
 use meterline_tests::workload::{self, Totals};
 use meterline_tests::*;
 use serde_json::{Value, json};
@@ -20,12 +20,7 @@ fn share(value: i128, total: i128) -> String {
 
 #[tokio::test]
 async fn every_endpoint_equals_the_ground_truth() {
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let ch = ClickHouse::shared();
-    let topic = unique_topic("query");
-    let database = ch.database(&format!("q_{}", free_port())).await;
-    create_topic(&brokers, &topic, 4).await;
-    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("query").await;
     let agg_config = aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, "");
     let agg = Process::start("meterline-aggregator", &agg_config);
     let work = workload::generate(7, 2_500, 150, 500, chrono::Utc::now());
