@@ -107,7 +107,8 @@ pub struct FlushConfig {
     /// How often buffered events are written.
     pub interval_ms: u64,
     /// Most events in one flush; one flush is one INSERT per table, which
-    /// ClickHouse keeps atomic only below `max_insert_block_size` (1,048,576) rows.
+    /// ClickHouse keeps atomic only below `max_insert_block_size` (1,048,576)
+    /// rows, and the span rollup writes up to six rows per event.
     pub max_batch_events: usize,
     /// Most events held in memory; past it consumption pauses.
     pub max_buffered_events: usize,
@@ -263,8 +264,10 @@ impl Config {
         if self.flush.interval_ms < 10 {
             return bad("flush.interval_ms", "must be at least 10");
         }
-        if !(1..=1_000_000).contains(&self.flush.max_batch_events) {
-            return bad("flush.max_batch_events", "must be between 1 and 1000000 (one INSERT block)");
+        // A flush's span rollup writes up to six rows per event, and must stay
+        // one block (ClickHouse squashes an INSERT ... SELECT up to 1,048,576 rows).
+        if !(1..=150_000).contains(&self.flush.max_batch_events) {
+            return bad("flush.max_batch_events", "must be between 1 and 150000 (one INSERT block)");
         }
         if self.flush.max_buffered_events < self.flush.max_batch_events {
             return bad("flush.max_buffered_events", "must be at least flush.max_batch_events");

@@ -13,8 +13,9 @@
 //! 3. `rollups_minute`: one server-side `INSERT ... SELECT` that sums the
 //!    flush's events into minute rollups *and* writes one progress marker per
 //!    Kafka partition (the last offset it covers), in the same INSERT;
-//! 4. `rollups_user_day`: the same, into daily per-user rows, with markers of
-//!    its own (each rollup table has its own progress and its own repair);
+//! 4. `rollups_user_span`: the same, into per-user rows over aligned spans of
+//!    1 to 32 days, with markers of its own (each rollup table has its own
+//!    progress and its own repair);
 //! 5. the Kafka offset commit (best effort).
 //!
 //! The rollup INSERT is one block in one table partition (tables are

@@ -128,7 +128,7 @@ enum Stage {
     DeadLetters,
     Events,
     Rollups,
-    DayRollups,
+    SpanRollups,
     Commit,
 }
 
@@ -703,9 +703,9 @@ impl Pipeline {
                         }
                     }
                 }
-                Stage::Rollups | Stage::DayRollups => {
+                Stage::Rollups | Stage::SpanRollups => {
                     let (rollup, next) =
-                        if pending.stage == Stage::Rollups { (Rollup::Minute, Stage::DayRollups) } else { (Rollup::UserDay, Stage::Commit) };
+                        if pending.stage == Stage::Rollups { (Rollup::Minute, Stage::SpanRollups) } else { (Rollup::UserSpans, Stage::Commit) };
                     let ranges: Vec<Range> = pending.ranges.values().copied().collect();
                     let done = if pending.attempted && !ranges.is_empty() {
                         self.store.markers_present(rollup, &self.topic, &ranges).await
@@ -734,7 +734,7 @@ impl Pipeline {
                     let table = match pending.stage {
                         Stage::DeadLetters => "dead_letters",
                         Stage::Events => "events",
-                        Stage::DayRollups => "rollups_user_day",
+                        Stage::SpanRollups => "rollups_user_span",
                         _ => "rollups_minute",
                     };
                     tracing::warn!(error = %e, table, "ClickHouse write failed; holding offsets and retrying");

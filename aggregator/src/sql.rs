@@ -22,28 +22,18 @@ pub const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, name
 pub enum Rollup {
     /// `rollups_minute`: every dimension, one-minute windows.
     Minute,
-    /// `rollups_user_day`: tenant, user and customer, one-day windows.
-    UserDay,
+    /// `rollups_user_span`: tenant, user and customer, over aligned spans of
+    /// 1 to 32 days (each event counts once in each span length).
+    UserSpans,
 }
 
 impl Rollup {
-    pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::UserDay];
+    pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::UserSpans];
 
     pub fn table(self) -> &'static str {
         match self {
             Rollup::Minute => "rollups_minute",
-            Rollup::UserDay => "rollups_user_day",
-        }
-    }
-
-    /// The window and dimension columns selected from `events`, and the GROUP BY.
-    fn dimensions(self) -> (&'static str, &'static str) {
-        match self {
-            Rollup::Minute => (
-                "toStartOfMinute(event_time) AS w, user_id, customer_id, feature, model, environment, billable",
-                "tenant, w, user_id, customer_id, feature, model, environment, billable",
-            ),
-            Rollup::UserDay => ("toStartOfDay(event_time) AS w, user_id, customer_id, '', '', '', toUInt8(0)", "tenant, w, user_id, customer_id"),
+            Rollup::UserSpans => "rollups_user_span",
         }
     }
 }
@@ -68,7 +58,7 @@ pub fn lookup(groups: &[usize]) -> String {
     format!("SELECT ?fields FROM events WHERE {}", clauses.join(" OR "))
 }
 
-/// Rolls up the events of `partitions` offset ranges into `rollups_minute`,
+/// Rolls up the events of `partitions` offset ranges into `rollup`'s table,
 /// with one progress marker per range, in one server-side INSERT ... SELECT.
 ///
 /// Binds, in order: written_at, topic, since (written_at lower bound), then
@@ -83,24 +73,49 @@ pub fn lookup(groups: &[usize]) -> String {
 /// rows without its marker, and the repair would count them twice. An INSERT
 /// ... SELECT has no client body to cut, and squashes into one block: one part.
 pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
-    let (select, group) = rollup.dimensions();
     let table = rollup.table();
     let ranges = vec!["(kafka_partition = ? AND kafka_offset > ? AND kafka_offset <= ?)"; partitions.max(1)].join(" OR ");
+    let columns = "tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
+         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at";
+    let filter = format!("FROM events WHERE kafka_topic = ? AND written_at >= toDateTime(?) AND ({ranges})");
+    let sums = "count(), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), \
+         sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), countIf(cost_source = 0)";
     let marker = "SELECT '', toDateTime(0), '', '', '', '', '', toUInt8(0), ?, toInt32(?), toInt64(?), toUInt64(0), \
          toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toInt64(0), toInt64(0), toInt64(0), toUInt64(0), toUInt64(1), toDateTime(?)";
-    let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
-    format!(
-        "INSERT INTO {table} (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
-         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
-         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT tenant, {select}, \
-         '', toInt32(-1), toInt64(-1), count(), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
-         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), countIf(cost_source = 0), \
-         toUInt64(0), toDateTime(?) \
-         FROM events WHERE kafka_topic = ? AND written_at >= toDateTime(?) AND ({ranges}) \
-         GROUP BY {group} \
-         UNION ALL {markers}"
-    )
+    match rollup {
+        Rollup::Minute => {
+            let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
+            format!(
+                "INSERT INTO {table} ({columns}) \
+                 SELECT tenant, toStartOfMinute(event_time) AS w, user_id, customer_id, feature, model, environment, billable, \
+                 '', toInt32(-1), toInt64(-1), {sums}, toUInt64(0), toDateTime(?) \
+                 {filter} GROUP BY tenant, w, user_id, customer_id, feature, model, environment, billable \
+                 UNION ALL {markers}"
+            )
+        }
+        // Each daily row once per span length, its window moved back to the
+        // span's first day; markers have span 0. Still one INSERT, one block.
+        // The daily sums are named (s_*) only so the outer SELECT can pick them.
+        Rollup::UserSpans => {
+            let lengths = meterline_schemas::ddl::SPAN_DAYS.map(|d| d.to_string()).join(", ");
+            let marker = marker.replacen("SELECT ", "SELECT toUInt16(0), ", 1);
+            let markers = vec![marker.as_str(); partitions.max(1)].join(" UNION ALL ");
+            format!(
+                "INSERT INTO {table} (span_days, {columns}) \
+                 SELECT span, s_tenant, toDateTime(intDiv(s_day, 86400 * span) * (86400 * span)), s_user, s_customer, \
+                 '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), s_events, s_input, s_output, s_cached, s_reasoning, \
+                 s_cost, s_revenue, s_credits, s_unpriced, toUInt64(0), toDateTime(?) \
+                 FROM (SELECT tenant AS s_tenant, intDiv(toUInt32(event_time), 86400) * 86400 AS s_day, user_id AS s_user, \
+                 customer_id AS s_customer, count() AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
+                 sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
+                 sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, countIf(cost_source = 0) AS s_unpriced \
+                 {filter} GROUP BY s_tenant, s_day, s_user, s_customer) \
+                 ARRAY JOIN [{lengths}] AS span \
+                 UNION ALL {markers}"
+            )
+        }
+    }
 }
 
 pub const OPEN_ALERTS: &str = "SELECT ?fields FROM alerts FINAL WHERE state = 'open'";

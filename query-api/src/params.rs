@@ -130,12 +130,19 @@ impl Scope {
     /// (Unix seconds, half-open).
     pub fn clause(&self, ranges: &[(i64, i64)]) -> Sql {
         let column = &self.time_column;
-        let mut sql = Sql::default();
-        sql.push("tenant = ? AND (", [s(self.tenant.clone())]);
+        let mut time = Sql::default();
         for (n, (from, to)) in ranges.iter().enumerate() {
             let or = if n == 0 { "" } else { " OR " };
-            sql.push(&format!("{or}({column} >= toDateTime(?) AND {column} < toDateTime(?))"), [i((*from).max(0)), i((*to).max(0))]);
+            time.push(&format!("{or}({column} >= toDateTime(?) AND {column} < toDateTime(?))"), [i((*from).max(0)), i((*to).max(0))]);
         }
+        self.clause_on(time)
+    }
+
+    /// The WHERE clause for the tenant and filters, and `condition`.
+    pub fn clause_on(&self, condition: Sql) -> Sql {
+        let mut sql = Sql::default();
+        sql.push("tenant = ? AND (", [s(self.tenant.clone())]);
+        sql.push(&condition.text, condition.binds);
         sql.push(")", []);
         for (column, value) in &self.filters {
             sql.push(&format!(" AND {column} = ?"), [value.clone()]);

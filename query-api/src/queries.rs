@@ -58,11 +58,11 @@ pub fn dims(group_by: &[&str]) -> String {
         .join(", ")
 }
 
-/// Which rollup rows answer a request. Whole UTC days come from
-/// `rollups_user_day` (a thirtieth or less of the minute rows) and the range's
-/// partial edge days from `rollups_minute`, when the request needs nothing the
-/// daily table drops: minute or hour buckets, or a feature, model,
-/// environment or billable filter or grouping. Shared by every store.
+/// Which rollup rows answer a request. Whole UTC days come from the per-user
+/// day rollups (`rollups_user_span` here), and the range's partial edge days
+/// from `rollups_minute`, when the request needs nothing the per-user rows
+/// drop: minute or hour buckets, or a feature, model, environment or billable
+/// filter or grouping. Shared by every store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     /// Minute rows over `[from, to)`.
@@ -82,6 +82,38 @@ pub fn plan(scope: &Scope, granularity: &str, group_by: &[&str]) -> Plan {
     if !daily_ok || day_from >= day_to { Plan::Minutes { from, to } } else { Plan::Days { from, day_from, day_to, to } }
 }
 
+/// The columns both branches of a [`Plan::Days`] source give the sums.
+const ROLLUP_COLUMNS: &str = "window_start, user_id, customer_id, feature, model, environment, billable, events, \
+     input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events";
+
+/// The `rollups_user_span` rows covering the whole days `[day_from, day_to)`:
+/// for a total, the fewest aligned spans (about four for 30 days); for day
+/// or month buckets, the one-day rows. Consecutive spans of one length
+/// become one range condition.
+fn span_condition(day_from: i64, day_to: i64, granularity: &str) -> Sql {
+    let spans = if granularity == "total" {
+        meterline_schemas::ddl::spans(day_from / 86_400, day_to / 86_400)
+    } else {
+        (day_from / 86_400..day_to / 86_400).map(|d| (1, d)).collect()
+    };
+    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+    for (span, day) in spans {
+        match runs.last_mut() {
+            Some((s, _, end)) if *s == span && *end == day => *end += span,
+            _ => runs.push((span, day, day + span)),
+        }
+    }
+    let mut sql = Sql::default();
+    for (n, (span, first, end)) in runs.into_iter().enumerate() {
+        let or = if n == 0 { "" } else { " OR " };
+        sql.push(
+            &format!("{or}(span_days = ? AND window_start >= toDateTime(?) AND window_start < toDateTime(?))"),
+            [i(span), i(first * 86_400), i(end * 86_400)],
+        );
+    }
+    sql
+}
+
 /// The rows a request sums over, as a FROM clause (with its WHERE); see [`plan`].
 pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
     let mut sql = Sql::default();
@@ -92,11 +124,11 @@ pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
             sql.push(&f.text, f.binds);
         }
         Plan::Days { from, day_from, day_to, to } => {
-            let days = scope.clause(&[(day_from, day_to)]);
+            let days = scope.clause_on(span_condition(day_from, day_to, granularity));
             let edges = scope.clause(&[(from, day_from), (day_to, to)]);
-            sql.push(" FROM (SELECT * FROM rollups_user_day WHERE ", []);
+            sql.push(&format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM rollups_user_span WHERE "), []);
             sql.push(&days.text, days.binds);
-            sql.push(" UNION ALL SELECT * FROM rollups_minute WHERE ", []);
+            sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
             sql.push(&edges.text, edges.binds);
             sql.push(")", []);
         }

@@ -17,6 +17,15 @@
 /// minutes from the other in a single `UNION ALL` of `SELECT *`.
 macro_rules! rollup_table {
     () => {
+        concat!(rollup_columns!(), rollup_engine!(), "
+        ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
+            source_topic, source_partition, source_offset)")
+    };
+}
+
+/// The rollup columns, without the closing parenthesis.
+macro_rules! rollup_columns {
+    () => {
         "            tenant String,
             window_start DateTime,
             user_id String,
@@ -38,12 +47,17 @@ macro_rules! rollup_table {
             credits_nanos Int64,
             unpriced_events UInt64,
             markers UInt64,
-            written_at DateTime
+            written_at DateTime"
+    };
+}
+
+/// The rollup engine and partitioning, from the closing parenthesis of the columns.
+macro_rules! rollup_engine {
+    () => {
+        "
         ) ENGINE = SummingMergeTree((events, input_tokens, output_tokens, cached_input_tokens,
             reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers))
-        PARTITION BY toYYYYMM(written_at)
-        ORDER BY (tenant, window_start, user_id, customer_id, feature, model, environment, billable,
-            source_topic, source_partition, source_offset)"
+        PARTITION BY toYYYYMM(written_at)"
     };
 }
 
@@ -153,7 +167,45 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         // deployment backfills it from events on the next assignment.
         concat!("CREATE TABLE IF NOT EXISTS rollups_user_day (", rollup_table!()),
     ],
+}, Migration {
+    version: 4,
+    name: "per-user rollups over aligned spans of days",
+    statements: &[
+        // Per tenant, user and customer, the sums over aligned spans of 1, 2,
+        // 4, 8, 16 and 32 UTC days (a span of n days starts on a Unix day
+        // divisible by n). Any run of whole days is a handful of such spans,
+        // so 30-day top spenders read about 4 rows per user rather than 30.
+        // Span 1 holds exactly what `rollups_user_day` held; it replaces that
+        // table, which is no longer written or read (migrations only add).
+        // Ordered by span then time: a range query reads only its spans.
+        concat!(
+            "CREATE TABLE IF NOT EXISTS rollups_user_span (
+            span_days UInt16,
+",
+            rollup_columns!(),
+            rollup_engine!(),
+            "
+        ORDER BY (tenant, span_days, window_start, user_id, customer_id, source_topic, source_partition, source_offset)"
+        ),
+    ],
 }];
+
+/// The span lengths of `rollups_user_span`, in days, longest first.
+pub const SPAN_DAYS: [i64; 6] = [32, 16, 8, 4, 2, 1];
+
+/// Covers the whole Unix days `[day_from, day_to)` with the fewest aligned
+/// spans of [`SPAN_DAYS`]: `(span_days, first_day)` in order. Greedy from the
+/// left is optimal for power-of-two spans aligned to their own length.
+pub fn spans(day_from: i64, day_to: i64) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    let mut day = day_from;
+    while day < day_to {
+        let span = SPAN_DAYS.iter().copied().find(|s| day.rem_euclid(*s) == 0 && day + s <= day_to).unwrap_or(1);
+        out.push((span, day));
+        day += span;
+    }
+    out
+}
 
 /// `cost_source` values in `events`.
 pub mod cost_source {
@@ -168,6 +220,27 @@ pub mod cost_source {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_tile_the_days_exactly_with_few_aligned_spans() {
+        for day_from in 20_700..20_800 {
+            for len in 0..200 {
+                let day_to = day_from + len;
+                let spans = spans(day_from, day_to);
+                let mut next = day_from;
+                for (span, first) in &spans {
+                    assert_eq!(*first, next, "gap or overlap in {day_from}..{day_to}: {spans:?}");
+                    assert_eq!(first % span, 0, "unaligned span in {spans:?}");
+                    next += span;
+                }
+                assert_eq!(next, day_to);
+                // At most one span of each length climbing up and one coming
+                // down, plus the 32-day spans in between.
+                assert!(spans.len() as i64 <= 2 * SPAN_DAYS.len() as i64 + len / 32, "{day_from}..{day_to}: {spans:?}");
+            }
+        }
+        assert_eq!(spans(20_751, 20_780), vec![(1, 20_751), (16, 20_752), (8, 20_768), (4, 20_776)]);
+    }
 
     #[test]
     fn versions_increase_and_statements_avoid_what_18_16_lacks() {

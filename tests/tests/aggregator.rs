@@ -79,8 +79,9 @@ async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline
             .collect();
         panic!("rollups differ from the ground truth in {} windows, e.g.\n{}", work.expected.len(), diffs.join("\n"));
     }
-    // The daily per-user table, written by its own insert after the minute
-    // one, reaches the same per-user totals.
+    // The per-user span table, written by its own insert after the minute
+    // one, reaches the same per-user totals in every span length, and every
+    // span starts on a multiple of its length.
     let mut per_user: std::collections::BTreeMap<String, (u64, i64, i64)> = std::collections::BTreeMap::new();
     for ((user, _), t) in &work.expected {
         let e = per_user.entry(user.clone()).or_default();
@@ -88,22 +89,33 @@ async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline
         e.1 += t.cost_nanos;
         e.2 += t.revenue_nanos;
     }
-    let daily_sql = format!(
-        "SELECT user_id, sum(events) AS e, sum(cost_nanos) AS c, sum(revenue_nanos) AS r FROM {database}.rollups_user_day \
-         WHERE tenant = 'acme' GROUP BY user_id FORMAT JSONEachRow"
+    let expected: std::collections::BTreeMap<(i64, String), (u64, i64, i64)> = meterline_schemas::ddl::SPAN_DAYS
+        .iter()
+        .flat_map(|span| per_user.iter().map(move |(u, t)| ((*span, u.clone()), *t)))
+        .collect();
+    let spans_sql = format!(
+        "SELECT span_days, user_id, sum(events) AS e, sum(cost_nanos) AS c, sum(revenue_nanos) AS r FROM {database}.rollups_user_span \
+         WHERE tenant = 'acme' GROUP BY span_days, user_id FORMAT JSONEachRow"
     );
     let num = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<i64>().ok()).or(v.as_i64()).expect("number");
-    let daily = poll_until(Duration::from_secs(60), "the daily table to catch up", || async {
-        let rows: std::collections::BTreeMap<String, (u64, i64, i64)> = ch
-            .rows(&daily_sql)
+    let spans = poll_until(Duration::from_secs(60), "the span table to catch up", || async {
+        let rows: std::collections::BTreeMap<(i64, String), (u64, i64, i64)> = ch
+            .rows(&spans_sql)
             .await
             .iter()
-            .map(|r| (r["user_id"].as_str().expect("user").to_owned(), (num(&r["e"]) as u64, num(&r["c"]), num(&r["r"]))))
+            .map(|r| ((num(&r["span_days"]), r["user_id"].as_str().expect("user").to_owned()), (num(&r["e"]) as u64, num(&r["c"]), num(&r["r"]))))
             .collect();
-        (rows.values().map(|v| v.0).sum::<u64>() >= work.unique_events).then_some(rows)
+        let least = meterline_schemas::ddl::SPAN_DAYS.iter().map(|span| rows.iter().filter(|((s, _), _)| s == span).map(|(_, v)| v.0).sum::<u64>()).min();
+        (least >= Some(work.unique_events)).then_some(rows)
     })
     .await;
-    assert_eq!(daily, per_user, "daily per-user rollups");
+    assert_eq!(spans, expected, "per-user span rollups");
+    let unaligned = ch
+        .query(&format!(
+            "SELECT count() FROM {database}.rollups_user_span WHERE tenant != '' AND toUInt32(window_start) % (86400 * greatest(span_days, 1)) != 0"
+        ))
+        .await;
+    assert_eq!(unaligned.trim(), "0", "spans start on a multiple of their length");
     // The audit trail holds each unique event once, with its partition and offset.
     let raw = ch
         .rows(&format!(

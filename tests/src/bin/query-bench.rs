@@ -36,8 +36,8 @@ async fn main() -> anyhow::Result<()> {
         ch.query(&statement).await;
     }
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
-    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_day FINAL")).await;
-    let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_day")).await;
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
+    let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_span WHERE span_days = 1")).await;
     let loaded = started.elapsed().as_secs_f64();
     let count = ch.query(&format!("SELECT count() FROM {db}.rollups_minute")).await;
 
@@ -110,12 +110,18 @@ fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> 
          'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(intHash64(number) % 50000000), toInt64(intHash64(number + 1) % 60000000), 0, 0, 0, \
          toDateTime({now}) FROM system.numbers LIMIT {rows}"
     ),
-    // The daily per-user table as the aggregator keeps it (summed from the same rows).
+    // The per-user span table as the aggregator keeps it (summed from the same rows).
         format!(
-        "INSERT INTO {db}.rollups_user_day SELECT tenant, toStartOfDay(window_start) AS d, user_id, customer_id, '', '', '', toUInt8(0), \
-         '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), \
-         sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), toDateTime({now}) \
-         FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id"
+        "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
+         billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
+         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
+         e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({now}) \
+         FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
+         sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
+         sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
+         FROM {db}.rollups_minute GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
+        meterline_schemas::ddl::SPAN_DAYS.map(|d| d.to_string()).join(", ")
     ),
     ]
 }
