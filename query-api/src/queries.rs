@@ -252,7 +252,7 @@ pub fn compat_statements() -> Vec<String> {
     };
     let rollups = scope("window_start", &raw);
     let events_scope = scope("event_time", &raw);
-    // A range with partial edge days and no feature filter: the daily table's path.
+    // A range with partial edge days and no feature filter: the per-user span table's path.
     let mut daily_raw = raw.clone();
     daily_raw.remove("feature");
     daily_raw.remove("billable");

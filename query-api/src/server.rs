@@ -180,8 +180,12 @@ async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        let rows = state.store.top(&scope, TopQuery { by, metric, descending, limit }).await?;
-        let totals = fetch(&state, &scope, SumsQuery::totals(&[], 1)).await?;
+        // Independent reads, so they run side by side: the answer takes the
+        // longer of the two rather than their sum.
+        let (rows, totals) = tokio::try_join!(
+            async { Ok::<_, ApiError>(state.store.top(&scope, TopQuery { by, metric, descending, limit }).await?) },
+            fetch(&state, &scope, SumsQuery::totals(&[], 1)),
+        )?;
         let t = totals.first().cloned().unwrap_or_default();
         let value = |r: &SumRow| -> i128 {
             match metric {
@@ -220,9 +224,11 @@ async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(r
         };
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        let rows = fetch(&state, &scope, SumsQuery { granularity: "total", group_by: group_by.clone(), negative_only, order_by_margin: true, limit }).await?;
-        let totals = fetch(&state, &scope, SumsQuery::totals(&[], 1)).await?;
-        let negative = state.store.negative_count(&scope, &group_by).await?;
+        let (rows, totals, negative) = tokio::try_join!(
+            fetch(&state, &scope, SumsQuery { granularity: "total", group_by: group_by.clone(), negative_only, order_by_margin: true, limit }),
+            fetch(&state, &scope, SumsQuery::totals(&[], 1)),
+            async { Ok::<_, ApiError>(state.store.negative_count(&scope, &group_by).await?) },
+        )?;
         let with_pct = |r: &SumRow, dims: &[&str]| {
             let mut v = row_json(r, dims, false);
             v["margin_pct"] = json!(ratio((i128::from(r.s_revenue) - i128::from(r.s_cost)) * 100, i128::from(r.s_revenue), 2));
@@ -248,10 +254,12 @@ async fn user_usage(State(state): State<Arc<AppState>>, Path(user_id): Path<Stri
         let p = Params::new(&raw, &[])?;
         // Default: this calendar month, as a customer-facing statement would.
         let scope = p.scope(&tenant, "window_start", None, state.max_days)?;
-        let totals = fetch(&state, &scope, SumsQuery::totals(&[], 1)).await?;
-        let by_feature = fetch(&state, &scope, SumsQuery::totals(&["feature"], 10_000)).await?;
-        let by_model = fetch(&state, &scope, SumsQuery::totals(&["model"], 10_000)).await?;
-        let daily = fetch(&state, &scope, SumsQuery { granularity: "day", ..SumsQuery::totals(&[], 10_000) }).await?;
+        let (totals, by_feature, by_model, daily) = tokio::try_join!(
+            fetch(&state, &scope, SumsQuery::totals(&[], 1)),
+            fetch(&state, &scope, SumsQuery::totals(&["feature"], 10_000)),
+            fetch(&state, &scope, SumsQuery::totals(&["model"], 10_000)),
+            fetch(&state, &scope, SumsQuery { granularity: "day", ..SumsQuery::totals(&[], 10_000) }),
+        )?;
         Ok(json!({
             "user_id": user_id,
             "range": range_json(&scope),

@@ -66,7 +66,7 @@ async fn every_endpoint_equals_the_ground_truth() {
     }
     assert_eq!(got, work.expected, "usage by user and minute");
 
-    // By user and day, read from the daily table for whole days and minute
+    // By user and day, read from the 1-day spans for whole days and minute
     // rows for the range's edges: the same numbers.
     let (status, body) = api.get(&format!("/v1/usage?granularity=day&group_by=user_id&limit=100000&{range}"), key).await;
     assert_eq!(status, 200, "{body}");
