@@ -456,10 +456,22 @@ impl Pipeline {
                 // rollup's insert (or cut the events insert short); or the
                 // table is new and backfills. Roll those events up, with
                 // their marker, before consuming after them.
-                let range = Range { partition, after: progress.rollup_offset.unwrap_or(-1), up_to: last };
-                self.store.roll_up(rollup, &topic, &[range], now_secs(), Store::repair_since(progress)).await?;
+                // In chunks of at most a flush's worth of offsets, each with
+                // its marker: a backfill of a new table can cover the whole
+                // history, and one INSERT stays atomic only while it is one
+                // block (see `max_batch_events`). A crash between chunks
+                // resumes after the last chunk's marker.
+                let first = progress.rollup_offset.unwrap_or(-1);
+                let chunk = i64::try_from(self.config.flush.max_batch_events).unwrap_or(i64::MAX);
+                let mut after = first;
+                while after < last {
+                    let up_to = last.min(after.saturating_add(chunk));
+                    let range = Range { partition, after, up_to };
+                    self.store.roll_up(rollup, &topic, &[range], now_secs(), Store::repair_since(progress)).await?;
+                    after = up_to;
+                }
                 metrics::repaired();
-                tracing::warn!(partition, table = rollup.table(), after = range.after, up_to = last, "rolled up events a crash left without rollups");
+                tracing::warn!(partition, table = rollup.table(), after = first, up_to = last, "rolled up events a crash left without rollups");
                 written_next = written_next.max(Some(last + 1));
             }
         }

@@ -187,6 +187,40 @@ async fn ground_truth_totals_are_exact() {
     r.ingest.stop().await;
 }
 
+#[tokio::test]
+async fn an_empty_span_table_backfills_from_events_in_chunks() {
+    // What an existing deployment sees when a new rollup table arrives: its
+    // events are all in, the new table is empty. The aggregator must roll the
+    // whole history up on assignment, in chunks small enough to stay atomic.
+    let ch = ClickHouse::shared();
+    let r = rig("backfill", &ch, &brokers()).await;
+    let work = workload::generate(7, 3_000, 200, 300, chrono::Utc::now());
+    let port = free_port();
+    let config = aggregator_config(&brokers(), &r.topic, &ch, &r.database, port);
+    let mut agg = Process::start("meterline-aggregator", &config);
+    post_all(&r.ingest.url, &work.batches).await;
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(120), &[&agg]).await;
+    agg.stop().await;
+    ch.query(&format!("TRUNCATE TABLE {}.rollups_user_span", r.database)).await;
+
+    let chunk = 400;
+    let small = config.replace("max_batch_events = 5000", &format!("max_batch_events = {chunk}"));
+    assert_ne!(small, config, "the test config sets max_batch_events");
+    let agg = Process::start("meterline-aggregator", &small);
+    // assert_exact compares every span length with the ground truth.
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(120), &[&agg]).await;
+    let records: usize = work.batches.iter().map(Vec::len).sum();
+    let markers: usize = ch
+        .query(&format!("SELECT count() FROM {}.rollups_user_span WHERE tenant = '' AND markers > 0", r.database))
+        .await
+        .trim()
+        .parse()
+        .expect("count");
+    assert!(markers >= records / chunk, "{records} records backfilled in {markers} chunks of at most {chunk} offsets");
+    assert!(agg.log().contains("rolled up events a crash left without rollups"), "the backfill ran on assignment");
+    r.ingest.stop().await;
+}
+
 /// Events in the audit table (0 until the aggregator has created it).
 async fn raw_events(ch: &ClickHouse, database: &str) -> u64 {
     ch.try_query(&format!("SELECT count() FROM {database}.events")).await.and_then(|t| t.trim().parse().ok()).unwrap_or(0)
