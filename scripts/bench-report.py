@@ -187,7 +187,9 @@ def rows(b):
         for i, q in enumerate(r["queries"]):
             top = q["query"].startswith("top spenders")
             out.append({"n": f"5{'abcdefgh'[i]}", "metric": f"Query: {q['query']} ({r['users']:,} users, {r['minute_rows']:,} minute rows)",
-                        "meterline": f"p50 {num(q['p50_ms'])} ms, p99 {num(q['p99_ms'])} ms", "raw": "—", "ratio": "—",
+                        "meterline": f"p50 {num(q['p50_ms'])} ms, p99 {num(q['p99_ms'])} ms",
+                        "raw": f"p50 {num(q['raw_p50_ms'])} ms, p99 {num(q['raw_p99_ms'])} ms (clickhouse-client, same statements in sequence)" if "raw_p50_ms" in q else "—",
+                        "ratio": num(q["ratio"], 2) if "ratio" in q else "—",
                         "goal": "p99 < 100 ms" if top else "—", "met": verdict(q["p99_ms"] < 100) if top else "n/a"})
     else:
         missing("5", "Queries p50/p99", "query", "top spenders p99 < 100 ms")

@@ -1,11 +1,14 @@
 //! Query latency at scale: 100,000 users and 30 days of minute rollups in the
-//! stack's ClickHouse, then p50/p99 of the query API's heavy endpoints.
+//! stack's ClickHouse, then p50/p99 of the query API's heavy endpoints, beside
+//! `clickhouse-client` running the same statements one after another (the raw
+//! tool: server time over the native protocol, no HTTP, no JSON).
 //!
 //! `cargo run --release -p meterline-tests --bin query-bench -- [USERS] [ROWS_PER_USER_DAY] [RUNS]`
 //! with the stack up.
 
 use meterline_tests::stack::ClickHouse;
-use meterline_tests::{QueryApi, free_port};
+use meterline_tests::{QueryApi, free_port, stack_var};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[tokio::main]
@@ -56,10 +59,13 @@ async fn main() -> anyhow::Result<()> {
         daily_rows.trim(),
         ch.query("SELECT version()").await.trim()
     );
-    println!("| query | p50 ms | p99 ms | max ms |");
-    println!("|---|---:|---:|---:|");
+    println!("| query | p50 ms | p99 ms | max ms | clickhouse-client p50 ms | p99 ms | ratio (client p50 / API p50) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let raw_statements = endpoint_statements(now)?;
+    let tcp_port = stack_var("METERLINE_TEST_CLICKHOUSE_TCP_PORT");
     let mut results = Vec::new();
-    for (name, path) in &queries {
+    for ((name, path), (raw_name, statements)) in queries.iter().zip(&raw_statements) {
+        anyhow::ensure!(name == raw_name, "the endpoint lists differ: {name} vs {raw_name}");
         let (status, _) = api.get(path, Some("acme-read-key")).await; // warm-up
         anyhow::ensure!(status == 200, "{name}: {status}");
         let mut times = Vec::with_capacity(runs);
@@ -72,8 +78,21 @@ async fn main() -> anyhow::Result<()> {
         times.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let p = |q: f64| ms(times[((times.len() as f64 * q) as usize).min(times.len() - 1)]);
-        println!("| {name} | {:.1} | {:.1} | {:.1} |", p(0.5), p(0.99), ms(times[times.len() - 1]));
-        results.push(serde_json::json!({"query": name, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": ms(times[times.len() - 1])}));
+        let raw = client_times(&tcp_port, &db, statements, runs)?;
+        let q = |v: &[f64], at: f64| v[((v.len() as f64 * at) as usize).min(v.len() - 1)];
+        let ratio = q(&raw, 0.5) / p(0.5);
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {ratio:.2} |",
+            p(0.5),
+            p(0.99),
+            ms(times[times.len() - 1]),
+            q(&raw, 0.5),
+            q(&raw, 0.99)
+        );
+        results.push(serde_json::json!({
+            "query": name, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": ms(times[times.len() - 1]),
+            "raw_p50_ms": q(&raw, 0.5), "raw_p99_ms": q(&raw, 0.99), "ratio": ratio,
+        }));
     }
     if std::env::var_os("BENCH_KEEP").is_some() {
         println!("query-bench: kept database {db}");
@@ -130,13 +149,22 @@ fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> 
 /// the load and the endpoints' statements, for `scripts/chdb-query-bench.py`
 /// to time the same design on the current ClickHouse engine (chDB).
 fn print_sql() -> anyhow::Result<()> {
-    use meterline_query_api::queries::{negative_count, sums, top};
     let args: Vec<u64> = std::env::args().skip(2).map(|a| a.parse()).collect::<Result<_, _>>()?;
     let users = args.first().copied().unwrap_or(100_000);
     let per_day = args.get(1).copied().unwrap_or(3);
     let now = chrono::Utc::now().timestamp();
     let mut setup: Vec<String> = meterline_schemas::ddl::MIGRATIONS.iter().flat_map(|m| m.statements.iter().map(|s| (*s).to_owned())).collect();
     setup.extend(load_statements("default", users, per_day, now));
+    let queries: Vec<serde_json::Value> =
+        endpoint_statements(now)?.into_iter().map(|(name, sql)| serde_json::json!({"query": name, "sql": sql})).collect();
+    println!("{}", serde_json::json!({"users": users, "setup": setup, "queries": queries}));
+    Ok(())
+}
+
+/// Each benchmarked endpoint's statements, in the order the query API sends
+/// them, for the range the benchmark asks for (30 days to `now` + 60 s).
+fn endpoint_statements(now: i64) -> anyhow::Result<Vec<(&'static str, Vec<String>)>> {
+    use meterline_query_api::queries::{negative_count, sums, top};
     let fmt = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
     let mut raw = std::collections::HashMap::from([("from".to_owned(), fmt(now - 30 * 86_400)), ("to".to_owned(), fmt(now + 60))]);
     let scope = |raw: &std::collections::HashMap<String, String>| {
@@ -149,14 +177,35 @@ fn print_sql() -> anyhow::Result<()> {
     let one = scope(&raw)?;
     let r = |sql: meterline_query_api::sql::Sql| sql.render("");
     let totals = r(sums(&all, "total", &[], false, false, 1));
-    let queries = serde_json::json!([
-        {"query": "top spenders by cost, 30 days", "sql": [r(top(&all, "user_id", "cost", true, 100)), totals]},
-        {"query": "lowest margins, 30 days", "sql": [r(sums(&all, "total", &["user_id"], false, true, 100)), totals, r(negative_count(&all, &["user_id"]))]},
-        {"query": "one user's usage, 30 days", "sql": [
-            r(sums(&one, "total", &[], false, false, 1)), r(sums(&one, "total", &["feature"], false, false, 10_000)),
-            r(sums(&one, "total", &["model"], false, false, 10_000)), r(sums(&one, "day", &[], false, false, 10_000))]},
-        {"query": "usage by day and model, 30 days", "sql": [r(sums(&all, "day", &["model"], false, false, 10_000))]},
-    ]);
-    println!("{}", serde_json::json!({"users": users, "setup": setup, "queries": queries}));
-    Ok(())
+    Ok(vec![
+        ("top spenders by cost, 30 days", vec![r(top(&all, "user_id", "cost", true, 100)), totals.clone()]),
+        ("lowest margins, 30 days", vec![r(sums(&all, "total", &["user_id"], false, true, 100)), totals, r(negative_count(&all, &["user_id"]))]),
+        (
+            "one user's usage, 30 days",
+            vec![
+                r(sums(&one, "total", &[], false, false, 1)),
+                r(sums(&one, "total", &["feature"], false, false, 10_000)),
+                r(sums(&one, "total", &["model"], false, false, 10_000)),
+                r(sums(&one, "day", &[], false, false, 10_000)),
+            ],
+        ),
+        ("usage by day and model, 30 days", vec![r(sums(&all, "day", &["model"], false, false, 10_000))]),
+    ])
+}
+
+/// Milliseconds per run of `statements` in sequence, as `clickhouse-client
+/// --time` reports each (server time, no process start), sorted.
+fn client_times(tcp_port: &str, db: &str, statements: &[String], runs: usize) -> anyhow::Result<Vec<f64>> {
+    let one_run: Vec<String> = statements.iter().map(|s| format!("{s} FORMAT Null")).collect();
+    let script = vec![one_run.join(";\n"); runs + 1].join(";\n"); // the first run warms up
+    let client = std::env::var("METERLINE_CLICKHOUSE_CLIENT").unwrap_or_else(|_| "clickhouse-client".to_owned());
+    let output = Command::new(client)
+        .args(["--host", "127.0.0.1", "--port", tcp_port, "--database", db, "--time", "--multiquery", "--query", &script])
+        .output()?;
+    anyhow::ensure!(output.status.success(), "clickhouse-client failed: {}", String::from_utf8_lossy(&output.stderr));
+    let secs: Vec<f64> = String::from_utf8_lossy(&output.stderr).lines().filter_map(|l| l.trim().parse().ok()).collect();
+    anyhow::ensure!(secs.len() == statements.len() * (runs + 1), "expected one time per statement, got {}", secs.len());
+    let mut per_run: Vec<f64> = secs.chunks(statements.len()).skip(1).map(|c| c.iter().sum::<f64>() * 1e3).collect();
+    per_run.sort_by(f64::total_cmp);
+    Ok(per_run)
 }
