@@ -26,6 +26,7 @@ def main() -> int:
             s.query(sql)
         s.query("OPTIMIZE TABLE rollups_minute FINAL")
         s.query("OPTIMIZE TABLE rollups_user_span FINAL")
+        s.query("OPTIMIZE TABLE rollups_user_daily FINAL")
         loaded = time.time() - started
         daily = s.query("SELECT count() FROM rollups_user_span WHERE span_days = 1", "CSV").bytes().decode().strip()
         print(f"chdb-query-bench: {doc['users']} users, 30 days, {daily} daily per-user rows (loaded in {loaded:.1f} s), ClickHouse {version} (chDB)")

@@ -16,7 +16,8 @@
 //! 4. `rollups_user_span`: the same, into per-user rows over aligned spans of
 //!    1 to 32 days, with markers of its own (each rollup table has its own
 //!    progress and its own repair);
-//! 5. the Kafka offset commit (best effort).
+//! 5. `rollups_user_daily`: the same, into daily rows ordered by user;
+//! 6. the Kafka offset commit (best effort).
 //!
 //! The rollup INSERT is one block in one table partition (tables are
 //! partitioned by `written_at`, set once per flush, and a flush is capped far

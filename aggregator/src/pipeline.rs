@@ -127,8 +127,8 @@ struct PartitionState {
 enum Stage {
     DeadLetters,
     Events,
-    Rollups,
-    SpanRollups,
+    /// One rollup table's insert, in the order of `Rollup::ALL`.
+    Rollup(Rollup),
     Commit,
 }
 
@@ -711,13 +711,12 @@ impl Pipeline {
                                 .filter(|r| landed.get(&r.kafka_partition).is_none_or(|last| r.kafka_offset > *last))
                                 .collect();
                             pending.attempted = true;
-                            self.store.insert_events(&rows).await.map(|()| Stage::Rollups)
+                            self.store.insert_events(&rows).await.map(|()| Stage::Rollup(Rollup::ALL[0]))
                         }
                     }
                 }
-                Stage::Rollups | Stage::SpanRollups => {
-                    let (rollup, next) =
-                        if pending.stage == Stage::Rollups { (Rollup::Minute, Stage::SpanRollups) } else { (Rollup::UserSpans, Stage::Commit) };
+                Stage::Rollup(rollup) => {
+                    let next = Rollup::ALL.iter().skip_while(|r| **r != rollup).nth(1).map_or(Stage::Commit, |r| Stage::Rollup(*r));
                     let ranges: Vec<Range> = pending.ranges.values().copied().collect();
                     let done = if pending.attempted && !ranges.is_empty() {
                         self.store.markers_present(rollup, &self.topic, &ranges).await
@@ -746,8 +745,8 @@ impl Pipeline {
                     let table = match pending.stage {
                         Stage::DeadLetters => "dead_letters",
                         Stage::Events => "events",
-                        Stage::SpanRollups => "rollups_user_span",
-                        _ => "rollups_minute",
+                        Stage::Rollup(r) => r.table(),
+                        Stage::Commit => "none",
                     };
                     tracing::warn!(error = %e, table, "ClickHouse write failed; holding offsets and retrying");
                     metrics::write_retry(table);

@@ -25,15 +25,19 @@ pub enum Rollup {
     /// `rollups_user_span`: tenant, user and customer, over aligned spans of
     /// 1 to 32 days (each event counts once in each span length).
     UserSpans,
+    /// `rollups_user_daily`: every dimension, one-day windows, ordered user
+    /// first, for the questions about one user.
+    UserDaily,
 }
 
 impl Rollup {
-    pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::UserSpans];
+    pub const ALL: [Rollup; 3] = [Rollup::Minute, Rollup::UserSpans, Rollup::UserDaily];
 
     pub fn table(self) -> &'static str {
         match self {
             Rollup::Minute => "rollups_minute",
             Rollup::UserSpans => "rollups_user_span",
+            Rollup::UserDaily => "rollups_user_daily",
         }
     }
 }
@@ -84,11 +88,17 @@ pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
     let marker = "SELECT '', toDateTime(0), '', '', '', '', '', toUInt8(0), ?, toInt32(?), toInt64(?), toUInt64(0), \
          toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toInt64(0), toInt64(0), toInt64(0), toUInt64(0), toUInt64(1), toDateTime(?)";
     match rollup {
-        Rollup::Minute => {
+        // The same rows, in minute or (Unix) day windows.
+        Rollup::Minute | Rollup::UserDaily => {
+            let window = if rollup == Rollup::Minute {
+                "toStartOfMinute(event_time)"
+            } else {
+                "toDateTime(intDiv(toUInt32(event_time), 86400) * 86400)"
+            };
             let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
             format!(
                 "INSERT INTO {table} ({columns}) \
-                 SELECT tenant, toStartOfMinute(event_time) AS w, user_id, customer_id, feature, model, environment, billable, \
+                 SELECT tenant, {window} AS w, user_id, customer_id, feature, model, environment, billable, \
                  '', toInt32(-1), toInt64(-1), {sums}, toUInt64(0), toDateTime(?) \
                  {filter} GROUP BY tenant, w, user_id, customer_id, feature, model, environment, billable \
                  UNION ALL {markers}"

@@ -114,9 +114,36 @@ fn span_condition(day_from: i64, day_to: i64, granularity: &str) -> Sql {
     sql
 }
 
-/// The rows a request sums over, as a FROM clause (with its WHERE); see [`plan`].
+/// Whole UTC days `[day_from, day_to)` of a request about one user that
+/// `rollups_user_daily` (every dimension, ordered user first) can answer:
+/// day, month or total buckets over window time, with at least one whole day.
+fn one_user_days(scope: &Scope, granularity: &str) -> Option<(i64, i64)> {
+    let one_user = scope.filters.iter().any(|(c, _)| *c == "user_id");
+    if !one_user || !matches!(granularity, "day" | "month" | "total") || scope.time_column != "window_start" {
+        return None;
+    }
+    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+    let day_from = (from + 86_399).div_euclid(86_400) * 86_400;
+    let day_to = to.div_euclid(86_400) * 86_400;
+    (day_from < day_to).then_some((day_from, day_to))
+}
+
+/// The rows a request sums over, as a FROM clause (with its WHERE); see
+/// [`plan`]. A request about one user reads its whole days from
+/// `rollups_user_daily` instead, whatever it groups or filters by.
 pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
     let mut sql = Sql::default();
+    if let Some((day_from, day_to)) = one_user_days(scope, granularity) {
+        let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+        let days = scope.clause(&[(day_from, day_to)]);
+        let edges = scope.clause(&[(from, day_from), (day_to, to)]);
+        sql.push(&format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM rollups_user_daily WHERE "), []);
+        sql.push(&days.text, days.binds);
+        sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
+        sql.push(&edges.text, edges.binds);
+        sql.push(")", []);
+        return sql;
+    }
     match plan(scope, granularity, group_by) {
         Plan::Minutes { from, to } => {
             sql.push(" FROM rollups_minute WHERE ", []);
@@ -259,6 +286,11 @@ pub fn compat_statements() -> Vec<String> {
     daily_raw.insert("from".into(), "2026-01-01T10:00:00Z".into());
     daily_raw.insert("to".into(), "2026-01-31T10:00:00Z".into());
     let daily = scope("window_start", &daily_raw);
+    // One user over the same range: rollups_user_daily for whole days.
+    let mut user_raw = daily_raw.clone();
+    user_raw.insert("user_id".into(), "u-1".into());
+    user_raw.insert("feature".into(), "chat".into());
+    let one_user = scope("window_start", &user_raw);
     let sum_fields = "";
     let event_fields = <meterline_aggregator::rollup::EventRow as clickhouse::Row>::COLUMN_NAMES.join(",");
     let mut out = Vec::new();
@@ -273,6 +305,9 @@ pub fn compat_statements() -> Vec<String> {
     out.push(negative_count(&rollups, &["user_id", "model"]).render(sum_fields));
     out.push(sums(&daily, "day", &["user_id"], false, false, 10).render(sum_fields));
     out.push(top(&daily, "customer_id", "margin", true, 10).render(sum_fields));
+    for g in ["day", "total"] {
+        out.push(sums(&one_user, g, &["model"], false, false, 10).render(sum_fields));
+    }
     out.push(negative_count(&daily, &["user_id"]).render(sum_fields));
     out.push(events(&events_scope, None, 100).render(&event_fields));
     let alert_fields = <meterline_aggregator::alerts::AlertRow as clickhouse::Row>::COLUMN_NAMES.join(",");

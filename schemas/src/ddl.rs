@@ -188,6 +188,23 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         ORDER BY (tenant, span_days, window_start, user_id, customer_id, source_topic, source_partition, source_offset)"
         ),
     ],
+}, Migration {
+    version: 5,
+    name: "daily rollups ordered by user",
+    statements: &[
+        // Every dimension in one-day (UTC) windows, ordered by user first: a
+        // user's statement (totals by feature and model, daily series) reads
+        // that user's rows only, where `rollups_minute`, ordered by time,
+        // would scan every user's minutes in the range.
+        concat!(
+            "CREATE TABLE IF NOT EXISTS rollups_user_daily (",
+            rollup_columns!(),
+            rollup_engine!(),
+            "
+        ORDER BY (tenant, user_id, window_start, customer_id, feature, model, environment, billable,
+            source_topic, source_partition, source_offset)"
+        ),
+    ],
 }];
 
 /// The span lengths of `rollups_user_span`, in days, longest first.

@@ -116,6 +116,29 @@ async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline
         ))
         .await;
     assert_eq!(unaligned.trim(), "0", "spans start on a multiple of their length");
+    // The user-first daily table holds the same events per user and UTC day.
+    let mut per_user_day: std::collections::BTreeMap<(String, i64), (u64, i64, i64)> = std::collections::BTreeMap::new();
+    for ((user, window), t) in &work.expected {
+        let e = per_user_day.entry((user.clone(), window - window.rem_euclid(86_400))).or_default();
+        e.0 += t.events;
+        e.1 += t.cost_nanos;
+        e.2 += t.revenue_nanos;
+    }
+    let daily_sql = format!(
+        "SELECT user_id, toUInt32(window_start) AS d, sum(events) AS e, sum(cost_nanos) AS c, sum(revenue_nanos) AS r \
+         FROM {database}.rollups_user_daily WHERE tenant = 'acme' GROUP BY user_id, d FORMAT JSONEachRow"
+    );
+    let daily = poll_until(Duration::from_secs(60), "the user-first daily table to catch up", || async {
+        let rows: std::collections::BTreeMap<(String, i64), (u64, i64, i64)> = ch
+            .rows(&daily_sql)
+            .await
+            .iter()
+            .map(|r| ((r["user_id"].as_str().expect("user").to_owned(), num(&r["d"])), (num(&r["e"]) as u64, num(&r["c"]), num(&r["r"]))))
+            .collect();
+        (rows.values().map(|v| v.0).sum::<u64>() >= work.unique_events).then_some(rows)
+    })
+    .await;
+    assert_eq!(daily, per_user_day, "user-first daily rollups");
     // The audit trail holds each unique event once, with its partition and offset.
     let raw = ch
         .rows(&format!(

@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
     }
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
     let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_span WHERE span_days = 1")).await;
     let loaded = started.elapsed().as_secs_f64();
     let count = ch.query(&format!("SELECT count() FROM {db}.rollups_minute")).await;
@@ -141,6 +142,16 @@ fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> 
          sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
          FROM {db}.rollups_minute GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
         meterline_schemas::ddl::SPAN_DAYS.map(|d| d.to_string()).join(", ")
+    ),
+    // The user-first daily table as the aggregator keeps it.
+        format!(
+        "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
+         billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
+         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
+         toDateTime({now}) FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
     ),
     ]
 }
