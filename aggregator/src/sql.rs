@@ -83,18 +83,19 @@ pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
          source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
          reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at";
     let filter = format!("FROM events WHERE kafka_topic = ? AND written_at >= toDateTime(?) AND ({ranges})");
-    let sums = "count(), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), sum(reasoning_tokens), \
-         sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), countIf(cost_source = 0)";
+    // Named (s_*) so the span insert's outer SELECT can pick them; an INSERT
+    // ... SELECT maps columns by position, so the names cost nothing elsewhere.
+    let sums = "count() AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
+         sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
+         sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, countIf(cost_source = 0) AS s_unpriced";
+    // The Unix day of an event, by arithmetic: UTC whatever the server's time zone.
+    let day = "intDiv(toUInt32(event_time), 86400) * 86400";
     let marker = "SELECT '', toDateTime(0), '', '', '', '', '', toUInt8(0), ?, toInt32(?), toInt64(?), toUInt64(0), \
          toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toInt64(0), toInt64(0), toInt64(0), toUInt64(0), toUInt64(1), toDateTime(?)";
     match rollup {
         // The same rows, in minute or (Unix) day windows.
         Rollup::Minute | Rollup::UserDaily => {
-            let window = if rollup == Rollup::Minute {
-                "toStartOfMinute(event_time)"
-            } else {
-                "toDateTime(intDiv(toUInt32(event_time), 86400) * 86400)"
-            };
+            let window = if rollup == Rollup::Minute { "toStartOfMinute(event_time)".to_owned() } else { format!("toDateTime({day})") };
             let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
             format!(
                 "INSERT INTO {table} ({columns}) \
@@ -106,7 +107,6 @@ pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
         }
         // Each daily row once per span length, its window moved back to the
         // span's first day; markers have span 0. Still one INSERT, one block.
-        // The daily sums are named (s_*) only so the outer SELECT can pick them.
         Rollup::UserSpans => {
             let lengths = meterline_schemas::ddl::SPAN_DAYS.map(|d| d.to_string()).join(", ");
             let marker = marker.replacen("SELECT ", "SELECT toUInt16(0), ", 1);
@@ -116,10 +116,7 @@ pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
                  SELECT span, s_tenant, toDateTime(intDiv(s_day, 86400 * span) * (86400 * span)), s_user, s_customer, \
                  '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), s_events, s_input, s_output, s_cached, s_reasoning, \
                  s_cost, s_revenue, s_credits, s_unpriced, toUInt64(0), toDateTime(?) \
-                 FROM (SELECT tenant AS s_tenant, intDiv(toUInt32(event_time), 86400) * 86400 AS s_day, user_id AS s_user, \
-                 customer_id AS s_customer, count() AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
-                 sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
-                 sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, countIf(cost_source = 0) AS s_unpriced \
+                 FROM (SELECT tenant AS s_tenant, {day} AS s_day, user_id AS s_user, customer_id AS s_customer, {sums} \
                  {filter} GROUP BY s_tenant, s_day, s_user, s_customer) \
                  ARRAY JOIN [{lengths}] AS span \
                  UNION ALL {markers}"

@@ -77,9 +77,17 @@ pub fn plan(scope: &Scope, granularity: &str, group_by: &[&str]) -> Plan {
         && scope.filters.iter().all(|(c, _)| matches!(*c, "user_id" | "customer_id"))
         && scope.time_column == "window_start";
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
-    let day_from = (from + 86_399).div_euclid(86_400) * 86_400;
-    let day_to = to.div_euclid(86_400) * 86_400;
-    if !daily_ok || day_from >= day_to { Plan::Minutes { from, to } } else { Plan::Days { from, day_from, day_to, to } }
+    match whole_days(scope) {
+        Some((day_from, day_to)) if daily_ok => Plan::Days { from, day_from, day_to, to },
+        _ => Plan::Minutes { from, to },
+    }
+}
+
+/// The whole UTC days `[day_from, day_to)` inside the request's range, if any.
+fn whole_days(scope: &Scope) -> Option<(i64, i64)> {
+    let day_from = (scope.from.timestamp() + 86_399).div_euclid(86_400) * 86_400;
+    let day_to = scope.to.timestamp().div_euclid(86_400) * 86_400;
+    (day_from < day_to).then_some((day_from, day_to))
 }
 
 /// The columns both branches of a [`Plan::Days`] source give the sums.
@@ -122,45 +130,40 @@ fn one_user_days(scope: &Scope, granularity: &str) -> Option<(i64, i64)> {
     if !one_user || !matches!(granularity, "day" | "month" | "total") || scope.time_column != "window_start" {
         return None;
     }
-    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
-    let day_from = (from + 86_399).div_euclid(86_400) * 86_400;
-    let day_to = to.div_euclid(86_400) * 86_400;
-    (day_from < day_to).then_some((day_from, day_to))
+    whole_days(scope)
+}
+
+/// Whole days from `table` (rows matching `days`) plus the range's partial
+/// edge days from `rollups_minute`, as one UNION ALL.
+fn days_and_edges(scope: &Scope, table: &str, days: Sql, (day_from, day_to): (i64, i64)) -> Sql {
+    let edges = scope.clause(&[(scope.from.timestamp(), day_from), (day_to, scope.to.timestamp())]);
+    let mut sql = Sql::new(format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM {table} WHERE "));
+    sql.push(&days.text, days.binds);
+    sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
+    sql.push(&edges.text, edges.binds);
+    sql.push(")", []);
+    sql
 }
 
 /// The rows a request sums over, as a FROM clause (with its WHERE); see
 /// [`plan`]. A request about one user reads its whole days from
 /// `rollups_user_daily` instead, whatever it groups or filters by.
 pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
-    let mut sql = Sql::default();
-    if let Some((day_from, day_to)) = one_user_days(scope, granularity) {
-        let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
-        let days = scope.clause(&[(day_from, day_to)]);
-        let edges = scope.clause(&[(from, day_from), (day_to, to)]);
-        sql.push(&format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM rollups_user_daily WHERE "), []);
-        sql.push(&days.text, days.binds);
-        sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
-        sql.push(&edges.text, edges.binds);
-        sql.push(")", []);
-        return sql;
+    if let Some(days) = one_user_days(scope, granularity) {
+        return days_and_edges(scope, "rollups_user_daily", scope.clause(&[days]), days);
     }
     match plan(scope, granularity, group_by) {
         Plan::Minutes { from, to } => {
-            sql.push(" FROM rollups_minute WHERE ", []);
+            let mut sql = Sql::new(" FROM rollups_minute WHERE ");
             let f = scope.clause(&[(from, to)]);
             sql.push(&f.text, f.binds);
+            sql
         }
-        Plan::Days { from, day_from, day_to, to } => {
-            let days = scope.clause_on(span_condition(day_from, day_to, granularity));
-            let edges = scope.clause(&[(from, day_from), (day_to, to)]);
-            sql.push(&format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM rollups_user_span WHERE "), []);
-            sql.push(&days.text, days.binds);
-            sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
-            sql.push(&edges.text, edges.binds);
-            sql.push(")", []);
+        Plan::Days { day_from, day_to, .. } => {
+            let spans = scope.clause_on(span_condition(day_from, day_to, granularity));
+            days_and_edges(scope, "rollups_user_span", spans, (day_from, day_to))
         }
     }
-    sql
 }
 
 /// The GROUP BY keys: the grouped dimensions' columns and the bucket, but
