@@ -108,9 +108,9 @@ pub const MINUTE_SECS: i64 = 60;
 /// Width of a daily rollup window, in seconds (UTC days).
 pub const DAY_SECS: i64 = 86_400;
 
-/// The start of the `width`-second window holding `secs`: UTC windows, the
-/// arithmetic ClickHouse's `toStartOfMinute` and `toStartOfDay` do on a UTC
-/// server, and the embedded store's.
+/// The start of the `width`-second window holding `secs`: UTC windows, by
+/// the same arithmetic the ClickHouse inserts do (so a server in another
+/// time zone assigns the same windows), and the embedded store's.
 pub fn window_start(secs: i64, width: i64) -> i64 {
     secs.div_euclid(width) * width
 }

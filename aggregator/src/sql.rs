@@ -88,14 +88,15 @@ pub fn rollups_from_events(rollup: Rollup, partitions: usize) -> String {
     let sums = "count() AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
          sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
          sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, countIf(cost_source = 0) AS s_unpriced";
-    // The Unix day of an event, by arithmetic: UTC whatever the server's time zone.
+    // An event's Unix minute and day, by arithmetic: UTC whatever the server's time zone.
+    let minute = "intDiv(toUInt32(event_time), 60) * 60";
     let day = "intDiv(toUInt32(event_time), 86400) * 86400";
     let marker = "SELECT '', toDateTime(0), '', '', '', '', '', toUInt8(0), ?, toInt32(?), toInt64(?), toUInt64(0), \
          toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0), toInt64(0), toInt64(0), toInt64(0), toUInt64(0), toUInt64(1), toDateTime(?)";
     match rollup {
         // The same rows, in minute or (Unix) day windows.
         Rollup::Minute | Rollup::UserDaily => {
-            let window = if rollup == Rollup::Minute { "toStartOfMinute(event_time)".to_owned() } else { format!("toDateTime({day})") };
+            let window = format!("toDateTime({})", if rollup == Rollup::Minute { minute } else { day });
             let markers = vec![marker; partitions.max(1)].join(" UNION ALL ");
             format!(
                 "INSERT INTO {table} ({columns}) \

@@ -32,12 +32,17 @@ impl SumRow {
 }
 
 /// The bucket expression of a granularity (a fixed set, never user text).
+/// Buckets are UTC whatever the server's time zone: without the explicit
+/// zone, ClickHouse starts hours, days and months at the server's local
+/// midnight (a server in Asia/Kolkata would put UTC days' rows into days
+/// starting 18:30 UTC), while windows, whole-day rollups and the embedded
+/// store are all UTC.
 pub fn bucket(granularity: &str) -> &'static str {
     match granularity {
         "minute" => "window_start",
-        "hour" => "toStartOfHour(window_start)",
-        "day" => "toStartOfDay(window_start)",
-        "month" => "toDateTime(toStartOfMonth(window_start))",
+        "hour" => "toStartOfHour(window_start, 'UTC')",
+        "day" => "toStartOfDay(window_start, 'UTC')",
+        "month" => "toDateTime(toStartOfMonth(window_start, 'UTC'), 'UTC')",
         _ => "toDateTime(0)",
     }
 }

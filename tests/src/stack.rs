@@ -26,6 +26,11 @@ impl ClickHouse {
 
     /// A private server on free ports with its data in a temp dir.
     pub async fn private() -> ClickHouse {
+        ClickHouse::private_in("UTC").await
+    }
+
+    /// A private server whose time zone is `timezone` (an IANA name).
+    pub async fn private_in(timezone: &str) -> ClickHouse {
         let dir = std::env::temp_dir().join(format!("meterline-ch-{}-{}", std::process::id(), free_port()));
         let (http, tcp) = (free_port(), free_port());
         for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
@@ -43,7 +48,7 @@ impl ClickHouse {
                  <path>{d}/data/</path><tmp_path>{d}/tmp/</tmp_path><user_files_path>{d}/user_files/</user_files_path>\
                  <format_schema_path>{d}/format_schemas/</format_schema_path><users_config>users.xml</users_config>\
                  <default_profile>default</default_profile><default_database>default</default_database>\
-                 <timezone>UTC</timezone><mlock_executable>false</mlock_executable></yandex>"
+                 <timezone>{timezone}</timezone><mlock_executable>false</mlock_executable></yandex>"
             ),
         )
         .expect("ch config");

@@ -195,3 +195,71 @@ async fn every_endpoint_equals_the_ground_truth() {
     drop(agg);
     ingest.stop().await;
 }
+
+/// Hour, day and month buckets are UTC on a server whose own time zone is
+/// not: Asia/Kolkata (UTC+5:30) moves both hour and day boundaries, so
+/// local bucketing would put each event in the wrong window.
+#[tokio::test]
+async fn buckets_are_utc_on_a_server_in_another_time_zone() {
+    use chrono::{Datelike, TimeZone, Utc};
+    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+    let ch = stack::ClickHouse::private_in("Asia/Kolkata").await;
+    assert_eq!(ch.query("SELECT timezone()").await.trim(), "Asia/Kolkata");
+    let topic = unique_topic("tz");
+    let database = ch.database("tz").await;
+    create_topic(&brokers, &topic, 4).await;
+    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let agg = Process::start("meterline-aggregator", &aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, ""));
+
+    // Ten minutes either side of two hours around this month's first UTC
+    // midnight (at most 31 days ago, inside the accepted 35).
+    let now = Utc::now();
+    let month = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().expect("month start").timestamp();
+    let times = [month - 2 * 3600 + 600, month + 2 * 3600 + 600];
+    let batch: Vec<Value> = times
+        .iter()
+        .enumerate()
+        .map(|(n, t)| {
+            let mut e = event("tz-user", n);
+            e["timestamp"] = json!(Utc.timestamp_opt(*t, 0).single().expect("time").to_rfc3339());
+            e
+        })
+        .collect();
+    let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("acme-ingest-key").json(&batch).send().await.expect("post");
+    assert_eq!(r.status(), 202);
+    workload::wait_rolled_up(&ch, &database, &[("acme", 2)]).await;
+
+    let api = QueryApi::start(&ch.url, &database).await;
+    let fmt = |t: i64| Utc.timestamp_opt(t, 0).single().expect("time").format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let range = format!("from={}&to={}", fmt(month - 3 * 86_400 - 1800), fmt(now.timestamp() + 3600));
+    let prev_month = {
+        let m = Utc.timestamp_opt(month - 86_400, 0).single().expect("time");
+        Utc.with_ymd_and_hms(m.year(), m.month(), 1, 0, 0, 0).single().expect("month").timestamp()
+    };
+    let day = |t: i64| t.div_euclid(86_400) * 86_400;
+    let hour = |t: i64| t.div_euclid(3600) * 3600;
+    // Each granularity through both rollup paths: whole days from the
+    // per-user spans with minute edges, and (filtered by feature) minutes only.
+    for (granularity, want) in [
+        ("hour", [hour(times[0]), hour(times[1])]),
+        ("day", [day(times[0]), day(times[1])]),
+        ("month", [prev_month, month]),
+    ] {
+        for filter in ["", "&feature=chat"] {
+            let (status, body) = api.get(&format!("/v1/usage?granularity={granularity}{filter}&{range}"), Some("acme-read-key")).await;
+            assert_eq!(status, 200, "{body}");
+            let got: Vec<(i64, u64)> = body["rows"]
+                .as_array()
+                .expect("rows")
+                .iter()
+                .map(|r| {
+                    let w = chrono::DateTime::parse_from_rfc3339(r["window_start"].as_str().expect("window")).expect("rfc3339");
+                    (w.timestamp(), r["events"].as_u64().expect("events"))
+                })
+                .collect();
+            assert_eq!(got, vec![(want[0], 1), (want[1], 1)], "{granularity}{filter}: {body}");
+        }
+    }
+    drop(agg);
+    ingest.stop().await;
+}
