@@ -24,11 +24,14 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Longest `from`..`to` range a request may ask for, in days.
     pub max_range_days: i64,
+    /// Groups whose sums the ranking cache may hold (about 250 bytes each);
+    /// 0 turns it off. See `ranking.rs`.
+    pub ranking_cache_groups: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8081)), max_range_days: 400 }
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8081)), max_range_days: 400, ranking_cache_groups: 500_000 }
     }
 }
 
@@ -43,5 +46,21 @@ impl Config {
         }
         KeyRing::from_config(&config.tenants)?;
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads_and_names_its_bad_keys() {
+        let example = include_str!("../../config/query-api.example.toml");
+        let config = Config::load(example, []).expect("example config");
+        assert_eq!((config.server.max_range_days, config.server.ranking_cache_groups), (400, 500_000));
+        let off = Config::load(example, [("METERLINE_SERVER__RANKING_CACHE_GROUPS".to_owned(), "0".to_owned())]).expect("override");
+        assert_eq!(off.server.ranking_cache_groups, 0);
+        let err = Config::load(&example.replace("ranking_cache_groups", "ranking_cache_size"), []).expect_err("unknown key");
+        assert!(err.to_string().contains("ranking_cache_size"), "{err}");
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod metrics;
 pub mod params;
 pub mod queries;
+pub mod ranking;
 pub mod server;
 pub mod sql;
 pub mod store;

@@ -1,12 +1,15 @@
 //! Every metric the query API exports, named `meterline_query_*`, in one place.
-//! Labels: `endpoint` (the route template) and `status`: both bounded.
+//! Labels: `endpoint` (the route template), `status` and the cache's
+//! `result`: all bounded.
 
-use metrics::{counter, describe_counter, describe_histogram, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Once;
 
 pub const REQUESTS: &str = "meterline_query_requests_total";
 pub const DURATION: &str = "meterline_query_request_duration_seconds";
+pub const RANKING_CACHE: &str = "meterline_query_ranking_cache_lookups_total";
+pub const RANKING_CACHE_GROUPS: &str = "meterline_query_ranking_cache_groups";
 
 /// The process-wide recorder. It is ingest's (same `_seconds` buckets), so a
 /// process running both services renders both services' metrics.
@@ -16,6 +19,8 @@ pub fn handle() -> PrometheusHandle {
     DESCRIBED.call_once(|| {
         describe_counter!(REQUESTS, "Query API requests, by endpoint and status.");
         describe_histogram!(DURATION, metrics::Unit::Seconds, "Time to answer, by endpoint.");
+        describe_counter!(RANKING_CACHE, "Ranking cache look-ups, by result: hit, stale (events arrived since), miss.");
+        describe_gauge!(RANKING_CACHE_GROUPS, "Groups' sums held by the ranking cache.");
     });
     handle
 }
@@ -23,4 +28,13 @@ pub fn handle() -> PrometheusHandle {
 pub fn request(endpoint: &'static str, status: u16, seconds: f64) {
     counter!(REQUESTS, "endpoint" => endpoint, "status" => status.to_string()).increment(1);
     histogram!(DURATION, "endpoint" => endpoint).record(seconds);
+}
+
+/// `result`: `hit`, `stale` or `miss`.
+pub fn ranking_cache(result: &'static str) {
+    counter!(RANKING_CACHE, "result" => result).increment(1);
+}
+
+pub fn ranking_cache_groups(groups: usize) {
+    gauge!(RANKING_CACHE_GROUPS).set(groups as f64);
 }

@@ -150,6 +150,15 @@ impl Scope {
         sql
     }
 
+    /// The same tenant and filters over `[from, to)` (Unix seconds).
+    pub fn with_range(&self, from: i64, to: i64) -> Scope {
+        let mut scope = self.clone();
+        scope.from = DateTime::from_timestamp(from, 0).unwrap_or(self.from);
+        scope.to = DateTime::from_timestamp(to, 0).unwrap_or(self.to);
+        scope.filter = scope.clause(&[(from, to)]);
+        scope
+    }
+
     pub fn binds(&self) -> Vec<Value> {
         self.filter.binds.clone()
     }

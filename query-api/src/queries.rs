@@ -232,6 +232,34 @@ pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) 
     sql
 }
 
+/// Every group's sums over the scope, unordered: what the ranking cache
+/// keeps for a range's whole hours.
+pub fn groups(scope: &Scope, group_by: &[&str]) -> Sql {
+    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS}", dims(group_by)));
+    let from = source(scope, "total", group_by);
+    sql.push(&from.text, from.binds);
+    sql.push(&format!(" GROUP BY {}", group_keys("total", group_by)), []);
+    sql
+}
+
+/// Every group's sums over minute windows in `ranges` (a range's partial-hour edges).
+pub fn edge_groups(scope: &Scope, group_by: &[&str], ranges: &[(i64, i64)]) -> Sql {
+    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS} FROM rollups_minute WHERE ", dims(group_by)));
+    let f = scope.clause(ranges);
+    sql.push(&f.text, f.binds);
+    sql.push(&format!(" GROUP BY {}", group_keys("total", group_by)), []);
+    sql
+}
+
+/// The events in the rows [`groups`] reads for the same scope and grouping:
+/// one column, no grouping, so a cached answer can be checked cheaply.
+pub fn event_count(scope: &Scope, group_by: &[&str]) -> Sql {
+    let mut sql = Sql::new("SELECT sum(events) AS n");
+    let from = source(scope, "total", group_by);
+    sql.push(&from.text, from.binds);
+    sql
+}
+
 /// How many groups have a negative margin.
 pub fn negative_count(scope: &Scope, group_by: &[&str]) -> Sql {
     let mut sql = Sql::new(format!("SELECT count() FROM (SELECT {}, sum(revenue_nanos) - sum(cost_nanos) AS m", dims(group_by)));
@@ -317,6 +345,10 @@ pub fn compat_statements() -> Vec<String> {
         out.push(sums(&one_user, g, &["model"], false, false, 10).render(sum_fields));
     }
     out.push(negative_count(&daily, &["user_id"]).render(sum_fields));
+    out.push(groups(&daily, &["user_id"]).render(sum_fields));
+    out.push(groups(&rollups, &["customer_id", "model"]).render(sum_fields));
+    out.push(edge_groups(&daily, &["user_id"], &[(1_767_261_600, 1_767_261_900), (1_769_853_000, 1_769_853_600)]).render(sum_fields));
+    out.push(event_count(&daily, &["user_id"]).render(sum_fields));
     out.push(events(&events_scope, None, 100).render(&event_fields));
     let alert_fields = <meterline_aggregator::alerts::AlertRow as clickhouse::Row>::COLUMN_NAMES.join(",");
     out.push(alerts("acme", 0, 2_000_000_000, "open", Some("u-1"), Some("peers"), 10).render(&alert_fields));

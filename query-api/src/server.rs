@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::params::{DIMENSIONS, Params};
 use crate::queries::SumRow;
-use crate::store::{AlertsQuery, ClickHouseStore, QueryStore, SumsQuery, TopQuery};
+use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
 use crate::{QueryError, metrics};
 
 /// The OpenAPI document, checked in beside the crate.
@@ -45,7 +45,7 @@ impl AppState {
 
 /// Connects to ClickHouse and serves until `shutdown`, then drains.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
-    let store = ClickHouseStore(store::connect(&config.clickhouse).await?);
+    let store = ClickHouseStore::new(store::connect(&config.clickhouse).await?, config.server.ranking_cache_groups);
     let state = Arc::new(AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
@@ -180,13 +180,8 @@ async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        // Independent reads, so they run side by side: the answer takes the
-        // longer of the two rather than their sum.
-        let (rows, totals) = tokio::try_join!(
-            async { Ok::<_, ApiError>(state.store.top(&scope, TopQuery { by, metric, descending, limit }).await?) },
-            fetch(&state, &scope, SumsQuery::totals(&[], 1)),
-        )?;
-        let t = totals.first().cloned().unwrap_or_default();
+        let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit, count_negative: false };
+        let Ranking { rows, total: t, .. } = state.store.ranking(&scope, &q).await?;
         let value = |r: &SumRow| -> i128 {
             match metric {
                 "tokens" => i128::from(r.tokens()),
@@ -224,11 +219,8 @@ async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(r
         };
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
-        let (rows, totals, negative) = tokio::try_join!(
-            fetch(&state, &scope, SumsQuery { granularity: "total", group_by: group_by.clone(), negative_only, order_by_margin: true, limit }),
-            fetch(&state, &scope, SumsQuery::totals(&[], 1)),
-            async { Ok::<_, ApiError>(state.store.negative_count(&scope, &group_by).await?) },
-        )?;
+        let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit, count_negative: true };
+        let Ranking { rows, total, negative } = state.store.ranking(&scope, &q).await?;
         let with_pct = |r: &SumRow, dims: &[&str]| {
             let mut v = row_json(r, dims, false);
             v["margin_pct"] = json!(ratio((i128::from(r.s_revenue) - i128::from(r.s_cost)) * 100, i128::from(r.s_revenue), 2));
@@ -238,8 +230,8 @@ async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(r
             "range": range_json(&scope),
             "group_by": group_by,
             "rows": rows.iter().filter(|r| r.s_events > 0).map(|r| with_pct(r, &group_by)).collect::<Vec<_>>(),
-            "total": with_pct(&totals.first().cloned().unwrap_or_default(), &[]),
-            "negative_margin_groups": negative,
+            "total": with_pct(&total, &[]),
+            "negative_margin_groups": negative.unwrap_or(0),
         }))
     })
     .await

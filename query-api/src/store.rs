@@ -10,6 +10,8 @@ use meterline_aggregator::store::Store;
 use crate::QueryError;
 use crate::params::Scope;
 use crate::queries::{self, SumRow};
+use crate::ranking::{self, Entry, GroupCache, Key};
+use crate::metrics;
 
 /// Sums grouped by a time bucket and dimensions.
 #[derive(Debug, Clone)]
@@ -42,6 +44,35 @@ pub struct TopQuery {
     pub limit: i64,
 }
 
+/// How a ranking orders its groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// By `cost`, `tokens`, `revenue` or `margin`, then by key.
+    Metric { metric: &'static str, descending: bool },
+    /// Lowest margin first, then by key.
+    Margin,
+}
+
+/// What a ranking endpoint (top spenders, margins) asks at once.
+#[derive(Debug, Clone)]
+pub struct RankQuery {
+    pub group_by: Vec<&'static str>,
+    pub order: Order,
+    /// Only groups whose revenue is below their cost.
+    pub negative_only: bool,
+    pub limit: i64,
+    /// Also count the groups with a negative margin.
+    pub count_negative: bool,
+}
+
+/// A ranking's rows, the scope's total, and the negative-margin count if asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ranking {
+    pub rows: Vec<SumRow>,
+    pub total: SumRow,
+    pub negative: Option<u64>,
+}
+
 /// Where the audit trail resumes: after (seconds, nanoseconds, idempotency key).
 pub type Cursor = (i64, i64, String);
 
@@ -70,40 +101,136 @@ pub trait QueryStore: Send + Sync + std::fmt::Debug {
     /// The latest version of each alert, newest first.
     fn alerts<'a>(&'a self, q: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>>;
     fn ping(&self) -> BoxFuture<'_, bool>;
+
+    /// A ranking with the scope's total: by default three independent
+    /// statements side by side.
+    fn ranking<'a>(&'a self, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {
+        separately(self, scope, q)
+    }
 }
 
-/// The ClickHouse store: the statements in [`queries`], bound and sent.
-#[derive(Debug, Clone)]
-pub struct ClickHouseStore(pub Store);
+/// [`QueryStore::ranking`] from the store's `top`, `sums` and `negative_count`.
+pub fn separately<'a, S: QueryStore + ?Sized>(store: &'a S, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {
+    Box::pin(async move {
+        let rows = async {
+            match q.order {
+                Order::Metric { metric, descending } => {
+                    let by = q.group_by.first().copied().unwrap_or("user_id");
+                    store.top(scope, TopQuery { by, metric, descending, limit: q.limit }).await
+                }
+                Order::Margin => {
+                    let s = SumsQuery { granularity: "total", group_by: q.group_by.clone(), negative_only: q.negative_only, order_by_margin: true, limit: q.limit };
+                    store.sums(scope, &s).await
+                }
+            }
+        };
+        let everything = SumsQuery::totals(&[], 1);
+        let totals = store.sums(scope, &everything);
+        let negative = async { if q.count_negative { store.negative_count(scope, &q.group_by).await.map(Some) } else { Ok(None) } };
+        let (rows, totals, negative) = futures::future::try_join3(rows, totals, negative).await?;
+        Ok(Ranking { rows, total: totals.into_iter().next().unwrap_or_default(), negative })
+    })
+}
+
+/// The ClickHouse store: the statements in [`queries`], bound and sent, and
+/// rankings through the [`ranking`](crate::ranking) cache.
+#[derive(Debug)]
+pub struct ClickHouseStore {
+    store: Store,
+    cache: GroupCache,
+}
+
+impl ClickHouseStore {
+    /// Keeps at most `cache_groups` groups' sums for rankings (0: none).
+    pub fn new(store: Store, cache_groups: usize) -> ClickHouseStore {
+        ClickHouseStore { store, cache: GroupCache::new(cache_groups) }
+    }
+
+    fn client(&self) -> &clickhouse::Client {
+        self.store.client()
+    }
+
+    /// A ranking from the kept sums over the range's whole hours (checked,
+    /// or read and kept) plus the partial-hour edges, read every time.
+    async fn ranking_kept(&self, scope: &Scope, q: &RankQuery, hours: (i64, i64)) -> Result<Ranking, QueryError> {
+        let key = Key { tenant: scope.tenant.clone(), filters: scope.filters.clone(), group_by: q.group_by.clone(), hours };
+        let inner = scope.with_range(hours.0, hours.1);
+        let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+        let edge_ranges: Vec<(i64, i64)> = [(from, hours.0), (hours.1, to)].into_iter().filter(|(a, b)| a < b).collect();
+        let edges = async {
+            if edge_ranges.is_empty() {
+                return Ok(Vec::new());
+            }
+            queries::edge_groups(scope, &q.group_by, &edge_ranges).query(self.client()).fetch_all::<SumRow>().await
+        };
+        let read = async {
+            let groups = queries::groups(&inner, &q.group_by).query(self.client()).fetch_all::<SumRow>().await?;
+            Ok::<_, QueryError>(self.cache.put(Entry::new(key.clone(), groups)))
+        };
+        let (entry, edges) = match self.cache.get(&key) {
+            Some(kept) => {
+                let count = queries::event_count(&inner, &q.group_by).query(self.client()).fetch_one::<u64>();
+                let (events, edges) = tokio::try_join!(count, edges)?;
+                if events == kept.total.s_events {
+                    metrics::ranking_cache("hit");
+                    (kept, edges)
+                } else {
+                    metrics::ranking_cache("stale");
+                    (read.await?, edges)
+                }
+            }
+            None => {
+                metrics::ranking_cache("miss");
+                let (entry, edges) = tokio::try_join!(read, async { Ok::<_, QueryError>(edges.await?) })?;
+                (entry, edges)
+            }
+        };
+        metrics::ranking_cache_groups(self.cache.groups());
+        Ok(ranking::rank(&entry, &edges, q))
+    }
+}
 
 impl QueryStore for ClickHouseStore {
     fn sums<'a>(&'a self, scope: &'a Scope, q: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         Box::pin(async move {
             let sql = queries::sums(scope, q.granularity, &q.group_by, q.negative_only, q.order_by_margin, q.limit);
-            Ok(sql.query(self.0.client()).fetch_all().await?)
+            Ok(sql.query(self.client()).fetch_all().await?)
         })
     }
 
     fn top<'a>(&'a self, scope: &'a Scope, q: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async move { Ok(queries::top(scope, q.by, q.metric, q.descending, q.limit).query(self.0.client()).fetch_all().await?) })
+        Box::pin(async move { Ok(queries::top(scope, q.by, q.metric, q.descending, q.limit).query(self.client()).fetch_all().await?) })
     }
 
     fn negative_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
-        Box::pin(async move { Ok(queries::negative_count(scope, group_by).query(self.0.client()).fetch_one().await?) })
+        Box::pin(async move { Ok(queries::negative_count(scope, group_by).query(self.client()).fetch_one().await?) })
     }
 
     fn events<'a>(&'a self, scope: &'a Scope, cursor: Option<&'a Cursor>, limit: i64) -> BoxFuture<'a, Result<Vec<EventRow>, QueryError>> {
-        Box::pin(async move { Ok(queries::events(scope, cursor, limit).query(self.0.client()).fetch_all().await?) })
+        Box::pin(async move { Ok(queries::events(scope, cursor, limit).query(self.client()).fetch_all().await?) })
     }
 
     fn alerts<'a>(&'a self, q: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>> {
         Box::pin(async move {
             let sql = queries::alerts(&q.tenant, q.from, q.to, q.state, q.user.as_deref(), q.rule, q.limit);
-            Ok(sql.query(self.0.client()).fetch_all().await?)
+            Ok(sql.query(self.client()).fetch_all().await?)
         })
     }
 
     fn ping(&self) -> BoxFuture<'_, bool> {
-        Box::pin(self.0.ping())
+        Box::pin(self.store.ping())
+    }
+
+    fn ranking<'a>(&'a self, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {
+        // One user's rows are read from the user-first table already (fast);
+        // event-time scopes have no rollups to keep.
+        let one_user = scope.filters.iter().any(|(c, _)| *c == "user_id");
+        let hours = ranking::whole_hours(scope.from.timestamp(), scope.to.timestamp());
+        match hours {
+            Some(hours) if self.cache.enabled() && !one_user && scope.time_column == "window_start" => {
+                Box::pin(self.ranking_kept(scope, q, hours))
+            }
+            _ => separately(self, scope, q),
+        }
     }
 }

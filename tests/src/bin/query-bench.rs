@@ -21,7 +21,12 @@ async fn main() -> anyhow::Result<()> {
     let per_day = args.get(1).copied().unwrap_or(3);
     let runs = args.get(2).copied().unwrap_or(50) as usize;
     let ch = ClickHouse::shared();
-    let db = ch.database(&format!("qbench_{}", free_port())).await;
+    // BENCH_DB=<a database BENCH_KEEP kept> skips the load (for iterating).
+    let reuse = std::env::var("BENCH_DB").ok();
+    let db = match &reuse {
+        Some(db) => db.clone(),
+        None => ch.database(&format!("qbench_{}", free_port())).await,
+    };
     // The schema, through the aggregator's own migrations.
     let config = meterline_aggregator::config::ClickHouseConfig {
         url: ch.url.clone(),
@@ -32,27 +37,42 @@ async fn main() -> anyhow::Result<()> {
     };
     let store = meterline_aggregator::store::connect(&config).await?;
     store.migrate().await?;
-    let now = chrono::Utc::now().timestamp();
     let started = Instant::now();
-    // Server-side generation: user n spends on `per_day` minutes of each of 30 days.
-    for statement in load_statements(&db, users, per_day, now) {
-        ch.query(&statement).await;
-    }
-    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
-    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
-    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
+    let now = if reuse.is_some() {
+        ch.query(&format!("SELECT toUInt32(max(window_start)) FROM {db}.rollups_minute")).await.trim().parse()?
+    } else {
+        let now = chrono::Utc::now().timestamp();
+        // Server-side generation: user n spends on `per_day` minutes of each of 30 days.
+        for statement in load_statements(&db, users, per_day, now) {
+            ch.query(&statement).await;
+        }
+        ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
+        ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
+        ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
+        now
+    };
     let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_span WHERE span_days = 1")).await;
     let loaded = started.elapsed().as_secs_f64();
     let count = ch.query(&format!("SELECT count() FROM {db}.rollups_minute")).await;
 
     let api = QueryApi::start(&ch.url, &db).await;
-    let from = chrono::DateTime::from_timestamp(now - 30 * 86_400, 0).expect("from").format("%Y-%m-%dT%H:%M:%SZ");
-    let to = chrono::DateTime::from_timestamp(now + 60, 0).expect("to").format("%Y-%m-%dT%H:%M:%SZ");
-    let queries = [
-        ("top spenders by cost, 30 days", format!("/v1/top-spenders?metric=cost&limit=100&from={from}&to={to}")),
-        ("lowest margins, 30 days", format!("/v1/margins?group_by=user_id&limit=100&from={from}&to={to}")),
-        ("one user's usage, 30 days", format!("/v1/users/user-4242/usage?from={from}&to={to}")),
-        ("usage by day and model, 30 days", format!("/v1/usage?granularity=day&group_by=model&from={from}&to={to}")),
+    let fmt = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+    // The benchmark's range, 30 days to `now` + 60 s; run k of a cold row
+    // starts k + 1 hours earlier instead (the same rows, since the data
+    // starts 30 days back), so the ranking cache holds nothing for it.
+    let range = move |run: Option<usize>| {
+        let from = now - 30 * 86_400 - run.map_or(0, |k| (k as i64 + 1) * 3_600);
+        format!("from={}&to={}", fmt(from), fmt(now + 60))
+    };
+    type PathFor = Box<dyn Fn(Option<usize>) -> String>;
+    // (name, its statements in `endpoint_statements`, the path of run k; None: the warm-up)
+    let queries: Vec<(&str, usize, PathFor)> = vec![
+        ("top spenders by cost, 30 days", 0, Box::new(move |_| format!("/v1/top-spenders?metric=cost&limit=100&{}", range(None)))),
+        ("top spenders by cost, 30 days, cold", 0, Box::new(move |k| format!("/v1/top-spenders?metric=cost&limit=100&{}", range(k)))),
+        ("lowest margins, 30 days", 1, Box::new(move |_| format!("/v1/margins?group_by=user_id&limit=100&{}", range(None)))),
+        ("lowest margins, 30 days, cold", 1, Box::new(move |k| format!("/v1/margins?group_by=user_id&limit=100&{}", range(k)))),
+        ("one user's usage, 30 days", 2, Box::new(move |_| format!("/v1/users/user-4242/usage?{}", range(None)))),
+        ("usage by day and model, 30 days", 3, Box::new(move |_| format!("/v1/usage?granularity=day&group_by=model&{}", range(None)))),
     ];
     println!(
         "query-bench: {users} users, 30 days, {} minute rows, {} daily per-user rows (loaded in {loaded:.1} s), ClickHouse {}",
@@ -65,14 +85,15 @@ async fn main() -> anyhow::Result<()> {
     let raw_statements = endpoint_statements(now)?;
     let tcp_port = stack_var("METERLINE_TEST_CLICKHOUSE_TCP_PORT");
     let mut results = Vec::new();
-    for ((name, path), (raw_name, statements)) in queries.iter().zip(&raw_statements) {
-        anyhow::ensure!(name == raw_name, "the endpoint lists differ: {name} vs {raw_name}");
-        let (status, _) = api.get(path, Some("acme-read-key")).await; // warm-up
+    for (name, raw_index, path) in &queries {
+        let statements = &raw_statements[*raw_index].1;
+        let (status, _) = api.get(&path(None), Some("acme-read-key")).await; // warm-up
         anyhow::ensure!(status == 200, "{name}: {status}");
         let mut times = Vec::with_capacity(runs);
-        for _ in 0..runs {
+        for run in 0..runs {
+            let path = path(Some(run));
             let t = Instant::now();
-            let (status, _) = api.get(path, Some("acme-read-key")).await;
+            let (status, _) = api.get(&path, Some("acme-read-key")).await;
             anyhow::ensure!(status == 200, "{name}: {status}");
             times.push(t.elapsed());
         }

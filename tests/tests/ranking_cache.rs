@@ -1,0 +1,84 @@
+//! The query API's ranking cache against the real stack: rankings stay exact
+//! as of each request while the kept sums are reused. Its own test binary, so
+//! the cache's counters in `/metrics` are this test's alone.
+
+use chrono::{TimeZone, Utc};
+use meterline_tests::stack::Process;
+use meterline_tests::*;
+use serde_json::{Value, json};
+
+async fn post(url: &str, events: &[(&str, usize, i64, &str)]) {
+    let batch: Vec<Value> = events
+        .iter()
+        .map(|(user, n, at, cost)| {
+            let mut e = event(user, *n);
+            e["timestamp"] = json!(Utc.timestamp_opt(*at, 0).single().expect("time").to_rfc3339());
+            e["cost_usd"] = json!(cost);
+            e
+        })
+        .collect();
+    let r = reqwest::Client::new().post(format!("{url}/v1/events")).bearer_auth("acme-ingest-key").json(&batch).send().await.expect("post");
+    assert_eq!(r.status(), 202);
+}
+
+/// (user, cost) of each row, and the total cost.
+async fn top(api: &QueryApi, range: &str) -> (Vec<(String, String)>, String) {
+    let (status, body) = api.get(&format!("/v1/top-spenders?metric=cost&limit=10&{range}"), Some("acme-read-key")).await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["rows"].as_array().expect("rows").iter().map(|r| (r["user_id"].as_str().expect("user").to_owned(), r["cost_usd"].as_str().expect("cost").to_owned())).collect();
+    (rows, body["total"]["cost_usd"].as_str().expect("total").to_owned())
+}
+
+/// The cache's look-ups so far: (hit, stale, miss).
+async fn lookups(api: &QueryApi) -> (u64, u64, u64) {
+    let text = reqwest::get(format!("{}/metrics", api.url)).await.expect("metrics").text().await.expect("text");
+    let count = |result: &str| {
+        let prefix = format!("meterline_query_ranking_cache_lookups_total{{result=\"{result}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().expect("counter"))
+    };
+    (count("hit"), count("stale"), count("miss"))
+}
+
+#[tokio::test]
+async fn kept_rankings_see_late_and_partial_hour_events_at_once() {
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("rankcache").await;
+    let agg = Process::start("meterline-aggregator", &aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, ""));
+    // A range in the past with partial hours at both ends: whole hours
+    // [h - 5 h, h), edges [h - 5 h - 20 min, h - 5 h) and [h, h + 20 min).
+    let h = Utc::now().timestamp().div_euclid(3_600) * 3_600 - 3 * 3_600;
+    let fmt = |t: i64| Utc.timestamp_opt(t, 0).single().expect("time").format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let range = format!("from={}&to={}", fmt(h - 5 * 3_600 - 1_200), fmt(h + 1_200));
+    let api = QueryApi::start(&ch.url, &database).await;
+    let owned = |rows: &[(&str, &str)]| rows.iter().map(|(u, c)| ((*u).to_owned(), (*c).to_owned())).collect::<Vec<_>>();
+
+    post(&ingest.url, &[("a", 1, h - 3 * 3_600 + 10, "0.5"), ("b", 2, h - 2 * 3_600, "0.3"), ("d", 3, h - 5 * 3_600 - 600, "0.05")]).await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", 3)]).await;
+    let want = (owned(&[("a", "0.5"), ("b", "0.3"), ("d", "0.05")]), "0.85".to_owned());
+    assert_eq!(top(&api, &range).await, want);
+    assert_eq!(lookups(&api).await, (0, 0, 1), "the first ask reads and keeps");
+    assert_eq!(top(&api, &range).await, want);
+    assert_eq!(lookups(&api).await, (1, 0, 1), "the second uses what was kept");
+
+    // A late event inside the whole hours: the kept sums no longer count
+    // every event, so they are read again.
+    post(&ingest.url, &[("b", 4, h - 4 * 3_600, "0.4")]).await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", 4)]).await;
+    assert_eq!(top(&api, &range).await, (owned(&[("b", "0.7"), ("a", "0.5"), ("d", "0.05")]), "1.25".to_owned()));
+    assert_eq!(lookups(&api).await, (1, 1, 1));
+
+    // Events in the partial hours are read on every request: seen at once,
+    // and the kept sums stay valid.
+    post(&ingest.url, &[("c", 5, h + 300, "1.0"), ("a", 6, h - 5 * 3_600 - 60, "0.25")]).await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", 6)]).await;
+    assert_eq!(top(&api, &range).await, (owned(&[("c", "1"), ("a", "0.75"), ("b", "0.7"), ("d", "0.05")]), "2.5".to_owned()));
+    assert_eq!(lookups(&api).await, (2, 1, 1));
+
+    // Margins share the machinery: negative-margin users counted exactly.
+    let (status, body) = api.get(&format!("/v1/margins?group_by=user_id&{range}"), Some("acme-read-key")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["negative_margin_groups"], json!(4), "nobody here has revenue: {body}");
+    assert_eq!(body["rows"][0]["user_id"], json!("c"), "lowest margin first: {body}");
+    assert_eq!(body["total"]["cost_usd"], json!("2.5"));
+    drop(agg);
+    ingest.stop().await;
+}
