@@ -13,7 +13,7 @@
 //!   grouping and the whole-hour range; the edges (minute rows of at most
 //!   two hours) are read on every request.
 //! - Before a kept entry is used, the events in its whole hours are summed
-//!   again: one column, no grouping, a tenth of the grouping's time. Rollup
+//!   again: one column, no grouping (~12 ms where grouping takes ~200). Rollup
 //!   rows are only ever added, each with at least one event (merges sum
 //!   rows, never drop a row with events, and nothing deletes), so the same
 //!   event count means the same rows. Anything added since, a late event or a
