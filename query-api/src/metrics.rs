@@ -19,7 +19,7 @@ pub fn handle() -> PrometheusHandle {
     DESCRIBED.call_once(|| {
         describe_counter!(REQUESTS, "Query API requests, by endpoint and status.");
         describe_histogram!(DURATION, metrics::Unit::Seconds, "Time to answer, by endpoint.");
-        describe_counter!(RANKING_CACHE, "Ranking cache look-ups, by result: hit, stale (events arrived since), miss.");
+        describe_counter!(RANKING_CACHE, "Ranking cache look-ups, by result: hit, slide (a kept range a few hours away, moved), stale (events arrived since), miss.");
         describe_gauge!(RANKING_CACHE_GROUPS, "Groups' sums held by the ranking cache.");
     });
     handle
@@ -30,7 +30,7 @@ pub fn request(endpoint: &'static str, status: u16, seconds: f64) {
     histogram!(DURATION, "endpoint" => endpoint).record(seconds);
 }
 
-/// `result`: `hit`, `stale` or `miss`.
+/// `result`: `hit`, `slide`, `stale` or `miss`.
 pub fn ranking_cache(result: &'static str) {
     counter!(RANKING_CACHE, "result" => result).increment(1);
 }

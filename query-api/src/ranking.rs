@@ -19,6 +19,13 @@
 //!   event count means the same rows. Anything added since, a late event or a
 //!   flush still landing, changes the count and the entry is read again.
 //!
+//! - When the hour turns under a dashboard's "last 30 days", the new whole
+//!   hours differ from a kept entry's by an hour at each end. The entry is
+//!   slid: the hour that left is read and subtracted, the hour that came is
+//!   read and added, and the old entry is checked after those reads (so the
+//!   subtracted hour was read from the rows it holds). Up to
+//!   [`MAX_SLIDE_HOURS`] of difference are slid; farther, it is read whole.
+//!
 //! A new range, or one whose whole hours just received events, costs one
 //! full read, as without the cache. Memory is bounded by the number of
 //! groups kept (`server.ranking_cache_groups`, about 250 bytes a group; 0
@@ -73,13 +80,84 @@ impl Entry {
 
     /// The index of the kept group with `row`'s keys.
     fn find(&self, row: &SumRow) -> Option<usize> {
-        let at = *self.by_hash.get(&hash(row))? as usize;
-        if keys(&self.groups[at]) == keys(row) {
-            return Some(at);
-        }
-        // Two groups' keys share a 64-bit hash: exact, if slow, by scanning.
-        self.groups.iter().position(|g| keys(g) == keys(row))
+        find_in(&self.groups, &self.by_hash, row)
     }
+}
+
+/// The most hours a kept entry is slid by (hours read instead of the whole
+/// range); farther apart, reading the whole range again is as cheap.
+pub const MAX_SLIDE_HOURS: i64 = 24;
+
+/// The whole hours to read to turn `base` hours into `target` hours: (from,
+/// to, whether the slice is added or subtracted), or None if the ranges do
+/// not overlap or are farther apart than [`MAX_SLIDE_HOURS`].
+pub fn slices(base: (i64, i64), target: (i64, i64)) -> Option<Vec<(i64, i64, bool)>> {
+    let ((a0, b0), (a, b)) = (base, target);
+    if a >= b0 || a0 >= b || (a - a0).abs() + (b - b0).abs() > MAX_SLIDE_HOURS * 3_600 {
+        return None;
+    }
+    let mut out = Vec::new();
+    match a.cmp(&a0) {
+        Ordering::Less => out.push((a, a0, true)),
+        Ordering::Greater => out.push((a0, a, false)),
+        Ordering::Equal => {}
+    }
+    match b.cmp(&b0) {
+        Ordering::Greater => out.push((b0, b, true)),
+        Ordering::Less => out.push((b, b0, false)),
+        Ordering::Equal => {}
+    }
+    Some(out)
+}
+
+impl Entry {
+    /// This entry moved to `key`'s hours: the groups of each slice (from
+    /// [`slices`]) added or subtracted. A group left with no events has no
+    /// rows in the new range; it stays, all zero, and [`rank`] skips it (as a
+    /// GROUP BY would not return it) until the entry is next read whole.
+    /// None if a subtracted group is not kept with at least its events,
+    /// which a current entry always has.
+    pub fn slid(&self, key: Key, slices: &[(bool, Vec<SumRow>)]) -> Option<Entry> {
+        let mut groups = self.groups.clone();
+        let mut by_hash = self.by_hash.clone();
+        let mut total = self.total.clone();
+        for (added, rows) in slices {
+            for r in rows {
+                let at = match (find_in(&groups, &by_hash, r), added) {
+                    (Some(at), _) => at,
+                    (None, true) => {
+                        by_hash.entry(hash(r)).or_insert(groups.len() as u32);
+                        let (g_user, g_customer, g_feature, g_model) = (r.g_user.clone(), r.g_customer.clone(), r.g_feature.clone(), r.g_model.clone());
+                        groups.push(SumRow { g_user, g_customer, g_feature, g_model, ..SumRow::default() });
+                        groups.len() - 1
+                    }
+                    (None, false) => return None,
+                };
+                let g = &mut groups[at];
+                if *added {
+                    add(g, r);
+                    add(&mut total, r);
+                } else {
+                    if g.s_events < r.s_events {
+                        return None;
+                    }
+                    subtract(g, r);
+                    subtract(&mut total, r);
+                }
+            }
+        }
+        Some(Entry { key, groups, total, by_hash })
+    }
+}
+
+/// The index in `groups` of the group with `row`'s keys, by its hash.
+fn find_in(groups: &[SumRow], by_hash: &HashMap<u64, u32>, row: &SumRow) -> Option<usize> {
+    let at = *by_hash.get(&hash(row))? as usize;
+    if keys(&groups[at]) == keys(row) {
+        return Some(at);
+    }
+    // Two groups' keys share a 64-bit hash: exact, if slow, by scanning.
+    groups.iter().position(|g| keys(g) == keys(row))
 }
 
 fn hash(r: &SumRow) -> u64 {
@@ -111,6 +189,18 @@ impl GroupCache {
         let entry = entries.remove(at)?;
         entries.push_front(entry.clone());
         Some(entry)
+    }
+
+    /// The kept entry for the same tenant, filters and grouping whose hours
+    /// are fewest hours of reading away from `key`'s, within [`MAX_SLIDE_HOURS`].
+    pub fn nearest(&self, key: &Key) -> Option<Arc<Entry>> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries
+            .iter()
+            .filter(|e| e.key.tenant == key.tenant && e.key.filters == key.filters && e.key.group_by == key.group_by)
+            .filter(|e| slices(e.key.hours, key.hours).is_some())
+            .min_by_key(|e| (e.key.hours.0 - key.hours.0).abs() + (e.key.hours.1 - key.hours.1).abs())
+            .cloned()
     }
 
     /// Keeps `entry` (replacing one with its key), evicting the least recently
@@ -146,6 +236,19 @@ pub fn add(a: &mut SumRow, b: &SumRow) {
     a.s_revenue = a.s_revenue.wrapping_add(b.s_revenue);
     a.s_credits = a.s_credits.wrapping_add(b.s_credits);
     a.s_unpriced = a.s_unpriced.wrapping_add(b.s_unpriced);
+}
+
+/// Takes `b`'s sums out of `a` (the inverse of [`add`]).
+pub fn subtract(a: &mut SumRow, b: &SumRow) {
+    a.s_events = a.s_events.wrapping_sub(b.s_events);
+    a.s_input = a.s_input.wrapping_sub(b.s_input);
+    a.s_output = a.s_output.wrapping_sub(b.s_output);
+    a.s_cached = a.s_cached.wrapping_sub(b.s_cached);
+    a.s_reasoning = a.s_reasoning.wrapping_sub(b.s_reasoning);
+    a.s_cost = a.s_cost.wrapping_sub(b.s_cost);
+    a.s_revenue = a.s_revenue.wrapping_sub(b.s_revenue);
+    a.s_credits = a.s_credits.wrapping_sub(b.s_credits);
+    a.s_unpriced = a.s_unpriced.wrapping_sub(b.s_unpriced);
 }
 
 fn margin(r: &SumRow) -> i128 {
@@ -209,7 +312,10 @@ pub fn rank(entry: &Entry, edges: &[SumRow], q: &RankQuery) -> Ranking {
             }
             _ => g,
         };
-        all.push((value(q.order, row), row));
+        // A group slid out of range (see `Entry::slid`).
+        if row.s_events > 0 {
+            all.push((value(q.order, row), row));
+        }
     }
     all.extend(only_edges.into_iter().map(|e| (value(q.order, e), e)));
     let negative = q.count_negative.then(|| all.iter().filter(|(_, r)| margin(r) < 0).count() as u64);
@@ -272,6 +378,40 @@ mod tests {
         assert!(margin.rows.is_empty(), "nobody loses money");
         let tokens = rank(&entry, &[row("c", 0, 0)], &q(Order::Metric { metric: "tokens", descending: true }, 1));
         assert_eq!((tokens.rows[0].g_user.as_str(), tokens.rows[0].s_input), ("c", 20));
+    }
+
+    #[test]
+    fn slices_turn_one_hour_range_into_another() {
+        let h = 3_600;
+        assert_eq!(slices((0, 10 * h), (h, 11 * h)), Some(vec![(0, h, false), (10 * h, 11 * h, true)]));
+        assert_eq!(slices((h, 11 * h), (0, 10 * h)), Some(vec![(0, h, true), (10 * h, 11 * h, false)]));
+        assert_eq!(slices((0, 10 * h), (0, 10 * h)), Some(vec![]));
+        assert_eq!(slices((0, 10 * h), (10 * h, 20 * h)), None, "no overlap");
+        assert_eq!(slices((0, 100 * h), (13 * h, 112 * h)), None, "25 hours apart: read whole");
+        assert_eq!(slices((0, 100 * h), (12 * h, 112 * h)).map(|s| s.len()), Some(2));
+    }
+
+    #[test]
+    fn a_slid_entry_equals_one_read_over_its_hours() {
+        let two = |user: &str, cost: i64| SumRow { s_events: 2, ..row(user, cost, 0) };
+        let base = Entry::new(key((0, 7_200)), vec![two("a", 10), row("b", 5, 0), row("c", 1, 0)]);
+        // The hour that left held b's 5 and part of a; the new hour has c and d.
+        let slid = base
+            .slid(key((3_600, 10_800)), &[(false, vec![row("a", 4, 0), row("b", 5, 0)]), (true, vec![row("c", 2, 0), row("d", 3, 0)])])
+            .expect("consistent");
+        let mut got: Vec<(&str, i64, u64)> = slid.groups.iter().map(|g| (g.g_user.as_str(), g.s_cost, g.s_events)).collect();
+        got.sort();
+        assert_eq!(got, [("a", 6, 1), ("b", 0, 0), ("c", 3, 2), ("d", 3, 1)]);
+        assert_eq!((slid.total.s_cost, slid.total.s_events), (12, 4));
+        // b had one event, all of it in the hour that left: not ranked, as a GROUP BY would not return it.
+        let ranked = rank(&slid, &[], &q(Order::Metric { metric: "cost", descending: false }, 10));
+        assert_eq!(ranked.rows.iter().map(|r| r.g_user.as_str()).collect::<Vec<_>>(), ["c", "d", "a"]);
+        assert_eq!(ranked.negative, Some(3));
+        assert_eq!(slid.key.hours, (3_600, 10_800));
+        let found = slid.find(&row("d", 0, 0)).map(|at| slid.groups[at].s_cost);
+        assert_eq!(found, Some(3), "new groups are found by hash");
+        assert!(base.slid(key((3_600, 10_800)), &[(false, vec![row("z", 1, 0)])]).is_none(), "subtracting what was never kept");
+        assert!(base.slid(key((3_600, 10_800)), &[(false, vec![row("c", 1, 0), row("c", 1, 0)])]).is_none(), "more events than kept");
     }
 
     #[test]

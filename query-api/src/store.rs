@@ -179,11 +179,37 @@ impl ClickHouseStore {
                     (read.await?, edges)
                 }
             }
-            None => {
-                metrics::ranking_cache("miss");
-                let (entry, edges) = tokio::try_join!(read, async { Ok::<_, QueryError>(edges.await?) })?;
-                (entry, edges)
-            }
+            None => match self.cache.nearest(&key).and_then(|base| Some((ranking::slices(base.key.hours, hours)?, base))) {
+                // A kept entry a few hours away (the hour turned under a
+                // dashboard's "last 30 days"): read only the hours between.
+                Some((slices, base)) => {
+                    let reads = futures::future::try_join_all(slices.into_iter().map(|(from, to, added)| {
+                        let sql = queries::groups(&scope.with_range(from, to), &q.group_by);
+                        async move { Ok::<_, clickhouse::error::Error>((added, sql.query(self.client()).fetch_all::<SumRow>().await?)) }
+                    }));
+                    let (slices, edges) = tokio::try_join!(reads, edges)?;
+                    // The base is checked after the slices were read: an equal
+                    // count then means the subtracted hours were read from the
+                    // very rows the base holds.
+                    let base_scope = scope.with_range(base.key.hours.0, base.key.hours.1);
+                    let events = queries::event_count(&base_scope, &q.group_by).query(self.client()).fetch_one::<u64>().await?;
+                    match (events == base.total.s_events).then(|| base.slid(key.clone(), &slices)).flatten() {
+                        Some(entry) => {
+                            metrics::ranking_cache("slide");
+                            (self.cache.put(entry), edges)
+                        }
+                        None => {
+                            metrics::ranking_cache("stale");
+                            (read.await?, edges)
+                        }
+                    }
+                }
+                None => {
+                    metrics::ranking_cache("miss");
+                    let (entry, edges) = tokio::try_join!(read, async { Ok::<_, QueryError>(edges.await?) })?;
+                    (entry, edges)
+                }
+            },
         };
         metrics::ranking_cache_groups(self.cache.groups());
         Ok(ranking::rank(&entry, &edges, q))

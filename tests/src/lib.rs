@@ -366,8 +366,13 @@ pub struct QueryApi {
 impl QueryApi {
     /// Starts the query API over `clickhouse_url`/`database` with the test tenants' keys.
     pub async fn start(clickhouse_url: &str, database: &str) -> QueryApi {
+        QueryApi::start_with(clickhouse_url, database, "").await
+    }
+
+    /// The same, with `server` as the `[server]` section's keys.
+    pub async fn start_with(clickhouse_url: &str, database: &str, server: &str) -> QueryApi {
         init_tracing();
-        let mut text = format!("[clickhouse]\nurl = \"{clickhouse_url}\"\ndatabase = \"{database}\"\n");
+        let mut text = format!("[server]\n{server}\n[clickhouse]\nurl = \"{clickhouse_url}\"\ndatabase = \"{database}\"\n");
         for (tenant, ingest, read) in TENANTS {
             text.push_str(&format!(
                 "[[tenants]]\nid = \"{tenant}\"\n[[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\

@@ -29,14 +29,14 @@ async fn top(api: &QueryApi, range: &str) -> (Vec<(String, String)>, String) {
     (rows, body["total"]["cost_usd"].as_str().expect("total").to_owned())
 }
 
-/// The cache's look-ups so far: (hit, stale, miss).
-async fn lookups(api: &QueryApi) -> (u64, u64, u64) {
+/// The cache's look-ups so far: (hit, stale, miss, slide).
+async fn lookups(api: &QueryApi) -> (u64, u64, u64, u64) {
     let text = reqwest::get(format!("{}/metrics", api.url)).await.expect("metrics").text().await.expect("text");
     let count = |result: &str| {
         let prefix = format!("meterline_query_ranking_cache_lookups_total{{result=\"{result}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().expect("counter"))
     };
-    (count("hit"), count("stale"), count("miss"))
+    (count("hit"), count("stale"), count("miss"), count("slide"))
 }
 
 #[tokio::test]
@@ -51,34 +51,48 @@ async fn kept_rankings_see_late_and_partial_hour_events_at_once() {
     let api = QueryApi::start(&ch.url, &database).await;
     let owned = |rows: &[(&str, &str)]| rows.iter().map(|(u, c)| ((*u).to_owned(), (*c).to_owned())).collect::<Vec<_>>();
 
-    post(&ingest.url, &[("a", 1, h - 3 * 3_600 + 10, "0.5"), ("b", 2, h - 2 * 3_600, "0.3"), ("d", 3, h - 5 * 3_600 - 600, "0.05")]).await;
-    workload::wait_rolled_up(&ch, &database, &[("acme", 3)]).await;
-    let want = (owned(&[("a", "0.5"), ("b", "0.3"), ("d", "0.05")]), "0.85".to_owned());
+    // e's hour, [h - 5 h, h - 4 h), leaves the range when it moves an hour on.
+    post(&ingest.url, &[("a", 1, h - 3 * 3_600 + 10, "0.5"), ("b", 2, h - 2 * 3_600, "0.3"), ("d", 3, h - 5 * 3_600 - 600, "0.05"), ("e", 7, h - 4 * 3_600 - 600, "0.2")]).await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", 4)]).await;
+    let want = (owned(&[("a", "0.5"), ("b", "0.3"), ("e", "0.2"), ("d", "0.05")]), "1.05".to_owned());
     assert_eq!(top(&api, &range).await, want);
-    assert_eq!(lookups(&api).await, (0, 0, 1), "the first ask reads and keeps");
+    assert_eq!(lookups(&api).await, (0, 0, 1, 0), "the first ask reads and keeps");
     assert_eq!(top(&api, &range).await, want);
-    assert_eq!(lookups(&api).await, (1, 0, 1), "the second uses what was kept");
+    assert_eq!(lookups(&api).await, (1, 0, 1, 0), "the second uses what was kept");
 
     // A late event inside the whole hours: the kept sums no longer count
     // every event, so they are read again.
     post(&ingest.url, &[("b", 4, h - 4 * 3_600, "0.4")]).await;
-    workload::wait_rolled_up(&ch, &database, &[("acme", 4)]).await;
-    assert_eq!(top(&api, &range).await, (owned(&[("b", "0.7"), ("a", "0.5"), ("d", "0.05")]), "1.25".to_owned()));
-    assert_eq!(lookups(&api).await, (1, 1, 1));
+    workload::wait_rolled_up(&ch, &database, &[("acme", 5)]).await;
+    assert_eq!(top(&api, &range).await, (owned(&[("b", "0.7"), ("a", "0.5"), ("e", "0.2"), ("d", "0.05")]), "1.45".to_owned()));
+    assert_eq!(lookups(&api).await, (1, 1, 1, 0));
 
     // Events in the partial hours are read on every request: seen at once,
     // and the kept sums stay valid.
     post(&ingest.url, &[("c", 5, h + 300, "1.0"), ("a", 6, h - 5 * 3_600 - 60, "0.25")]).await;
-    workload::wait_rolled_up(&ch, &database, &[("acme", 6)]).await;
-    assert_eq!(top(&api, &range).await, (owned(&[("c", "1"), ("a", "0.75"), ("b", "0.7"), ("d", "0.05")]), "2.5".to_owned()));
-    assert_eq!(lookups(&api).await, (2, 1, 1));
+    workload::wait_rolled_up(&ch, &database, &[("acme", 7)]).await;
+    let all = owned(&[("c", "1"), ("a", "0.75"), ("b", "0.7"), ("e", "0.2"), ("d", "0.05")]);
+    assert_eq!(top(&api, &range).await, (all, "2.7".to_owned()));
+    assert_eq!(lookups(&api).await, (2, 1, 1, 0));
 
-    // Margins share the machinery: negative-margin users counted exactly.
+    // Margins share the kept sums (same tenant, filters and grouping).
     let (status, body) = api.get(&format!("/v1/margins?group_by=user_id&{range}"), Some("acme-read-key")).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["negative_margin_groups"], json!(4), "nobody here has revenue: {body}");
+    assert_eq!(body["negative_margin_groups"], json!(5), "nobody here has revenue: {body}");
     assert_eq!(body["rows"][0]["user_id"], json!("c"), "lowest margin first: {body}");
-    assert_eq!(body["total"]["cost_usd"], json!("2.5"));
+    assert_eq!(body["total"]["cost_usd"], json!("2.7"));
+    assert_eq!(lookups(&api).await, (3, 1, 1, 0));
+
+    // The range an hour later, as a dashboard's "last 30 days" moves when
+    // the hour turns: the kept sums slide. e's hour left the whole hours (e
+    // is now in the range's first partial hour), c's hour joined them, d
+    // and a's early event are out of range.
+    let moved = format!("from={}&to={}", fmt(h - 4 * 3_600 - 1_200), fmt(h + 3_600 + 1_200));
+    let want = (owned(&[("c", "1"), ("b", "0.7"), ("a", "0.5"), ("e", "0.2")]), "2.4".to_owned());
+    assert_eq!(top(&api, &moved).await, want);
+    assert_eq!(lookups(&api).await, (3, 1, 1, 1));
+    assert_eq!(top(&api, &moved).await, want);
+    assert_eq!(lookups(&api).await, (4, 1, 1, 1), "the slid sums are kept for the new hours");
     drop(agg);
     ingest.stop().await;
 }
