@@ -7,11 +7,14 @@
 //! those hours are past, so they are worth keeping.
 //!
 //! How it stays exact:
-//! - A request's range `[from, to)` splits into its whole UTC hours
-//!   `[hour_from, hour_to)` and at most two partial-hour edges. The cache
+//! - A request's range `[from, to)` splits into its whole past UTC hours
+//!   `[hour_from, hour_to)` and at most two edges: the partial hour at the
+//!   start, and the rest from `hour_to` (a partial hour, or the current hour
+//!   and anything later when the range ends in the future). The cache
 //!   keeps each group's sums over the whole hours, keyed by tenant, filters,
-//!   grouping and the whole-hour range; the edges (minute rows of at most
-//!   two hours) are read on every request.
+//!   grouping and the whole-hour range; the edges (minute rows of about two
+//!   hours at most, since nothing is later than a few minutes from now) are
+//!   read on every request.
 //! - Before a kept entry is used, the events in its whole hours are summed
 //!   again: one column, no grouping (~12 ms where grouping takes ~200). Rollup
 //!   rows are only ever added, each with at least one event (merges sum

@@ -93,6 +93,25 @@ async fn kept_rankings_see_late_and_partial_hour_events_at_once() {
     assert_eq!(lookups(&api).await, (3, 1, 1, 1));
     assert_eq!(top(&api, &moved).await, want);
     assert_eq!(lookups(&api).await, (4, 1, 1, 1), "the slid sums are kept for the new hours");
+
+    // A range ending tomorrow: only past hours are kept, so events arriving
+    // in the current hour are read with the edge, and the kept sums stay good.
+    // (Within one clock hour: when it turns, the kept hours move, by design.)
+    poll_until(std::time::Duration::from_secs(150), "two minutes clear of the hour's end", || async {
+        (Utc::now().timestamp().rem_euclid(3_600) < 3_480).then_some(())
+    })
+    .await;
+    let later = format!("from={}&to={}", fmt(h - 5 * 3_600 - 1_200), fmt(Utc::now().timestamp() + 86_400));
+    let all = owned(&[("c", "1"), ("a", "0.75"), ("b", "0.7"), ("e", "0.2"), ("d", "0.05")]);
+    assert_eq!(top(&api, &later).await, (all.clone(), "2.7".to_owned()));
+    assert_eq!(lookups(&api).await, (4, 1, 1, 2), "three hours from a kept entry: slid");
+    let now = Utc::now().timestamp();
+    post(&ingest.url, &[("x", 8, now, "0.01")]).await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", 8)]).await;
+    let mut with_x = all;
+    with_x.push(("x".to_owned(), "0.01".to_owned()));
+    assert_eq!(top(&api, &later).await, (with_x, "2.71".to_owned()));
+    assert_eq!(lookups(&api).await, (5, 1, 1, 2), "the current hour is not kept, so its events change nothing kept");
     drop(agg);
     ingest.stop().await;
 }
