@@ -230,28 +230,28 @@ impl GroupCache {
 
 /// Adds `b`'s sums into `a`, wrapping as ClickHouse's integer sums do (never a panic).
 pub fn add(a: &mut SumRow, b: &SumRow) {
-    a.s_events = a.s_events.wrapping_add(b.s_events);
-    a.s_input = a.s_input.wrapping_add(b.s_input);
-    a.s_output = a.s_output.wrapping_add(b.s_output);
-    a.s_cached = a.s_cached.wrapping_add(b.s_cached);
-    a.s_reasoning = a.s_reasoning.wrapping_add(b.s_reasoning);
-    a.s_cost = a.s_cost.wrapping_add(b.s_cost);
-    a.s_revenue = a.s_revenue.wrapping_add(b.s_revenue);
-    a.s_credits = a.s_credits.wrapping_add(b.s_credits);
-    a.s_unpriced = a.s_unpriced.wrapping_add(b.s_unpriced);
+    combine(a, b, u64::wrapping_add, i64::wrapping_add);
 }
 
 /// Takes `b`'s sums out of `a` (the inverse of [`add`]).
 pub fn subtract(a: &mut SumRow, b: &SumRow) {
-    a.s_events = a.s_events.wrapping_sub(b.s_events);
-    a.s_input = a.s_input.wrapping_sub(b.s_input);
-    a.s_output = a.s_output.wrapping_sub(b.s_output);
-    a.s_cached = a.s_cached.wrapping_sub(b.s_cached);
-    a.s_reasoning = a.s_reasoning.wrapping_sub(b.s_reasoning);
-    a.s_cost = a.s_cost.wrapping_sub(b.s_cost);
-    a.s_revenue = a.s_revenue.wrapping_sub(b.s_revenue);
-    a.s_credits = a.s_credits.wrapping_sub(b.s_credits);
-    a.s_unpriced = a.s_unpriced.wrapping_sub(b.s_unpriced);
+    combine(a, b, u64::wrapping_sub, i64::wrapping_sub);
+}
+
+fn combine(a: &mut SumRow, b: &SumRow, count: fn(u64, u64) -> u64, money: fn(i64, i64) -> i64) {
+    for (x, y) in [
+        (&mut a.s_events, b.s_events),
+        (&mut a.s_input, b.s_input),
+        (&mut a.s_output, b.s_output),
+        (&mut a.s_cached, b.s_cached),
+        (&mut a.s_reasoning, b.s_reasoning),
+        (&mut a.s_unpriced, b.s_unpriced),
+    ] {
+        *x = count(*x, y);
+    }
+    for (x, y) in [(&mut a.s_cost, b.s_cost), (&mut a.s_revenue, b.s_revenue), (&mut a.s_credits, b.s_credits)] {
+        *x = money(*x, y);
+    }
 }
 
 fn margin(r: &SumRow) -> i128 {
