@@ -24,7 +24,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Longest `from`..`to` range a request may ask for, in days.
     pub max_range_days: i64,
-    /// Groups whose sums the ranking cache may hold (about 250 bytes each);
+    /// Groups whose sums the ranking cache may hold: about 250 bytes each
+    /// with short ids, up to ~1 KiB with 256-byte user and customer ids;
     /// 0 turns it off. See `ranking.rs`.
     pub ranking_cache_groups: usize,
 }
