@@ -150,6 +150,11 @@ impl Scope {
         sql
     }
 
+    /// True when the request is about one user (filtered by `user_id`).
+    pub fn one_user(&self) -> bool {
+        self.filters.iter().any(|(c, _)| *c == "user_id")
+    }
+
     /// The same tenant and filters over `[from, to)` (Unix seconds).
     pub fn with_range(&self, from: i64, to: i64) -> Scope {
         let mut scope = self.clone();

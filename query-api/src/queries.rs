@@ -131,8 +131,7 @@ fn span_condition(day_from: i64, day_to: i64, granularity: &str) -> Sql {
 /// `rollups_user_daily` (every dimension, ordered user first) can answer:
 /// day, month or total buckets over window time, with at least one whole day.
 fn one_user_days(scope: &Scope, granularity: &str) -> Option<(i64, i64)> {
-    let one_user = scope.filters.iter().any(|(c, _)| *c == "user_id");
-    if !one_user || !matches!(granularity, "day" | "month" | "total") || scope.time_column != "window_start" {
+    if !scope.one_user() || !matches!(granularity, "day" | "month" | "total") || scope.time_column != "window_start" {
         return None;
     }
     whole_days(scope)
@@ -150,6 +149,14 @@ fn days_and_edges(scope: &Scope, table: &str, days: Sql, (day_from, day_to): (i6
     sql
 }
 
+/// Minute rows in the union of `ranges`, as a FROM clause (with its WHERE).
+fn minutes(scope: &Scope, ranges: &[(i64, i64)]) -> Sql {
+    let mut sql = Sql::new(" FROM rollups_minute WHERE ");
+    let f = scope.clause(ranges);
+    sql.push(&f.text, f.binds);
+    sql
+}
+
 /// The rows a request sums over, as a FROM clause (with its WHERE); see
 /// [`plan`]. A request about one user reads its whole days from
 /// `rollups_user_daily` instead, whatever it groups or filters by.
@@ -158,12 +165,7 @@ pub fn source(scope: &Scope, granularity: &str, group_by: &[&str]) -> Sql {
         return days_and_edges(scope, "rollups_user_daily", scope.clause(&[days]), days);
     }
     match plan(scope, granularity, group_by) {
-        Plan::Minutes { from, to } => {
-            let mut sql = Sql::new(" FROM rollups_minute WHERE ");
-            let f = scope.clause(&[(from, to)]);
-            sql.push(&f.text, f.binds);
-            sql
-        }
+        Plan::Minutes { from, to } => minutes(scope, &[(from, to)]),
         Plan::Days { day_from, day_to, .. } => {
             let spans = scope.clause_on(span_condition(day_from, day_to, granularity));
             days_and_edges(scope, "rollups_user_span", spans, (day_from, day_to))
@@ -235,18 +237,18 @@ pub fn top(scope: &Scope, by: &str, metric: &str, descending: bool, limit: i64) 
 /// Every group's sums over the scope, unordered: what the ranking cache
 /// keeps for a range's whole hours.
 pub fn groups(scope: &Scope, group_by: &[&str]) -> Sql {
-    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS}", dims(group_by)));
-    let from = source(scope, "total", group_by);
-    sql.push(&from.text, from.binds);
-    sql.push(&format!(" GROUP BY {}", group_keys("total", group_by)), []);
-    sql
+    grouped_totals(source(scope, "total", group_by), group_by)
 }
 
 /// Every group's sums over minute windows in `ranges` (a range's partial-hour edges).
 pub fn edge_groups(scope: &Scope, group_by: &[&str], ranges: &[(i64, i64)]) -> Sql {
-    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS} FROM rollups_minute WHERE ", dims(group_by)));
-    let f = scope.clause(ranges);
-    sql.push(&f.text, f.binds);
+    grouped_totals(minutes(scope, ranges), group_by)
+}
+
+/// Each group's sums over the rows of `from`, unordered.
+fn grouped_totals(from: Sql, group_by: &[&str]) -> Sql {
+    let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {SUMS}", dims(group_by)));
+    sql.push(&from.text, from.binds);
     sql.push(&format!(" GROUP BY {}", group_keys("total", group_by)), []);
     sql
 }

@@ -250,14 +250,13 @@ impl QueryStore for ClickHouseStore {
     fn ranking<'a>(&'a self, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {
         // One user's rows are read from the user-first table already (fast);
         // event-time scopes have no rollups to keep.
-        let one_user = scope.filters.iter().any(|(c, _)| *c == "user_id");
         // Only past hours are kept: the current one takes events all the
         // time, so a range ending later ("this month") would never be reused.
         // It and anything later are read with the edge.
         let settled = scope.to.timestamp().min(chrono::Utc::now().timestamp());
         let hours = ranking::whole_hours(scope.from.timestamp(), settled);
         match hours {
-            Some(hours) if self.cache.enabled() && !one_user && scope.time_column == "window_start" => {
+            Some(hours) if self.cache.enabled() && !scope.one_user() && scope.time_column == "window_start" => {
                 Box::pin(self.ranking_kept(scope, q, hours))
             }
             _ => separately(self, scope, q),

@@ -12,9 +12,11 @@
 //! the writer sets once per flush: a flush is one part, all or nothing. (Event
 //! time would split a flush holding late events across months.)
 
-/// The columns and engine shared by both rollup tables: they must stay
-/// identical, because the query API reads whole days from one and edge
-/// minutes from the other in a single `UNION ALL` of `SELECT *`.
+/// A rollup table ordered by time (`rollups_minute`, and the retired
+/// `rollups_user_day`). Every rollup table shares its columns and engine
+/// ([`rollup_columns!`], [`rollup_engine!`]): the query API reads whole days
+/// from one and edge minutes from another in one `UNION ALL`, and the
+/// aggregator writes them all with the same INSERT column list.
 macro_rules! rollup_table {
     () => {
         concat!(rollup_columns!(), rollup_engine!(), "
