@@ -2,8 +2,9 @@
 //! `<data dir>/meterline.toml`, generated on first run) with `METERLINE_*`
 //! env overrides, validated at startup with messages that name the key.
 
-use meterline_aggregator::config::{AlertsConfig, MetricsConfig};
-use meterline_ingest::config::ServerConfig;
+use meterline_aggregator::MetricsConfig;
+use meterline_domain::AlertsConfig;
+use meterline_ingest::ServerConfig;
 use meterline_schemas::config::load_toml_with_env;
 use meterline_schemas::tenants::{KeyRing, TenantConfig};
 use meterline_schemas::TimeBounds;
@@ -73,7 +74,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), EmbeddedError> {
-        let bad = |key: &str, message: &str| Err(EmbeddedError::Config(format!("{key}: {message}")));
+        let bad = |key: &str, message: &str| Err(EmbeddedError::config(key, message));
         if self.server.max_in_flight_requests == 0 {
             return bad("server.max_in_flight_requests", "must be at least 1");
         }

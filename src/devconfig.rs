@@ -22,7 +22,7 @@ pub struct DevKeys {
 
 fn random_key(prefix: &str) -> Result<String, EmbeddedError> {
     let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).map_err(|e| EmbeddedError::Config(format!("no randomness for a key: {e}")))?;
+    getrandom::fill(&mut bytes).map_err(|e| EmbeddedError::config("tenants.keys", format!("no randomness for a key: {e}")))?;
     Ok(format!("{prefix}_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 

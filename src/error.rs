@@ -3,8 +3,10 @@
 /// Everything that can go wrong in the all-in-one binary.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
+    #[error("invalid configuration: {key}: {message}")]
+    Config { key: String, message: String },
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Domain(#[from] meterline_domain::DomainError),
     #[error(transparent)]
     Schema(#[from] meterline_schemas::SchemaError),
     #[error("sqlite: {0}")]
@@ -23,6 +25,12 @@ pub enum EmbeddedError {
 
 impl From<EmbeddedError> for meterline_ingest::IngestError {
     fn from(e: EmbeddedError) -> Self {
-        meterline_ingest::IngestError::Log(e.to_string())
+        meterline_ingest::IngestError::Log(Box::new(e))
+    }
+}
+
+impl EmbeddedError {
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        EmbeddedError::Config { key: key.into(), message: message.into() }
     }
 }

@@ -95,7 +95,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let rate = args.demo_rate.unwrap_or(20);
         tokio::spawn(meterline::demo::run(format!("http://{addr}"), keys.ingest, Some(keys.read), rate));
     }
-    meterline::serve(config, &data_dir, listener, meterline_ingest::shutdown_signal()).await?;
+    meterline::serve(config, &data_dir, listener, meterline_http::shutdown_signal()).await?;
     tracing::info!("meterline stopped");
     Ok(())
 }
@@ -108,7 +108,7 @@ async fn role(name: &str, args: &[String]) -> anyhow::Result<()> {
         _ => bail!("usage: meterline {name} --config FILE"),
     };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {path}"))?;
-    let shutdown = meterline_ingest::shutdown_signal();
+    let shutdown = meterline_http::shutdown_signal();
     match name {
         "ingest" => {
             let config = meterline_ingest::Config::load(&text, std::env::vars()).with_context(|| format!("config {path}"))?;

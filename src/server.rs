@@ -4,7 +4,7 @@
 use axum::Router;
 use futures::future::BoxFuture;
 use meterline_ingest::{EventLog, IngestError};
-use meterline_query_api::store::QueryStore;
+use meterline_query_api::QueryStore;
 use meterline_schemas::wire::Envelope;
 use std::future::Future;
 use std::path::Path;
@@ -33,21 +33,23 @@ impl EventLog for EmbeddedLog {
 
 /// The router over an open store: the whole API, health, readiness, metrics.
 pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedError> {
-    // One process, one recorder: ingest's installs it; the other crates'
-    // handles only describe their metrics into it.
-    let handle = meterline_ingest::metrics::handle();
+    // One process, one recorder, with every service's buckets; each crate's
+    // handle then describes its metrics into it.
+    let buckets: Vec<(&str, &[f64])> = meterline_ingest::metrics::BUCKETS.iter().chain(meterline_aggregator::metrics::BUCKETS).copied().collect();
+    let handle = meterline_http::install_recorder(&buckets);
+    let _ = meterline_ingest::metrics::handle();
     let _ = meterline_aggregator::metrics::handle();
     let _ = meterline_query_api::metrics::handle();
     let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog(store.clone()));
-    let ingest = meterline_ingest::server::AppState::new(&config.tenants, config.events, &config.server, log)?;
+    let ingest = meterline_ingest::AppState::new(&config.tenants, config.events, &config.server, log)?;
     let queries = Arc::new(EmbeddedQueries(store));
-    let query = meterline_query_api::server::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?;
+    let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?;
     let ready = move || {
         let queries = queries.clone();
         async move { queries.ping().await }
     };
-    let api = meterline_ingest::server::api_routes(Arc::new(ingest)).merge(meterline_query_api::server::api_routes(Arc::new(query)));
-    Ok(meterline_ingest::server::with_operations(api, handle, ready, "the embedded store is not answering"))
+    let api = meterline_ingest::api_routes(Arc::new(ingest)).merge(meterline_query_api::api_routes(Arc::new(query)));
+    Ok(meterline_http::with_operations(api, handle, ready, "the embedded store is not answering"))
 }
 
 /// Opens the store in `data_dir` and serves until `shutdown`; then finishes

@@ -17,11 +17,9 @@
 //! ClickHouse) differ.
 
 use chrono::Utc;
-use meterline_aggregator::alerts::{AlertRow, Evaluator, Periods, Spend, Transition};
-use meterline_aggregator::dedupe::Decision;
+use meterline_aggregator::Notifier;
+use meterline_domain::{AlertBook as Evaluator, AlertRow, CostSource, DAY_SECS, Decision, EventRow, MINUTE_SECS, Periods, Source, Spend, Transition, datetime_secs, fingerprint, price, window_start};
 use meterline_aggregator::metrics::{self as agg_metrics, BusinessLabels};
-use meterline_aggregator::rollup::{DAY_SECS, EventRow, MINUTE_SECS, Source, datetime_secs, fingerprint, price, window_start};
-use meterline_schemas::ddl::cost_source;
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
 use meterline_schemas::wire::Envelope;
@@ -83,7 +81,16 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, user_id, rule, opened_at)) WITHOUT ROWID;
      CREATE INDEX alerts_open ON alerts (state);"
     ),
+    // 2: the per-user daily table's first name was that of a retired
+    // ClickHouse table with other columns; it is renamed, data and all.
+    "ALTER TABLE rollups_user_day RENAME TO rollups_daily_by_user;
+     DROP INDEX rollups_user_day_by_time;
+     CREATE INDEX rollups_daily_by_user_by_time ON rollups_daily_by_user (tenant, window_start);",
 ];
+
+/// The per-user daily rollups: every user's sums per UTC day (feature,
+/// model and environment empty), ordered user first.
+pub const DAILY_TABLE: &str = "rollups_daily_by_user";
 
 /// Opens the database with the settings every connection needs.
 fn connect(path: &Path) -> Result<Connection, EmbeddedError> {
@@ -204,7 +211,7 @@ impl Sums {
         self.cost += row.cost_nanos;
         self.revenue += row.revenue_nanos;
         self.credits += row.credits_nanos;
-        self.unpriced += i64::from(row.cost_source == cost_source::UNPRICED);
+        self.unpriced += i64::from(row.cost_source == CostSource::Unpriced.as_u8());
     }
 }
 
@@ -227,6 +234,7 @@ struct Writer {
     catalog: Catalog,
     keys: KeyRing,
     evaluator: Evaluator,
+    notifier: Notifier,
     business: BusinessLabels,
     max_commit_events: usize,
     /// Touched users are evaluated this often while events stream in.
@@ -249,6 +257,7 @@ impl Writer {
             conn,
             catalog: Catalog::builtin()?,
             keys: KeyRing::from_config(&config.tenants)?,
+            notifier: Notifier::new(&config.alerts),
             evaluator,
             business: BusinessLabels::new(config.metrics.max_label_values),
             max_commit_events: config.storage.max_commit_events,
@@ -345,7 +354,7 @@ impl Writer {
                     }
                     Decision::New => {
                         let priced = price(&env.event, self.keys.tenant(&env.tenant), &self.catalog);
-                        let row = EventRow::new(env, fp, priced, Source { topic: "", partition: 0, offset: 0 }, written_at);
+                        let row = EventRow::new(env, fp, priced, Source::Embedded, written_at);
                         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
                         insert.execute(params![
                             row.tenant,
@@ -387,7 +396,7 @@ impl Writer {
                     }
                 }
             }
-            for (table, sums) in [("rollups_minute", &minute), ("rollups_user_day", &day)] {
+            for (table, sums) in [("rollups_minute", &minute), (DAILY_TABLE, &day)] {
                 let mut upsert = tx.prepare_cached(&format!(
                     "INSERT INTO {table} (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
                      events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, cost_nanos, revenue_nanos, \
@@ -451,7 +460,7 @@ impl Writer {
         for row in &written.rows {
             let e = per_tenant.entry(row.tenant.as_str()).or_default();
             e.0 += 1;
-            e.1 += u64::from(row.cost_source == cost_source::UNPRICED);
+            e.1 += u64::from(row.cost_source == CostSource::Unpriced.as_u8());
         }
         for (tenant, (n, unpriced)) in per_tenant {
             agg_metrics::written(tenant, n);
@@ -469,7 +478,7 @@ impl Writer {
             self.eval_cost = written.eval_cost;
             // Webhook notifications are spawned on the runtime.
             let _guard = runtime.enter();
-            self.evaluator.applied(written.transitions);
+            self.notifier.applied(&mut self.evaluator, written.transitions);
         }
     }
 }
@@ -528,7 +537,7 @@ fn evaluate(tx: &Transaction<'_>, evaluator: &Evaluator, touched: &BTreeSet<(Str
         "SELECT COALESCE(SUM(cost_nanos), 0) FROM rollups_minute WHERE tenant = ?1 AND user_id = ?2 AND window_start >= ?3 AND window_start < ?4",
     )?;
     let mut days_q = tx.prepare_cached(
-        "SELECT COALESCE(SUM(cost_nanos), 0), COALESCE(SUM(cost_nanos) - SUM(revenue_nanos), 0) FROM rollups_user_day \
+        "SELECT COALESCE(SUM(cost_nanos), 0), COALESCE(SUM(cost_nanos) - SUM(revenue_nanos), 0) FROM rollups_daily_by_user \
          WHERE tenant = ?1 AND user_id = ?2 AND window_start >= ?3",
     )?;
     for (tenant, users) in evaluator.targets(touched) {

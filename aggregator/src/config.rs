@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use crate::AggregatorError;
-use meterline_schemas::Nanos;
-use meterline_schemas::money::NANOS_PER_UNIT;
+use meterline_clickhouse::ClickHouseConfig;
+use meterline_domain::AlertsConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,34 +69,6 @@ impl KafkaConfig {
         "meterline-aggregator".to_owned()
     }
     fn default_session_timeout_ms() -> u64 {
-        10_000
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClickHouseConfig {
-    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
-    pub url: String,
-    #[serde(default = "ClickHouseConfig::default_database")]
-    pub database: String,
-    #[serde(default = "ClickHouseConfig::default_user")]
-    pub user: String,
-    #[serde(default)]
-    pub password: String,
-    /// Per-request timeout; a write that takes longer is retried.
-    #[serde(default = "ClickHouseConfig::default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-}
-
-impl ClickHouseConfig {
-    fn default_database() -> String {
-        "default".to_owned()
-    }
-    fn default_user() -> String {
-        "default".to_owned()
-    }
-    fn default_request_timeout_ms() -> u64 {
         10_000
     }
 }
@@ -174,72 +146,6 @@ impl Default for MetricsConfig {
     }
 }
 
-/// Runaway-user rules: defaults and per-tenant replacements.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AlertsConfig {
-    pub enabled: bool,
-    /// The rules for every tenant without its own.
-    pub rules: AlertRules,
-    /// Rules for particular tenants, replacing the defaults as a whole.
-    pub tenants: BTreeMap<String, AlertRules>,
-    /// Receives `{"event": "opened"|"resolved", ...}` for each transition.
-    pub webhook_url: Option<String>,
-    pub webhook_retries: u32,
-    /// How often open alerts are re-evaluated when no events arrive.
-    pub interval_secs: u64,
-}
-
-impl Default for AlertsConfig {
-    fn default() -> Self {
-        AlertsConfig {
-            enabled: true,
-            rules: AlertRules::default(),
-            tenants: BTreeMap::new(),
-            webhook_url: None,
-            webhook_retries: 5,
-            interval_secs: 30,
-        }
-    }
-}
-
-/// Thresholds of the four rules (money in decimal USD in the file).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AlertRules {
-    /// The trailing window the cost rules look at.
-    pub window_secs: u32,
-    #[serde(deserialize_with = "usd")]
-    pub absolute_cost: Nanos,
-    pub peer_multiple: i64,
-    #[serde(deserialize_with = "usd")]
-    pub peer_floor: Nanos,
-    pub self_multiple: i64,
-    #[serde(deserialize_with = "usd")]
-    pub self_floor: Nanos,
-    #[serde(deserialize_with = "usd")]
-    pub margin_loss: Nanos,
-}
-
-impl Default for AlertRules {
-    fn default() -> Self {
-        AlertRules {
-            window_secs: 3_600,
-            absolute_cost: Nanos(10 * NANOS_PER_UNIT),
-            peer_multiple: 50,
-            peer_floor: Nanos(NANOS_PER_UNIT),
-            self_multiple: 10,
-            self_floor: Nanos(NANOS_PER_UNIT),
-            margin_loss: Nanos(5 * NANOS_PER_UNIT),
-        }
-    }
-}
-
-fn usd<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Nanos, D::Error> {
-    let text = String::deserialize(d)?;
-    Nanos::parse_non_negative(&text).map_err(|e| serde::de::Error::custom(format!("{text:?} {e}")))
-}
-
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, AggregatorError> {
         let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe", "metrics", "alerts"], vars)?;
@@ -248,7 +154,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), AggregatorError> {
-        let bad = |key: &str, message: &str| Err(AggregatorError::Config(format!("{key}: {message}")));
+        let bad = |key: &str, message: &str| Err(AggregatorError::config(key, message));
         if self.kafka.brokers.trim().is_empty() {
             return bad("kafka.brokers", "must name at least one host:port");
         }
@@ -258,8 +164,8 @@ impl Config {
         if !(1_000..=300_000).contains(&self.kafka.session_timeout_ms) {
             return bad("kafka.session_timeout_ms", "must be between 1000 and 300000");
         }
-        if !self.clickhouse.url.starts_with("http://") && !self.clickhouse.url.starts_with("https://") {
-            return bad("clickhouse.url", "must be an http:// or https:// URL");
+        if let Err((key, message)) = self.clickhouse.validate("clickhouse") {
+            return bad(&key, message);
         }
         if self.flush.interval_ms < 10 {
             return bad("flush.interval_ms", "must be at least 10");
@@ -287,16 +193,7 @@ impl Config {
         if self.dedupe.recent_secs < 0 {
             return bad("dedupe.recent_secs", "must not be negative");
         }
-        for (key, rules) in std::iter::once(("alerts.rules".to_owned(), &self.alerts.rules))
-            .chain(self.alerts.tenants.iter().map(|(t, r)| (format!("alerts.tenants.{t}"), r)))
-        {
-            if rules.window_secs < 60 {
-                return Err(AggregatorError::Config(format!("{key}.window_secs: must be at least 60")));
-            }
-            if rules.peer_multiple < 1 || rules.self_multiple < 1 {
-                return Err(AggregatorError::Config(format!("{key}: peer_multiple and self_multiple must be at least 1")));
-            }
-        }
+        self.alerts.validate()?;
         KeyRing::from_config(&self.tenants)?;
         Ok(())
     }

@@ -36,29 +36,6 @@ pub enum Known {
     New,
 }
 
-/// What becomes of a copy of an event, given the payload fingerprint already
-/// written under its (tenant, idempotency key), if any. The first copy wins;
-/// every store (ClickHouse pipeline, embedded) decides through this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// First copy: write and count it.
-    New,
-    /// Same payload as the first copy: a client retry, dropped.
-    Retry,
-    /// Different payload under a used key: dropped, counted and logged.
-    Conflict,
-}
-
-impl Decision {
-    pub fn of(seen: Option<u64>, fingerprint: u64) -> Decision {
-        match seen {
-            None => Decision::New,
-            Some(f) if f == fingerprint => Decision::Retry,
-            Some(_) => Decision::Conflict,
-        }
-    }
-}
-
 struct Slice {
     start: i64,
     bloom: Bloom<u128>,
@@ -146,6 +123,7 @@ impl PartitionDedupe {
     }
 
     /// Keys in the recent map.
+    #[cfg(test)]
     pub fn recent_keys(&self) -> usize {
         self.recent.len()
     }

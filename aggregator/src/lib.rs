@@ -45,7 +45,7 @@
 //!   commit is ignored because the marker is later.
 //! - **After (5)**: nothing to do.
 //!
-//! Duplicates are decided before writing: the dedupe state (see [`dedupe`])
+//! Duplicates are decided before writing: the dedupe state (see `dedupe.rs`)
 //! is rebuilt from `events` on assignment, so a restart or rebalance does
 //! not reopen the door to a copy of an event already written.
 //!
@@ -61,17 +61,16 @@
 //! *conflicting* copy that changes `user_id` can land on another partition
 //! and is then counted.
 
-pub mod alerts;
-pub mod config;
-pub mod dedupe;
-pub mod error;
+mod alerts;
+mod config;
+mod dedupe;
+mod error;
 pub mod metrics;
-pub mod pipeline;
-pub mod rollup;
-pub mod server;
-pub mod sql;
-pub mod store;
+mod pipeline;
+mod server;
 
-pub use config::Config;
+pub use alerts::{Evaluator, Notifier};
+pub use dedupe::{Known, PartitionDedupe};
+pub use config::{Config, DedupeConfig, FlushConfig, KafkaConfig, MetricsConfig, ServerConfig};
 pub use error::AggregatorError;
 pub use server::serve;

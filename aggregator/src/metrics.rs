@@ -5,8 +5,7 @@
 //! partition count, `reason` and `table` by fixed sets.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub const EVENTS_IN: &str = "meterline_aggregator_events_in_total";
 pub const EVENTS_WRITTEN: &str = "meterline_aggregator_events_written_total";
@@ -25,32 +24,16 @@ pub const CONSUMER_LAG: &str = "meterline_aggregator_consumer_lag_messages";
 pub const BUFFERED: &str = "meterline_aggregator_buffered_events";
 pub const PARTITIONS: &str = "meterline_aggregator_assigned_partitions";
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// Bucket bounds of the aggregator's histograms other than `*_seconds`.
+pub const BUCKETS: &[(&str, &[f64])] = &[(FLUSH_ROWS, &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0])];
+
+/// The process-wide Prometheus recorder (shared with any other service in
+/// the process), with the aggregator's metrics described.
 pub fn handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".to_owned()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(FLUSH_ROWS.to_owned()),
-                        &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0],
-                    )
-                })
-                .map(|b| b.build_recorder())
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
-            let handle = recorder.handle();
-            // In a process that already has a recorder (tests running several
-            // services) this one stays private and renders what it records: nothing.
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
-        })
-        .clone()
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    let handle = meterline_http::install_recorder(BUCKETS);
+    DESCRIBED.call_once(describe);
+    handle
 }
 
 fn describe() {
@@ -154,7 +137,7 @@ impl BusinessLabels {
     }
 
     /// Counts one written event.
-    pub fn record(&mut self, row: &crate::rollup::EventRow) {
+    pub fn record(&mut self, row: &meterline_domain::EventRow) {
         self.record_all(std::iter::once(row));
     }
 
@@ -163,7 +146,7 @@ impl BusinessLabels {
     /// row (per row it was a quarter of the aggregator's CPU). Label values
     /// are capped at each set's first row, in row order, so the values that
     /// fold into `other` are the ones they would be row by row.
-    pub fn record_all<'a>(&mut self, rows: impl IntoIterator<Item = &'a crate::rollup::EventRow>) {
+    pub fn record_all<'a>(&mut self, rows: impl IntoIterator<Item = &'a meterline_domain::EventRow>) {
         #[derive(Default)]
         struct Sums {
             events: u64,
@@ -231,7 +214,7 @@ pub fn webhook_failed() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollup::EventRow;
+    use meterline_domain::EventRow;
 
     fn row(model: &str, feature: &str, cost_nanos: i64) -> EventRow {
         EventRow {
@@ -265,7 +248,7 @@ mod tests {
     }
 
     fn rendered(record: impl FnOnce(&mut BusinessLabels)) -> Vec<String> {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let mut labels = BusinessLabels::new(1);
         metrics::with_local_recorder(&recorder, || record(&mut labels));

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use crate::AggregatorError;
 use crate::config::Config;
-use crate::dedupe::{Decision, Known, PartitionDedupe};
+use crate::dedupe::{Known, PartitionDedupe};
 use crate::metrics;
-use crate::rollup::{self, EventRow, Source, fingerprint, key_hash, price};
-use crate::sql::Rollup;
-use crate::store::{DeadLetterRow, Range, Store};
+use meterline_domain::{Decision, EventRow, Source, datetime_secs, fingerprint, key_hash, price};
+use meterline_clickhouse::Rollup;
+use meterline_clickhouse::{DeadLetterRow, Range, Store};
 
 /// A partition's assignment change, recorded by the rebalance callbacks and
 /// acted on by the loop between polls.
@@ -467,7 +467,7 @@ impl Pipeline {
                 while after < last {
                     let up_to = last.min(after.saturating_add(chunk));
                     let range = Range { partition, after, up_to };
-                    self.store.roll_up(rollup, &topic, &[range], now_secs(), Store::repair_since(progress)).await?;
+                    self.store.roll_up(rollup, &topic, &[range], now_secs(), progress.repair_since()).await?;
                     after = up_to;
                 }
                 metrics::repaired();
@@ -608,7 +608,7 @@ impl Pipeline {
             let mut rows = Vec::new();
             let mut dead = Vec::new();
             for b in &taken {
-                let source = Source { topic: &self.topic, partition: p, offset: b.offset };
+                let source = Source::Kafka { topic: &self.topic, partition: p, offset: b.offset };
                 let env = match &b.decoded {
                     Ok(env) => env,
                     Err((reason, payload)) => {
@@ -716,7 +716,7 @@ impl Pipeline {
                     }
                 }
                 Stage::Rollup(rollup) => {
-                    let next = Rollup::ALL.iter().skip_while(|r| **r != rollup).nth(1).map_or(Stage::Commit, |r| Stage::Rollup(*r));
+                    let next = rollup.next().map_or(Stage::Commit, Stage::Rollup);
                     let ranges: Vec<Range> = pending.ranges.values().copied().collect();
                     let done = if pending.attempted && !ranges.is_empty() {
                         self.store.markers_present(rollup, &self.topic, &ranges).await
@@ -762,7 +762,7 @@ impl Pipeline {
         for row in pending.events.values().flatten() {
             let entry = per_tenant.entry(&row.tenant).or_default();
             entry.0 += 1;
-            entry.1 += u64::from(row.cost_source == meterline_schemas::ddl::cost_source::UNPRICED);
+            entry.1 += u64::from(row.cost_source == meterline_domain::CostSource::Unpriced.as_u8());
         }
         for (tenant, (written, unpriced)) in per_tenant {
             metrics::written(tenant, written);
@@ -800,5 +800,5 @@ impl Pipeline {
 }
 
 fn now_secs() -> u32 {
-    rollup::datetime_secs(Utc::now())
+    datetime_secs(Utc::now())
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::pipeline::Runner;
-use crate::store::{self, Store};
+use meterline_clickhouse::{self as store, Store};
 use crate::{AggregatorError, metrics};
 
 /// Runs until `shutdown`, then drains within the grace period.

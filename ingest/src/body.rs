@@ -10,7 +10,7 @@ use futures::StreamExt;
 use meterline_schemas::batch::BodyFormat;
 use std::io::Read;
 
-use crate::error::ApiError;
+use meterline_http::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {

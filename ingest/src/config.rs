@@ -107,7 +107,7 @@ impl Config {
 
     /// Checks what serde cannot; every message names its key.
     pub fn validate(&self) -> Result<(), IngestError> {
-        let bad = |key: &str, message: &str| Err(IngestError::Config(format!("{key}: {message}")));
+        let bad = |key: &str, message: &str| Err(IngestError::config(key, message));
         if self.server.max_in_flight_requests == 0 {
             return bad("server.max_in_flight_requests", "must be at least 1");
         }

@@ -1,84 +1,24 @@
-//! The crate's error type and the HTTP error answer built from it.
+//! The crate's error type.
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 /// Everything that can go wrong in ingest.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error("invalid configuration: {key}: {message}")]
+    Config { key: String, message: String },
     #[error(transparent)]
     Schema(#[from] meterline_schemas::SchemaError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("event log: {0}")]
-    Log(String),
+    Log(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// An HTTP error answer: `{"error": {"code", "message", "field"}}`. The codes
-/// are stable; clients may branch on them. 5xx answers say nothing internal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub field: Option<String>,
-    pub retry_after_secs: Option<u32>,
-}
 
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), field: None, retry_after_secs: None }
-    }
-    pub fn unauthenticated(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
-    }
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
-    }
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-    pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
-    }
-    pub fn unsupported_media(field: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message).with_field(field)
-    }
-    pub fn overloaded() -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "too many requests in flight; retry later");
-        e.retry_after_secs = Some(1);
-        e
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
-        e.retry_after_secs = Some(2);
-        e
-    }
-    pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
-    }
-    pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-    }
-    pub fn with_field(mut self, field: &str) -> Self {
-        self.field = Some(field.to_owned());
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
-        let mut response = (self.status, Json(body)).into_response();
-        if let Some(secs) = self.retry_after_secs {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+impl IngestError {
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        IngestError::Config { key: key.into(), message: message.into() }
     }
 }

@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, topic = %config.kafka.topic, "ingest listening");
-    meterline_ingest::serve(config, listener, meterline_ingest::shutdown_signal()).await?;
+    meterline_ingest::serve(config, listener, meterline_http::shutdown_signal()).await?;
     tracing::info!("ingest stopped");
     Ok(())
 }

@@ -4,8 +4,7 @@
 //! `reason` from the closed set of validation codes, `status` from HTTP codes.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub const REQUESTS: &str = "meterline_ingest_requests_total";
 pub const REQUEST_DURATION: &str = "meterline_ingest_request_duration_seconds";
@@ -17,36 +16,16 @@ pub const BATCH_SIZE: &str = "meterline_ingest_batch_size_events";
 pub const PRODUCE_DURATION: &str = "meterline_ingest_produce_duration_seconds";
 pub const PRODUCE_FAILURES: &str = "meterline_ingest_produce_failures_total";
 
-/// The process-wide Prometheus recorder, installed on first use. Several
-/// servers in one process (tests) share it.
+/// Bucket bounds of ingest's histograms other than `*_seconds`.
+pub const BUCKETS: &[(&str, &[f64])] = &[(BATCH_SIZE, &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0])];
+
+/// The process-wide Prometheus recorder (shared with any other service in
+/// the process), with ingest's metrics described.
 pub fn handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".to_owned()),
-                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(BATCH_SIZE.to_owned()),
-                        &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0],
-                    )
-                });
-            let recorder = match builder {
-                Ok(b) => b.build_recorder(),
-                // Bucket lists above are constant and non-empty; this arm is unreachable.
-                Err(_) => PrometheusBuilder::new().build_recorder(),
-            };
-            let handle = recorder.handle();
-            // Another recorder may already be installed (an embedding process); then
-            // this handle renders only what was recorded through it, which is nothing.
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
-        })
-        .clone()
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    let handle = meterline_http::install_recorder(BUCKETS);
+    DESCRIBED.call_once(describe);
+    handle
 }
 
 fn describe() {

@@ -3,25 +3,24 @@
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use chrono::Utc;
 use meterline_schemas::prices::{Catalog, PriceBook};
-use meterline_schemas::tenants::{KeyRing, Principal, Scope, TenantConfig};
+use meterline_schemas::tenants::{KeyRing, Scope, TenantConfig};
 use meterline_schemas::wire::Envelope;
 use meterline_schemas::{TimeBounds, batch, parse_event};
 use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body;
 use crate::config::{Config, ServerConfig};
-use crate::error::ApiError;
+use meterline_http::{ApiError, authenticate, with_operations};
 use crate::metrics;
 use crate::log::EventLog;
 use crate::producer::EventProducer;
@@ -133,50 +132,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         }
     };
     with_operations(api_routes(state), metrics::handle(), ready, "the event log is not reachable (Kafka broker down or topic missing)")
-}
-
-/// Adds what every Meterline HTTP server answers beside its API: `/healthz`,
-/// `/readyz` (200 while `ready` says so, else 503 saying `unready`),
-/// `/metrics` rendered from `metrics`, and the JSON 404 for anything else.
-pub fn with_operations<F, Fut>(api: Router, metrics: PrometheusHandle, ready: F, unready: &'static str) -> Router
-where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send + 'static,
-{
-    let readyz = move || {
-        let ready = ready.clone();
-        async move {
-            if ready().await {
-                (StatusCode::OK, "ready").into_response()
-            } else {
-                ApiError::unavailable(unready).into_response()
-            }
-        }
-    };
-    api.route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(move || std::future::ready(metrics.render())))
-        .fallback(|| async { ApiError::not_found() })
-}
-
-/// The principal behind the request's bearer key, if it may use `scope`.
-/// Shared by every HTTP service, so that all answer 401 and 403 alike.
-pub fn authenticate<'a>(keys: &'a KeyRing, headers: &HeaderMap, scope: Scope) -> Result<&'a Principal, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <key>").with_field("Authorization"))?;
-    let key = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| ApiError::unauthenticated("Authorization must be Bearer <key>").with_field("Authorization"))?;
-    let principal = keys.authenticate(key).ok_or_else(|| ApiError::unauthenticated("unknown API key").with_field("Authorization"))?;
-    if !principal.allows(scope) {
-        return Err(ApiError::forbidden(format!("this key lacks the {scope:?} scope").to_lowercase()));
-    }
-    Ok(principal)
 }
 
 async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, request: Body) -> Response {

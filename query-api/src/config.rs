@@ -1,6 +1,6 @@
 //! Query API configuration: a TOML file with `METERLINE_*` env overrides, validated at startup.
 
-use meterline_aggregator::config::ClickHouseConfig;
+use meterline_clickhouse::ClickHouseConfig;
 use meterline_schemas::config::load_toml_with_env;
 use meterline_schemas::tenants::{KeyRing, TenantConfig};
 use serde::Deserialize;
@@ -40,10 +40,13 @@ impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, QueryError> {
         let config: Config = load_toml_with_env(text, &["server", "clickhouse"], vars)?;
         if config.server.max_range_days < 1 {
-            return Err(QueryError::Config("server.max_range_days: must be at least 1".into()));
+            return Err(QueryError::config("server.max_range_days", "must be at least 1"));
         }
         if config.tenants.is_empty() {
-            return Err(QueryError::Config("tenants: configure at least one tenant with a read key".into()));
+            return Err(QueryError::config("tenants", "configure at least one tenant with a read key"));
+        }
+        if let Err((key, message)) = config.clickhouse.validate("clickhouse") {
+            return Err(QueryError::config(key, message));
         }
         KeyRing::from_config(&config.tenants)?;
         Ok(config)

@@ -1,20 +1,19 @@
-//! The crate's error type; HTTP answers use ingest's `ApiError` shape.
+//! The crate's error type; HTTP answers are `meterline_http::ApiError`.
 
-use meterline_ingest::ApiError;
+use meterline_http::ApiError;
 
 /// Everything that can go wrong in the query API.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error("invalid configuration: {key}: {message}")]
+    Config { key: String, message: String },
     #[error(transparent)]
     Schema(#[from] meterline_schemas::SchemaError),
-    #[error("clickhouse: {0}")]
-    ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
-    Aggregator(#[from] meterline_aggregator::AggregatorError),
+    ClickHouse(#[from] meterline_clickhouse::ClickHouseError),
+    /// Another store's failure (the embedded one's), kept whole for the log.
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -24,5 +23,17 @@ impl From<QueryError> for ApiError {
         // The cause goes to the log, never into the answer.
         tracing::error!(error = %e, "query failed");
         ApiError::unavailable("the store could not answer; retry later")
+    }
+}
+
+impl From<clickhouse::error::Error> for QueryError {
+    fn from(e: clickhouse::error::Error) -> QueryError {
+        QueryError::ClickHouse(e.into())
+    }
+}
+
+impl QueryError {
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        QueryError::Config { key: key.into(), message: message.into() }
     }
 }

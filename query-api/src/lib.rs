@@ -6,16 +6,16 @@
 //! a window belongs to a range if it starts in it. Defaults: the last 30 days,
 //! or this calendar month for a user's statement and the audit trail.
 
-pub mod config;
-pub mod error;
+mod config;
+mod error;
 pub mod metrics;
-pub mod params;
-pub mod queries;
-pub mod ranking;
-pub mod server;
-pub mod sql;
-pub mod store;
+mod params;
+mod ranking;
+mod server;
+mod store;
 
-pub use config::Config;
+pub use config::{Config, ServerConfig};
 pub use error::QueryError;
-pub use server::serve;
+pub use params::Params;
+pub use server::{AppState, OPENAPI, api_routes, router, serve};
+pub use store::{AlertsQuery, Cursor, Order, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, separately};

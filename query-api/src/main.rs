@@ -19,6 +19,6 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "query API listening");
-    meterline_query_api::serve(config, listener, meterline_ingest::shutdown_signal()).await?;
+    meterline_query_api::serve(config, listener, meterline_http::shutdown_signal()).await?;
     Ok(())
 }

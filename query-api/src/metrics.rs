@@ -11,10 +11,10 @@ pub const DURATION: &str = "meterline_query_request_duration_seconds";
 pub const RANKING_CACHE: &str = "meterline_query_ranking_cache_lookups_total";
 pub const RANKING_CACHE_GROUPS: &str = "meterline_query_ranking_cache_groups";
 
-/// The process-wide recorder. It is ingest's (same `_seconds` buckets), so a
-/// process running both services renders both services' metrics.
+/// The process-wide recorder (shared with any other service in the
+/// process), with the query API's metrics described.
 pub fn handle() -> PrometheusHandle {
-    let handle = meterline_ingest::metrics::handle();
+    let handle = meterline_http::install_recorder(&[]);
     static DESCRIBED: Once = Once::new();
     DESCRIBED.call_once(|| {
         describe_counter!(REQUESTS, "Query API requests, by endpoint and status.");

@@ -1,13 +1,10 @@
 //! Request parameters: parsed strictly, with 400s that name the parameter.
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
-use meterline_ingest::ApiError;
+use meterline_domain::TimeColumn;
+use meterline_http::ApiError;
+use meterline_sql::{DIMENSIONS, Scope, i, s};
 use std::collections::HashMap;
-
-use crate::sql::{Sql, Value, i, s};
-
-/// The dimensions a request may filter or group by, with their columns.
-pub const DIMENSIONS: &[&str] = &["user_id", "customer_id", "feature", "model"];
 const STRING_FILTERS: &[&str] = &["user_id", "customer_id", "feature", "model", "environment"];
 const COMMON: &[&str] = &["from", "to", "user_id", "customer_id", "feature", "model", "environment", "billable"];
 
@@ -53,6 +50,16 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// One of `all` by its name (`name_of`), or `default` when absent.
+    pub fn one_of<T: Copy>(&self, name: &str, all: &[T], name_of: fn(T) -> &'static str, default: T) -> Result<T, ApiError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => all.iter().copied().find(|t| name_of(*t) == v).ok_or_else(|| {
+                bad(name, format!("must be one of {}", all.iter().map(|t| name_of(*t)).collect::<Vec<_>>().join(", ")))
+            }),
+        }
+    }
+
     /// A comma-separated list of dimensions, each at most once.
     pub fn dimensions(&self, name: &str, default: &[&'static str]) -> Result<Vec<&'static str>, ApiError> {
         let Some(v) = self.get(name) else { return Ok(default.to_vec()) };
@@ -75,7 +82,7 @@ impl<'a> Params<'a> {
 
     /// The time range (`to` exclusive) and the filters, as a WHERE clause on
     /// `time_column` for `tenant`. A window belongs to the range if it starts in it.
-    pub fn scope(&self, tenant: &str, time_column: &str, default_days: Option<i64>, max_days: i64) -> Result<Scope, ApiError> {
+    pub fn scope(&self, tenant: &str, time_column: TimeColumn, default_days: Option<i64>, max_days: i64) -> Result<Scope, ApiError> {
         let now = Utc::now();
         let to = self.time("to")?.unwrap_or(now);
         let from = match (self.time("from")?, default_days) {
@@ -106,65 +113,7 @@ impl<'a> Params<'a> {
             };
             filters.push(("billable", i(b)));
         }
-        let mut scope = Scope { tenant: tenant.to_owned(), time_column: time_column.to_owned(), from, to, filters, filter: Sql::default() };
-        scope.filter = scope.clause(&[(from.timestamp(), to.timestamp())]);
-        Ok(scope)
+        Ok(Scope { tenant: tenant.to_owned(), time_column, from, to, filters })
     }
 }
 
-/// A request's range and WHERE clause.
-#[derive(Debug, Clone)]
-pub struct Scope {
-    pub tenant: String,
-    pub time_column: String,
-    pub from: DateTime<Utc>,
-    pub to: DateTime<Utc>,
-    /// Equality filters on whitelisted columns.
-    pub filters: Vec<(&'static str, Value)>,
-    /// The clause for the whole range.
-    pub filter: Sql,
-}
-
-impl Scope {
-    /// The WHERE clause for the tenant and filters over the union of `ranges`
-    /// (Unix seconds, half-open).
-    pub fn clause(&self, ranges: &[(i64, i64)]) -> Sql {
-        let column = &self.time_column;
-        let mut time = Sql::default();
-        for (n, (from, to)) in ranges.iter().enumerate() {
-            let or = if n == 0 { "" } else { " OR " };
-            time.push(&format!("{or}({column} >= toDateTime(?) AND {column} < toDateTime(?))"), [i((*from).max(0)), i((*to).max(0))]);
-        }
-        self.clause_on(time)
-    }
-
-    /// The WHERE clause for the tenant and filters, and `condition`.
-    pub fn clause_on(&self, condition: Sql) -> Sql {
-        let mut sql = Sql::default();
-        sql.push("tenant = ? AND (", [s(self.tenant.clone())]);
-        sql.push(&condition.text, condition.binds);
-        sql.push(")", []);
-        for (column, value) in &self.filters {
-            sql.push(&format!(" AND {column} = ?"), [value.clone()]);
-        }
-        sql
-    }
-
-    /// True when the request is about one user (filtered by `user_id`).
-    pub fn one_user(&self) -> bool {
-        self.filters.iter().any(|(c, _)| *c == "user_id")
-    }
-
-    /// The same tenant and filters over `[from, to)` (Unix seconds).
-    pub fn with_range(&self, from: i64, to: i64) -> Scope {
-        let mut scope = self.clone();
-        scope.from = DateTime::from_timestamp(from, 0).unwrap_or(self.from);
-        scope.to = DateTime::from_timestamp(to, 0).unwrap_or(self.to);
-        scope.filter = scope.clause(&[(from, to)]);
-        scope
-    }
-
-    pub fn binds(&self) -> Vec<Value> {
-        self.filter.binds.clone()
-    }
-}

@@ -38,8 +38,8 @@ use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use crate::queries::SumRow;
-use crate::sql::Value;
+use meterline_domain::SumRow;
+use meterline_sql::Value;
 use crate::store::{Order, RankQuery, Ranking};
 
 /// The whole UTC hours inside `[from, to)`, if any.
@@ -228,47 +228,20 @@ impl GroupCache {
     }
 }
 
-/// Adds `b`'s sums into `a`, wrapping as ClickHouse's integer sums do (never a panic).
-pub fn add(a: &mut SumRow, b: &SumRow) {
-    combine(a, b, u64::wrapping_add, i64::wrapping_add);
+fn add(a: &mut SumRow, b: &SumRow) {
+    a.add(b);
 }
 
-/// Takes `b`'s sums out of `a` (the inverse of [`add`]).
-pub fn subtract(a: &mut SumRow, b: &SumRow) {
-    combine(a, b, u64::wrapping_sub, i64::wrapping_sub);
-}
-
-fn combine(a: &mut SumRow, b: &SumRow, count: fn(u64, u64) -> u64, money: fn(i64, i64) -> i64) {
-    for (x, y) in [
-        (&mut a.s_events, b.s_events),
-        (&mut a.s_input, b.s_input),
-        (&mut a.s_output, b.s_output),
-        (&mut a.s_cached, b.s_cached),
-        (&mut a.s_reasoning, b.s_reasoning),
-        (&mut a.s_unpriced, b.s_unpriced),
-    ] {
-        *x = count(*x, y);
-    }
-    for (x, y) in [(&mut a.s_cost, b.s_cost), (&mut a.s_revenue, b.s_revenue), (&mut a.s_credits, b.s_credits)] {
-        *x = money(*x, y);
-    }
+fn subtract(a: &mut SumRow, b: &SumRow) {
+    a.subtract(b);
 }
 
 fn margin(r: &SumRow) -> i128 {
-    i128::from(r.s_revenue) - i128::from(r.s_cost)
-}
-
-fn metric(r: &SumRow, metric: &str) -> i128 {
-    match metric {
-        "tokens" => i128::from(r.s_input) + i128::from(r.s_output) + i128::from(r.s_cached) + i128::from(r.s_reasoning),
-        "revenue" => i128::from(r.s_revenue),
-        "margin" => margin(r),
-        _ => i128::from(r.s_cost),
-    }
+    r.margin()
 }
 
 fn keys(r: &SumRow) -> (&str, &str, &str, &str) {
-    (&r.g_user, &r.g_customer, &r.g_feature, &r.g_model)
+    r.keys()
 }
 
 /// A group's place in `order`, lowest first: the value (negated when
@@ -276,8 +249,8 @@ fn keys(r: &SumRow) -> (&str, &str, &str, &str) {
 /// The same order as the SQL rankings (`queries::top`, `queries::sums` by margin).
 fn value(order: Order, r: &SumRow) -> i128 {
     match order {
-        Order::Metric { metric: m, descending: true } => -metric(r, m),
-        Order::Metric { metric: m, descending: false } => metric(r, m),
+        Order::Metric { metric: m, descending: true } => -m.of(r),
+        Order::Metric { metric: m, descending: false } => m.of(r),
         Order::Margin => margin(r),
     }
 }
@@ -337,6 +310,7 @@ pub fn rank(entry: &Entry, edges: &[SumRow], q: &RankQuery) -> Ranking {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meterline_domain::Metric;
 
     fn row(user: &str, cost: i64, revenue: i64) -> SumRow {
         SumRow { g_user: user.into(), s_events: 1, s_cost: cost, s_revenue: revenue, s_input: 10, ..SumRow::default() }
@@ -363,7 +337,7 @@ mod tests {
         let entry = Entry::new(key((0, 3_600)), vec![row("a", 50, 100), row("b", 40, 10), row("c", 30, 0)]);
         assert_eq!((entry.total.s_cost, entry.total.s_events), (120, 3));
         let edges = [row("c", 25, 0), row("d", 60, 0)];
-        let r = rank(&entry, &edges, &q(Order::Metric { metric: "cost", descending: true }, 3));
+        let r = rank(&entry, &edges, &q(Order::Metric { metric: Metric::Cost, descending: true }, 3));
         let got: Vec<(&str, i64)> = r.rows.iter().map(|r| (r.g_user.as_str(), r.s_cost)).collect();
         assert_eq!(got, [("d", 60), ("c", 55), ("a", 50)]);
         assert_eq!((r.total.s_cost, r.total.s_events), (205, 5));
@@ -373,13 +347,13 @@ mod tests {
     #[test]
     fn ties_break_by_key_and_ascending_orders_work() {
         let entry = Entry::new(key((0, 3_600)), vec![row("b", 10, 10), row("a", 10, 10), row("c", 5, 50)]);
-        let desc = rank(&entry, &[], &q(Order::Metric { metric: "cost", descending: true }, 2));
+        let desc = rank(&entry, &[], &q(Order::Metric { metric: Metric::Cost, descending: true }, 2));
         assert_eq!(desc.rows.iter().map(|r| r.g_user.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        let asc = rank(&entry, &[], &q(Order::Metric { metric: "cost", descending: false }, 10));
+        let asc = rank(&entry, &[], &q(Order::Metric { metric: Metric::Cost, descending: false }, 10));
         assert_eq!(asc.rows.iter().map(|r| r.g_user.as_str()).collect::<Vec<_>>(), ["c", "a", "b"]);
         let margin = rank(&entry, &[], &RankQuery { negative_only: true, ..q(Order::Margin, 10) });
         assert!(margin.rows.is_empty(), "nobody loses money");
-        let tokens = rank(&entry, &[row("c", 0, 0)], &q(Order::Metric { metric: "tokens", descending: true }, 1));
+        let tokens = rank(&entry, &[row("c", 0, 0)], &q(Order::Metric { metric: Metric::Tokens, descending: true }, 1));
         assert_eq!((tokens.rows[0].g_user.as_str(), tokens.rows[0].s_input), ("c", 20));
     }
 
@@ -407,7 +381,7 @@ mod tests {
         assert_eq!(got, [("a", 6, 1), ("b", 0, 0), ("c", 3, 2), ("d", 3, 1)]);
         assert_eq!((slid.total.s_cost, slid.total.s_events), (12, 4));
         // b had one event, all of it in the hour that left: not ranked, as a GROUP BY would not return it.
-        let ranked = rank(&slid, &[], &q(Order::Metric { metric: "cost", descending: false }, 10));
+        let ranked = rank(&slid, &[], &q(Order::Metric { metric: Metric::Cost, descending: false }, 10));
         assert_eq!(ranked.rows.iter().map(|r| r.g_user.as_str()).collect::<Vec<_>>(), ["c", "d", "a"]);
         assert_eq!(ranked.negative, Some(3));
         assert_eq!(slid.key.hours, (3_600, 10_800));

@@ -6,10 +6,9 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use meterline_aggregator::rollup::EventRow;
-use meterline_aggregator::store;
-use meterline_ingest::ApiError;
-use meterline_ingest::server::{authenticate, with_operations};
+use meterline_domain::{AlertState, EventRow, Granularity, Metric, Rule, SumRow, TimeColumn};
+use meterline_http::{ApiError, authenticate, with_operations};
+use meterline_sql::{DIMENSIONS, Scope as RangeScope};
 use meterline_schemas::Nanos;
 use meterline_schemas::tenants::{KeyRing, Scope, TenantConfig};
 use serde_json::{Value, json};
@@ -20,8 +19,7 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::params::{DIMENSIONS, Params};
-use crate::queries::SumRow;
+use crate::params::Params;
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
 use crate::{QueryError, metrics};
 
@@ -45,7 +43,7 @@ impl AppState {
 
 /// Connects to ClickHouse and serves until `shutdown`, then drains.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
-    let store = ClickHouseStore::new(store::connect(&config.clickhouse).await?, config.server.ranking_cache_groups);
+    let store = ClickHouseStore::new(meterline_clickhouse::connect(&config.clickhouse).await?, config.server.ranking_cache_groups);
     let state = Arc::new(AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
@@ -97,7 +95,7 @@ where
     response
 }
 
-async fn fetch(state: &AppState, scope: &crate::params::Scope, q: SumsQuery) -> Result<Vec<SumRow>, ApiError> {
+async fn fetch(state: &AppState, scope: &RangeScope, q: SumsQuery) -> Result<Vec<SumRow>, ApiError> {
     Ok(state.store.sums(scope, &q).await?)
 }
 
@@ -147,7 +145,7 @@ fn row_json(r: &SumRow, group_by: &[&str], with_bucket: bool) -> Value {
     v
 }
 
-fn range_json(scope: &crate::params::Scope) -> Value {
+fn range_json(scope: &RangeScope) -> Value {
     json!({"from": scope.from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "to": scope.to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
 }
 
@@ -155,14 +153,14 @@ async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw
     answer("/v1/usage", &state.clone(), &headers, |tenant| async move {
         let p = Params::new(&raw, &["group_by", "granularity", "limit"])?;
         let group_by = p.dimensions("group_by", &[])?;
-        let granularity = p.choice("granularity", &["minute", "hour", "day", "month", "total"], "day")?;
+        let granularity = p.one_of("granularity", &Granularity::ALL, Granularity::as_str, Granularity::Day)?;
         let limit = p.limit(10_000, 100_000)?;
-        let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
+        let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let rows = fetch(&state, &scope, SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, limit }).await?;
-        let total = granularity != "total";
+        let total = granularity != Granularity::Total;
         Ok(json!({
             "range": range_json(&scope),
-            "granularity": granularity,
+            "granularity": granularity.as_str(),
             "group_by": group_by,
             // An aggregate over no rows still yields one all-zero row on some
             // servers; a window with no events is not a row.
@@ -176,20 +174,13 @@ async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
     answer("/v1/top-spenders", &state.clone(), &headers, |tenant| async move {
         let p = Params::new(&raw, &["by", "metric", "order", "limit"])?;
         let by = p.choice("by", &["user_id", "customer_id"], "user_id")?;
-        let metric = p.choice("metric", &["cost", "tokens", "revenue", "margin"], "cost")?;
+        let metric = p.one_of("metric", &Metric::ALL, Metric::as_str, Metric::Cost)?;
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
-        let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
+        let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit, count_negative: false };
         let Ranking { rows, total: t, .. } = state.store.ranking(&scope, &q).await?;
-        let value = |r: &SumRow| -> i128 {
-            match metric {
-                "tokens" => i128::from(r.tokens()),
-                "revenue" => i128::from(r.s_revenue),
-                "margin" => i128::from(r.s_revenue) - i128::from(r.s_cost),
-                _ => i128::from(r.s_cost),
-            }
-        };
+        let value = |r: &SumRow| metric.of(r);
         let total_value = value(&t);
         let out: Vec<Value> = rows
             .iter()
@@ -200,7 +191,7 @@ async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
                 v
             })
             .collect();
-        Ok(json!({"range": range_json(&scope), "by": by, "metric": metric, "rows": out, "total": row_json(&t, &[], false)}))
+        Ok(json!({"range": range_json(&scope), "by": by, "metric": metric.as_str(), "rows": out, "total": row_json(&t, &[], false)}))
     })
     .await
 }
@@ -218,7 +209,7 @@ async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(r
             Some(_) => return Err(ApiError::bad_request("invalid_parameter", "must be true or false").with_field("negative_only")),
         };
         let limit = p.limit(100, 10_000)?;
-        let scope = p.scope(&tenant, "window_start", Some(30), state.max_days)?;
+        let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit, count_negative: true };
         let Ranking { rows, total, negative } = state.store.ranking(&scope, &q).await?;
         let with_pct = |r: &SumRow, dims: &[&str]| {
@@ -245,12 +236,12 @@ async fn user_usage(State(state): State<Arc<AppState>>, Path(user_id): Path<Stri
         raw.insert("user_id".to_owned(), user_id.clone());
         let p = Params::new(&raw, &[])?;
         // Default: this calendar month, as a customer-facing statement would.
-        let scope = p.scope(&tenant, "window_start", None, state.max_days)?;
+        let scope = p.scope(&tenant, TimeColumn::WindowStart, None, state.max_days)?;
         let (totals, by_feature, by_model, daily) = tokio::try_join!(
             fetch(&state, &scope, SumsQuery::totals(&[], 1)),
             fetch(&state, &scope, SumsQuery::totals(&["feature"], 10_000)),
             fetch(&state, &scope, SumsQuery::totals(&["model"], 10_000)),
-            fetch(&state, &scope, SumsQuery { granularity: "day", ..SumsQuery::totals(&[], 10_000) }),
+            fetch(&state, &scope, SumsQuery { granularity: Granularity::Day, ..SumsQuery::totals(&[], 10_000) }),
         )?;
         Ok(json!({
             "user_id": user_id,
@@ -287,7 +278,7 @@ async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
         }
         let limit = p.limit(100, 1_000)?;
         let cursor = p.get("cursor").map(decode_cursor).transpose()?;
-        let scope = p.scope(&tenant, "event_time", None, state.max_days)?;
+        let scope = p.scope(&tenant, TimeColumn::EventTime, None, state.max_days)?;
         let mut rows: Vec<EventRow> = state.store.events(&scope, cursor.as_ref(), limit + 1).await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
@@ -311,13 +302,13 @@ async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
                     "cached_input_tokens": r.cached_input_tokens,
                     "reasoning_tokens": r.reasoning_tokens,
                     "cost_usd": money(i128::from(r.cost_nanos)),
-                    "cost_source": match r.cost_source { 1 => "given", 2 => "catalog", _ => "unpriced" },
+                    "cost_source": meterline_domain::CostSource::from_u8(r.cost_source).as_str(),
                     "revenue_usd": money(i128::from(r.revenue_nanos)),
                     "credits": money(i128::from(r.credits_nanos)),
                     "metadata": serde_json::from_str::<Value>(&r.metadata).ok(),
                     // Where the event sits in Kafka; null from the embedded store, which has no log.
-                    "kafka_partition": (!r.kafka_topic.is_empty()).then_some(r.kafka_partition),
-                    "kafka_offset": (!r.kafka_topic.is_empty()).then_some(r.kafka_offset),
+                    "kafka_partition": r.kafka_position().map(|(p, _)| p),
+                    "kafka_offset": r.kafka_position().map(|(_, o)| o),
                 })
             })
             .collect();
@@ -335,11 +326,17 @@ async fn alerts(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
             }
         }
         let which = p.choice("state", &["open", "resolved", "all"], "open")?;
-        let rule = p.get("rule").map(|r| meterline_aggregator::alerts::RULES.iter().copied().find(|k| *k == r)).map(|r| {
-            r.ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("must be one of {}", meterline_aggregator::alerts::RULES.join(", "))).with_field("rule"))
-        }).transpose()?;
+        let rule = p
+            .get("rule")
+            .map(|r| Rule::parse(r).ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("must be one of {}", Rule::names())).with_field("rule")))
+            .transpose()?;
+        let which = match which {
+            "open" => Some(AlertState::Open),
+            "resolved" => Some(AlertState::Resolved),
+            _ => None,
+        };
         let limit = p.limit(100, 1_000)?;
-        let scope = p.scope(&tenant, "opened_at", Some(30), state.max_days)?;
+        let scope = p.scope(&tenant, TimeColumn::OpenedAt, Some(30), state.max_days)?;
         let q = AlertsQuery { tenant: tenant.clone(), from: scope.from.timestamp(), to: scope.to.timestamp(), state: which, user: p.get("user_id").map(str::to_owned), rule, limit };
         let rows = state.store.alerts(&q).await?;
         let at = |secs: u32| (secs > 0).then(|| DateTime::<Utc>::from_timestamp(i64::from(secs), 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).flatten();

@@ -3,21 +3,21 @@
 //! conformance suite (`tests/tests/conformance.rs`) holds both to the same answers.
 
 use futures::future::BoxFuture;
-use meterline_aggregator::alerts::AlertRow;
-use meterline_aggregator::rollup::EventRow;
-use meterline_aggregator::store::Store;
+use meterline_clickhouse::query as queries;
+use meterline_clickhouse::Store;
+use meterline_domain::{AlertRow, EventRow, Granularity, Metric, SumRow, TimeColumn};
+use meterline_sql::{Dialect, Scope};
+
+pub use meterline_sql::{AlertsQuery, Cursor};
 
 use crate::QueryError;
-use crate::params::Scope;
-use crate::queries::{self, SumRow};
 use crate::ranking::{self, Entry, GroupCache, Key};
 use crate::metrics;
 
 /// Sums grouped by a time bucket and dimensions.
 #[derive(Debug, Clone)]
 pub struct SumsQuery {
-    /// `minute`, `hour`, `day`, `month` or `total`.
-    pub granularity: &'static str,
+    pub granularity: Granularity,
     pub group_by: Vec<&'static str>,
     /// Only groups whose revenue is below their cost.
     pub negative_only: bool,
@@ -29,7 +29,7 @@ pub struct SumsQuery {
 impl SumsQuery {
     /// Totals over the scope, grouped by `group_by`, in key order.
     pub fn totals(group_by: &[&'static str], limit: i64) -> SumsQuery {
-        SumsQuery { granularity: "total", group_by: group_by.to_vec(), negative_only: false, order_by_margin: false, limit }
+        SumsQuery { granularity: Granularity::Total, group_by: group_by.to_vec(), negative_only: false, order_by_margin: false, limit }
     }
 }
 
@@ -38,8 +38,7 @@ impl SumsQuery {
 pub struct TopQuery {
     /// `user_id` or `customer_id`.
     pub by: &'static str,
-    /// `cost`, `tokens`, `revenue` or `margin`.
-    pub metric: &'static str,
+    pub metric: Metric,
     pub descending: bool,
     pub limit: i64,
 }
@@ -47,8 +46,8 @@ pub struct TopQuery {
 /// How a ranking orders its groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
-    /// By `cost`, `tokens`, `revenue` or `margin`, then by key.
-    Metric { metric: &'static str, descending: bool },
+    /// By a metric, then by key.
+    Metric { metric: Metric, descending: bool },
     /// Lowest margin first, then by key.
     Margin,
 }
@@ -71,22 +70,6 @@ pub struct Ranking {
     pub rows: Vec<SumRow>,
     pub total: SumRow,
     pub negative: Option<u64>,
-}
-
-/// Where the audit trail resumes: after (seconds, nanoseconds, idempotency key).
-pub type Cursor = (i64, i64, String);
-
-/// Alerts active in a range.
-#[derive(Debug, Clone)]
-pub struct AlertsQuery {
-    pub tenant: String,
-    pub from: i64,
-    pub to: i64,
-    /// `open`, `resolved` or `all`.
-    pub state: &'static str,
-    pub user: Option<String>,
-    pub rule: Option<&'static str>,
-    pub limit: i64,
 }
 
 /// What the query API needs from a store. Answers are exact integers; the
@@ -119,7 +102,7 @@ pub fn separately<'a, S: QueryStore + ?Sized>(store: &'a S, scope: &'a Scope, q:
                     store.top(scope, TopQuery { by, metric, descending, limit: q.limit }).await
                 }
                 Order::Margin => {
-                    let s = SumsQuery { granularity: "total", group_by: q.group_by.clone(), negative_only: q.negative_only, order_by_margin: true, limit: q.limit };
+                    let s = SumsQuery { granularity: Granularity::Total, group_by: q.group_by.clone(), negative_only: q.negative_only, order_by_margin: true, limit: q.limit };
                     store.sums(scope, &s).await
                 }
             }
@@ -146,10 +129,6 @@ impl ClickHouseStore {
         ClickHouseStore { store, cache: GroupCache::new(cache_groups) }
     }
 
-    fn client(&self) -> &clickhouse::Client {
-        self.store.client()
-    }
-
     /// A ranking from the kept sums over the range's whole hours (checked,
     /// or read and kept) plus the partial-hour edges, read every time.
     async fn ranking_kept(&self, scope: &Scope, q: &RankQuery, hours: (i64, i64)) -> Result<Ranking, QueryError> {
@@ -161,15 +140,15 @@ impl ClickHouseStore {
             if edge_ranges.is_empty() {
                 return Ok(Vec::new());
             }
-            queries::edge_groups(scope, &q.group_by, &edge_ranges).query(self.client()).fetch_all::<SumRow>().await
+            self.store.query(&queries::edge_groups(scope, &q.group_by, &edge_ranges)).fetch_all::<SumRow>().await
         };
         let read = async {
-            let groups = queries::groups(&inner, &q.group_by).query(self.client()).fetch_all::<SumRow>().await?;
+            let groups = self.store.query(&queries::groups(&inner, &q.group_by)).fetch_all::<SumRow>().await?;
             Ok::<_, QueryError>(self.cache.put(Entry::new(key.clone(), groups)))
         };
         let (entry, edges) = match self.cache.get(&key) {
             Some(kept) => {
-                let count = queries::event_count(&inner, &q.group_by).query(self.client()).fetch_one::<u64>();
+                let count = self.store.query(&queries::event_count(&inner, &q.group_by)).fetch_one::<u64>();
                 let (events, edges) = tokio::try_join!(count, edges)?;
                 if events == kept.total.s_events {
                     metrics::ranking_cache("hit");
@@ -185,14 +164,14 @@ impl ClickHouseStore {
                 Some((slices, base)) => {
                     let reads = futures::future::try_join_all(slices.into_iter().map(|(from, to, added)| {
                         let sql = queries::groups(&scope.with_range(from, to), &q.group_by);
-                        async move { Ok::<_, clickhouse::error::Error>((added, sql.query(self.client()).fetch_all::<SumRow>().await?)) }
+                        async move { Ok::<_, clickhouse::error::Error>((added, self.store.query(&sql).fetch_all::<SumRow>().await?)) }
                     }));
                     let (slices, edges) = tokio::try_join!(reads, edges)?;
                     // The base is checked after the slices were read: an equal
                     // count then means the subtracted hours were read from the
                     // very rows the base holds.
                     let base_scope = scope.with_range(base.key.hours.0, base.key.hours.1);
-                    let events = queries::event_count(&base_scope, &q.group_by).query(self.client()).fetch_one::<u64>().await?;
+                    let events = self.store.query(&queries::event_count(&base_scope, &q.group_by)).fetch_one::<u64>().await?;
                     match (events == base.total.s_events).then(|| base.slid(key.clone(), &slices)).flatten() {
                         Some(entry) => {
                             metrics::ranking_cache("slide");
@@ -220,26 +199,26 @@ impl QueryStore for ClickHouseStore {
     fn sums<'a>(&'a self, scope: &'a Scope, q: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         Box::pin(async move {
             let sql = queries::sums(scope, q.granularity, &q.group_by, q.negative_only, q.order_by_margin, q.limit);
-            Ok(sql.query(self.client()).fetch_all().await?)
+            Ok(self.store.query(&sql).fetch_all().await?)
         })
     }
 
     fn top<'a>(&'a self, scope: &'a Scope, q: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async move { Ok(queries::top(scope, q.by, q.metric, q.descending, q.limit).query(self.client()).fetch_all().await?) })
+        Box::pin(async move { Ok(self.store.query(&queries::top(scope, q.by, q.metric, q.descending, q.limit)).fetch_all().await?) })
     }
 
     fn negative_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
-        Box::pin(async move { Ok(queries::negative_count(scope, group_by).query(self.client()).fetch_one().await?) })
+        Box::pin(async move { Ok(self.store.query(&queries::negative_count(scope, group_by)).fetch_one().await?) })
     }
 
     fn events<'a>(&'a self, scope: &'a Scope, cursor: Option<&'a Cursor>, limit: i64) -> BoxFuture<'a, Result<Vec<EventRow>, QueryError>> {
-        Box::pin(async move { Ok(queries::events(scope, cursor, limit).query(self.client()).fetch_all().await?) })
+        Box::pin(async move { Ok(self.store.query(&meterline_sql::events(Dialect::ClickHouse, "?fields", scope, cursor, limit)).fetch_all().await?) })
     }
 
     fn alerts<'a>(&'a self, q: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>> {
         Box::pin(async move {
-            let sql = queries::alerts(&q.tenant, q.from, q.to, q.state, q.user.as_deref(), q.rule, q.limit);
-            Ok(sql.query(self.client()).fetch_all().await?)
+            let sql = meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", q);
+            Ok(self.store.query(&sql).fetch_all().await?)
         })
     }
 
@@ -256,7 +235,7 @@ impl QueryStore for ClickHouseStore {
         let settled = scope.to.timestamp().min(chrono::Utc::now().timestamp());
         let hours = ranking::whole_hours(scope.from.timestamp(), settled);
         match hours {
-            Some(hours) if self.cache.enabled() && !scope.one_user() && scope.time_column == "window_start" => {
+            Some(hours) if self.cache.enabled() && !scope.one_user() && scope.time_column == TimeColumn::WindowStart => {
                 Box::pin(self.ranking_kept(scope, q, hours))
             }
             _ => separately(self, scope, q),

@@ -6,7 +6,6 @@
 
 pub mod batch;
 pub mod config;
-pub mod ddl;
 pub mod event;
 pub mod money;
 pub mod prices;

@@ -89,7 +89,7 @@ async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline
         e.1 += t.cost_nanos;
         e.2 += t.revenue_nanos;
     }
-    let expected: std::collections::BTreeMap<(i64, String), (u64, i64, i64)> = meterline_schemas::ddl::SPAN_DAYS
+    let expected: std::collections::BTreeMap<(i64, String), (u64, i64, i64)> = meterline_domain::SPAN_DAYS
         .iter()
         .flat_map(|span| per_user.iter().map(move |(u, t)| ((*span, u.clone()), *t)))
         .collect();
@@ -105,7 +105,7 @@ async fn assert_exact(ch: &ClickHouse, database: &str, work: &Workload, deadline
             .iter()
             .map(|r| ((num(&r["span_days"]), r["user_id"].as_str().expect("user").to_owned()), (num(&r["e"]) as u64, num(&r["c"]), num(&r["r"]))))
             .collect();
-        let least = meterline_schemas::ddl::SPAN_DAYS.iter().map(|span| rows.iter().filter(|((s, _), _)| s == span).map(|(_, v)| v.0).sum::<u64>()).min();
+        let least = meterline_domain::SPAN_DAYS.iter().map(|span| rows.iter().filter(|((s, _), _)| s == span).map(|(_, v)| v.0).sum::<u64>()).min();
         (least >= Some(work.unique_events)).then_some(rows)
     })
     .await;

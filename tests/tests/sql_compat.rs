@@ -10,8 +10,7 @@ async fn every_statement_runs_on_clickhouse_18_16() {
     let database = ch.database(&format!("compat_{}", free_port())).await;
     let client = reqwest::Client::new();
     let url = format!("{}/?database={database}", stack_var("METERLINE_TEST_CLICKHOUSE_URL"));
-    let statements: Vec<String> =
-        meterline_aggregator::sql::compat_statements().into_iter().chain(meterline_query_api::queries::compat_statements()).collect();
+    let statements: Vec<String> = meterline_clickhouse::compat_statements();
     assert!(statements.len() > 10);
     for sql in &statements {
         let response = client.post(&url).body(sql.clone()).send().await.expect("request");

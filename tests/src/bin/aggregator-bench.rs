@@ -6,8 +6,8 @@
 //! steady load of the freshness run in events/s (default 2000), or `half`
 //! for half the aggregator rate this run measured (the definition).
 
-use meterline_aggregator::config::DedupeConfig;
-use meterline_aggregator::dedupe::{Known, PartitionDedupe};
+use meterline_aggregator::DedupeConfig;
+use meterline_aggregator::{Known, PartitionDedupe};
 use meterline_schemas::wire::{self, Envelope};
 use meterline_schemas::{TimeBounds, parse_event};
 use meterline_tests::stack::ClickHouse;

@@ -28,14 +28,14 @@ async fn main() -> anyhow::Result<()> {
         None => ch.database(&format!("qbench_{}", free_port())).await,
     };
     // The schema, through the aggregator's own migrations.
-    let config = meterline_aggregator::config::ClickHouseConfig {
+    let config = meterline_clickhouse::ClickHouseConfig {
         url: ch.url.clone(),
         database: db.clone(),
         user: "default".into(),
         password: String::new(),
         request_timeout_ms: 600_000,
     };
-    let store = meterline_aggregator::store::connect(&config).await?;
+    let store = meterline_clickhouse::connect(&config).await?;
     store.migrate().await?;
     let started = Instant::now();
     let now = if reuse.is_some() {
@@ -169,7 +169,7 @@ fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> 
          sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
          sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
          FROM {db}.rollups_minute GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
-        meterline_schemas::ddl::SPAN_DAYS.map(|d| d.to_string()).join(", ")
+        meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ")
     ),
     // The user-first daily table as the aggregator keeps it.
         format!(
@@ -192,7 +192,7 @@ fn print_sql() -> anyhow::Result<()> {
     let users = args.first().copied().unwrap_or(100_000);
     let per_day = args.get(1).copied().unwrap_or(3);
     let now = chrono::Utc::now().timestamp();
-    let mut setup: Vec<String> = meterline_schemas::ddl::MIGRATIONS.iter().flat_map(|m| m.statements.iter().map(|s| (*s).to_owned())).collect();
+    let mut setup: Vec<String> = meterline_clickhouse::MIGRATIONS.iter().flat_map(|m| m.statements.iter().map(|s| (*s).to_owned())).collect();
     setup.extend(load_statements("default", users, per_day, now));
     let queries: Vec<serde_json::Value> =
         endpoint_statements(now)?.into_iter().map(|(name, sql)| serde_json::json!({"query": name, "sql": sql})).collect();
@@ -203,32 +203,33 @@ fn print_sql() -> anyhow::Result<()> {
 /// Each benchmarked endpoint's statements, in the order the query API sends
 /// them, for the range the benchmark asks for (30 days to `now` + 60 s).
 fn endpoint_statements(now: i64) -> anyhow::Result<Vec<(&'static str, Vec<String>)>> {
-    use meterline_query_api::queries::{negative_count, sums, top};
+    use meterline_clickhouse::query::{negative_count, sums, top};
+    use meterline_domain::{Granularity, Metric, TimeColumn};
     let fmt = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
     let mut raw = std::collections::HashMap::from([("from".to_owned(), fmt(now - 30 * 86_400)), ("to".to_owned(), fmt(now + 60))]);
     let scope = |raw: &std::collections::HashMap<String, String>| {
-        meterline_query_api::params::Params::new(raw, &[])
-            .and_then(|p| p.scope("acme", "window_start", Some(30), 400))
+        meterline_query_api::Params::new(raw, &[])
+            .and_then(|p| p.scope("acme", TimeColumn::WindowStart, Some(30), 400))
             .map_err(|e| anyhow::anyhow!("{e:?}"))
     };
     let all = scope(&raw)?;
     raw.insert("user_id".into(), "user-4242".into());
     let one = scope(&raw)?;
-    let r = |sql: meterline_query_api::sql::Sql| sql.render("");
-    let totals = r(sums(&all, "total", &[], false, false, 1));
+    let r = |sql: meterline_sql::Sql| sql.render("");
+    let totals = r(sums(&all, Granularity::Total, &[], false, false, 1));
     Ok(vec![
-        ("top spenders by cost, 30 days", vec![r(top(&all, "user_id", "cost", true, 100)), totals.clone()]),
-        ("lowest margins, 30 days", vec![r(sums(&all, "total", &["user_id"], false, true, 100)), totals, r(negative_count(&all, &["user_id"]))]),
+        ("top spenders by cost, 30 days", vec![r(top(&all, "user_id", Metric::Cost, true, 100)), totals.clone()]),
+        ("lowest margins, 30 days", vec![r(sums(&all, Granularity::Total, &["user_id"], false, true, 100)), totals, r(negative_count(&all, &["user_id"]))]),
         (
             "one user's usage, 30 days",
             vec![
-                r(sums(&one, "total", &[], false, false, 1)),
-                r(sums(&one, "total", &["feature"], false, false, 10_000)),
-                r(sums(&one, "total", &["model"], false, false, 10_000)),
-                r(sums(&one, "day", &[], false, false, 10_000)),
+                r(sums(&one, Granularity::Total, &[], false, false, 1)),
+                r(sums(&one, Granularity::Total, &["feature"], false, false, 10_000)),
+                r(sums(&one, Granularity::Total, &["model"], false, false, 10_000)),
+                r(sums(&one, Granularity::Day, &[], false, false, 10_000)),
             ],
         ),
-        ("usage by day and model, 30 days", vec![r(sums(&all, "day", &["model"], false, false, 10_000))]),
+        ("usage by day and model, 30 days", vec![r(sums(&all, Granularity::Day, &["model"], false, false, 10_000))]),
     ])
 }
 

@@ -13,9 +13,9 @@
 //! `cargo run --release -p meterline-tests --bin sink-bench -- [ROWS] [BATCH] [ROUNDS]`
 //! with the stack up (`eval "$(scripts/stack up)"`).
 
-use meterline_aggregator::config::{ClickHouseConfig, FlushConfig};
-use meterline_aggregator::rollup::{self, EventRow, Source};
-use meterline_aggregator::store::{self, Store};
+use meterline_aggregator::FlushConfig;
+use meterline_clickhouse::{self as store, ClickHouseConfig, Store};
+use meterline_domain::{self as rollup, EventRow, Source};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::Tenant;
 use meterline_schemas::wire::{self, Envelope};
@@ -63,7 +63,7 @@ fn build_rows(rows: usize) -> anyhow::Result<Vec<EventRow>> {
             let offset = offsets[partition];
             offsets[partition] += 1;
             let envelope = Envelope { tenant: (*tenant_id).to_owned(), received_at: now, event };
-            let source = Source { topic: TOPIC, partition: partition as i32, offset };
+            let source = Source::Kafka { topic: TOPIC, partition: partition as i32, offset };
             out.push(EventRow::new(&envelope, fingerprint, priced, source, written_at));
         }
     }

@@ -4,8 +4,7 @@
 //! test runs the same list on the stack's ClickHouse 18.16.
 
 fn main() {
-    let all = meterline_aggregator::sql::compat_statements().into_iter().chain(meterline_query_api::queries::compat_statements());
-    for statement in all {
+    for statement in meterline_clickhouse::compat_statements() {
         println!("{}", serde_json::Value::String(statement));
     }
 }

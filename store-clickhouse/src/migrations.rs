@@ -209,57 +209,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     ],
 }];
 
-/// The span lengths of `rollups_user_span`, in days, longest first.
-pub const SPAN_DAYS: [i64; 6] = [32, 16, 8, 4, 2, 1];
-
-/// Covers the whole Unix days `[day_from, day_to)` with the fewest aligned
-/// spans of [`SPAN_DAYS`]: `(span_days, first_day)` in order. Greedy from the
-/// left is optimal for power-of-two spans aligned to their own length.
-pub fn spans(day_from: i64, day_to: i64) -> Vec<(i64, i64)> {
-    let mut out = Vec::new();
-    let mut day = day_from;
-    while day < day_to {
-        let span = SPAN_DAYS.iter().copied().find(|s| day.rem_euclid(*s) == 0 && day + s <= day_to).unwrap_or(1);
-        out.push((span, day));
-        day += span;
-    }
-    out
-}
-
-/// `cost_source` values in `events`.
-pub mod cost_source {
-    /// No `cost_usd` and no price for the model: cost counted as 0, event counted unpriced.
-    pub const UNPRICED: u8 = 0;
-    /// The client sent `cost_usd`.
-    pub const GIVEN: u8 = 1;
-    /// Computed from the price catalog or the tenant's prices.
-    pub const CATALOG: u8 = 2;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spans_tile_the_days_exactly_with_few_aligned_spans() {
-        for day_from in 20_700..20_800 {
-            for len in 0..200 {
-                let day_to = day_from + len;
-                let spans = spans(day_from, day_to);
-                let mut next = day_from;
-                for (span, first) in &spans {
-                    assert_eq!(*first, next, "gap or overlap in {day_from}..{day_to}: {spans:?}");
-                    assert_eq!(first % span, 0, "unaligned span in {spans:?}");
-                    next += span;
-                }
-                assert_eq!(next, day_to);
-                // At most one span of each length climbing up and one coming
-                // down, plus the 32-day spans in between.
-                assert!(spans.len() as i64 <= 2 * SPAN_DAYS.len() as i64 + len / 32, "{day_from}..{day_to}: {spans:?}");
-            }
-        }
-        assert_eq!(spans(20_751, 20_780), vec![(1, 20_751), (16, 20_752), (8, 20_768), (4, 20_776)]);
-    }
 
     #[test]
     fn versions_increase_and_statements_avoid_what_18_16_lacks() {

@@ -1,21 +1,21 @@
-//! ClickHouse: migrations, the three inserts of a flush, and the reads that
-//! rebuild a partition's progress and dedupe state.
-//!
-//! SQL is written with `?` placeholders and `.bind()`; where a statement takes
-//! a variable number of values, only the placeholders are generated, never the
-//! values. Every statement runs on ClickHouse 18.16 and on the current engine.
+//! The connection to ClickHouse: version detection, migrations, the inserts
+//! of a flush, and the reads that rebuild a partition's progress and dedupe
+//! state. Statements come from [`statements`](crate::statements) with their
+//! binds; values are only ever bound.
 
 use clickhouse::Client;
+use clickhouse::query::Query;
+use meterline_domain::{AlertRow, EventRow, key_hash};
+use meterline_sql::{Sql, Value};
 use serde::{Deserialize, Serialize};
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::sql::Rollup;
-use crate::{AggregatorError, sql};
 use crate::config::ClickHouseConfig;
-use crate::rollup::{EventRow, key_hash};
-use meterline_schemas::ddl::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
+use crate::error::ClickHouseError;
+use crate::migrations::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
+use crate::statements::{self, Range, Rollup};
 
 /// Slack on `written_at` when scanning for raw rows a crash left without
 /// rollups, so that clock skew between aggregator hosts cannot hide them.
@@ -65,19 +65,17 @@ struct OrphanRow {
     orphans: u64,
 }
 
-/// Offsets (after, up to] of one Kafka partition whose events to roll up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Range {
-    pub partition: i32,
-    pub after: i64,
-    pub up_to: i64,
+#[derive(Debug, Deserialize, clickhouse::Row)]
+pub(crate) struct LookupRow {
+    pub(crate) tenant: String,
+    pub(crate) idempotency_key: String,
+    pub(crate) fingerprint: u64,
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
-pub(crate) struct LookupRow {
-    tenant: String,
-    idempotency_key: String,
-    fingerprint: u64,
+struct UserSumRow {
+    user_id: String,
+    total: i64,
 }
 
 /// What ClickHouse says about one Kafka partition's progress.
@@ -89,7 +87,28 @@ pub struct Progress {
     pub marker_written_at: u32,
 }
 
-/// The ClickHouse side of the aggregator.
+impl Progress {
+    /// The `written_at` bound for a repair scan: the marker's time, less the
+    /// slack for clock skew between aggregator hosts.
+    pub fn repair_since(self) -> u32 {
+        self.marker_written_at.saturating_sub(WRITTEN_AT_SLACK_SECS)
+    }
+}
+
+/// A statement with its values bound, ready to run.
+pub fn bind(client: &Client, sql: &Sql) -> Query {
+    let mut q = client.query(&sql.text);
+    for b in &sql.binds {
+        q = match b {
+            Value::Str(s) => q.bind(s.as_str()),
+            Value::Int(n) => q.bind(*n),
+            Value::Strs(list) => q.bind(list),
+        };
+    }
+    q
+}
+
+/// The ClickHouse store.
 #[derive(Clone)]
 pub struct Store {
     client: Client,
@@ -106,14 +125,14 @@ impl std::fmt::Debug for Store {
 /// The client for `config`, tuned to the server's version: schema validation
 /// (RowBinaryWithNamesAndTypes) needs a server from the last few years, so it
 /// is used where the server has it and turned off for older servers (18.16).
-pub async fn connect(config: &ClickHouseConfig) -> Result<Store, AggregatorError> {
+pub async fn connect(config: &ClickHouseConfig) -> Result<Store, ClickHouseError> {
     let base = Client::default()
         .with_url(&config.url)
         .with_user(&config.user)
         .with_password(&config.password)
         .with_database(&config.database)
         .with_validation(false);
-    let version: String = base.query(sql::SERVER_VERSION).fetch_one().await?;
+    let version: String = base.query(statements::SERVER_VERSION).fetch_one().await?;
     let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
     let client = if major >= 24 { base.with_validation(true) } else { base };
     Ok(Store { client, timeout: Duration::from_millis(config.request_timeout_ms), server_version: version })
@@ -124,20 +143,20 @@ impl Store {
         &self.client
     }
 
+    /// `sql` with its values bound.
+    pub fn query(&self, sql: &Sql) -> Query {
+        bind(&self.client, sql)
+    }
+
     /// Applies the migrations this database has not seen, in order.
-    pub async fn migrate(&self) -> Result<(), AggregatorError> {
+    pub async fn migrate(&self) -> Result<(), ClickHouseError> {
         self.client.query(MIGRATIONS_TABLE_DDL).execute().await?;
-        let applied: Vec<u32> = self.client.query(sql::APPLIED_MIGRATIONS).fetch_all().await?;
+        let applied: Vec<u32> = self.client.query(statements::APPLIED_MIGRATIONS).fetch_all().await?;
         for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
             for statement in m.statements {
                 self.client.query(statement).execute().await?;
             }
-            self.client
-                .query(sql::RECORD_MIGRATION)
-                .bind(m.version)
-                .bind(m.name)
-                .execute()
-                .await?;
+            self.client.query(statements::RECORD_MIGRATION).bind(m.version).bind(m.name).execute().await?;
             tracing::info!(version = m.version, name = m.name, "applied ClickHouse migration");
         }
         Ok(())
@@ -145,10 +164,10 @@ impl Store {
 
     /// True when the server answers.
     pub async fn ping(&self) -> bool {
-        tokio::time::timeout(self.timeout, self.client.query(sql::PING).fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(self.timeout, self.client.query(statements::PING).fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
     }
 
-    async fn insert<'v, T, R>(&self, table: &str, rows: &[R]) -> Result<(), AggregatorError>
+    async fn insert<'v, T, R>(&self, table: &str, rows: &[R]) -> Result<(), ClickHouseError>
     where
         T: clickhouse::RowWrite,
         R: Borrow<T::Value<'v>> + Sync,
@@ -166,46 +185,34 @@ impl Store {
 
     /// Takes rows or references to them: a flush sends the rows it holds
     /// without copying each one first.
-    pub async fn insert_events(&self, rows: &[impl Borrow<EventRow> + Sync]) -> Result<(), AggregatorError> {
+    pub async fn insert_events(&self, rows: &[impl Borrow<EventRow> + Sync]) -> Result<(), ClickHouseError> {
         self.insert::<EventRow, _>("events", rows).await
     }
 
     /// Rolls up the events in each (partition, after, up to] range written
     /// since `since`, with a progress marker per range: one atomic INSERT.
-    pub async fn roll_up(&self, rollup: Rollup, topic: &str, ranges: &[Range], written_at: u32, since: u32) -> Result<(), AggregatorError> {
+    pub async fn roll_up(&self, rollup: Rollup, topic: &str, ranges: &[Range], written_at: u32, since: u32) -> Result<(), ClickHouseError> {
         if ranges.is_empty() {
             return Ok(());
         }
-        let mut query = self.client.query(&sql::rollups_from_events(rollup, ranges.len())).bind(written_at).bind(topic).bind(since);
-        for r in ranges {
-            query = query.bind(r.partition).bind(r.after).bind(r.up_to);
-        }
-        for r in ranges {
-            query = query.bind(topic).bind(r.partition).bind(r.up_to).bind(written_at);
-        }
-        tokio::time::timeout(self.timeout, query.execute())
+        let sql = statements::rollups_from_events(rollup, topic, ranges, written_at, since);
+        tokio::time::timeout(self.timeout, self.query(&sql).execute())
             .await
-            .map_err(|_| AggregatorError::Store("rollup insert timed out".to_owned()))??;
+            .map_err(|_| ClickHouseError::TimedOut { what: "rollup insert", secs: self.timeout.as_secs() })??;
         Ok(())
     }
 
-    pub async fn insert_alerts(&self, rows: &[crate::alerts::AlertRow]) -> Result<(), AggregatorError> {
-        self.insert::<crate::alerts::AlertRow, _>("alerts", rows).await
+    pub async fn insert_alerts(&self, rows: &[AlertRow]) -> Result<(), ClickHouseError> {
+        self.insert::<AlertRow, _>("alerts", rows).await
     }
 
-    pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), AggregatorError> {
+    pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), ClickHouseError> {
         self.insert::<DeadLetterRow, _>("dead_letters", rows).await
     }
 
     /// The last progress marker of `partition`.
-    pub async fn progress(&self, rollup: Rollup, topic: &str, partition: i32) -> Result<Progress, AggregatorError> {
-        let row: MarkerRow = self
-            .client
-            .query(&sql::progress(rollup))
-            .bind(topic)
-            .bind(partition)
-            .fetch_one()
-            .await?;
+    pub async fn progress(&self, rollup: Rollup, topic: &str, partition: i32) -> Result<Progress, ClickHouseError> {
+        let row: MarkerRow = self.query(&statements::progress(rollup, topic, partition)).fetch_one().await?;
         Ok(Progress {
             rollup_offset: (row.marker_count > 0).then_some(row.offset),
             marker_written_at: if row.marker_count > 0 { row.written_at } else { 0 },
@@ -214,62 +221,29 @@ impl Store {
 
     /// Per partition, the last offset of `ranges` already in `events`: after a
     /// failed (perhaps timed-out, perhaps cut-short) insert, what did land.
-    pub async fn events_present(&self, topic: &str, ranges: &[Range]) -> Result<HashMap<i32, i64>, AggregatorError> {
-        let mut query = self.client.query(&sql::events_present(ranges.len())).bind(topic);
-        for r in ranges {
-            query = query.bind(r.partition).bind(r.after).bind(r.up_to);
-        }
-        let rows: Vec<LandedRow> = query.fetch_all().await?;
+    pub async fn events_present(&self, topic: &str, ranges: &[Range]) -> Result<HashMap<i32, i64>, ClickHouseError> {
+        let rows: Vec<LandedRow> = self.query(&statements::events_present(topic, ranges)).fetch_all().await?;
         Ok(rows.into_iter().map(|r| (r.kafka_partition, r.last_offset)).collect())
     }
 
-    /// True when every range's progress marker is in `rollups_minute` (the
+    /// True when every range's progress marker is in `rollup`'s table (the
     /// rollup insert is atomic, so it is all of them or none).
-    pub async fn markers_present(&self, rollup: Rollup, topic: &str, ranges: &[Range]) -> Result<bool, AggregatorError> {
-        let mut query = self.client.query(&sql::markers_present(rollup, ranges.len())).bind(topic);
-        for r in ranges {
-            query = query.bind(r.partition).bind(r.up_to);
-        }
-        let found: u64 = query.fetch_one().await?;
+    pub async fn markers_present(&self, rollup: Rollup, topic: &str, ranges: &[Range]) -> Result<bool, ClickHouseError> {
+        let found: u64 = self.query(&statements::markers_present(rollup, topic, ranges)).fetch_one().await?;
         Ok(found as usize >= ranges.len())
     }
 
-    /// The last offset and count of `partition`'s events past `progress`:
-    /// written by a flush whose rollup insert did not happen.
-    pub async fn orphans(&self, topic: &str, partition: i32, progress: Progress) -> Result<Option<i64>, AggregatorError> {
-        let row: OrphanRow = self
-            .client
-            .query(sql::ORPHANS)
-            .bind(topic)
-            .bind(partition)
-            .bind(progress.rollup_offset.unwrap_or(-1))
-            .bind(Self::repair_since(progress))
-            .fetch_one()
-            .await?;
+    /// The last offset of `partition`'s events past `progress`: written by a
+    /// flush whose rollup insert did not happen.
+    pub async fn orphans(&self, topic: &str, partition: i32, progress: Progress) -> Result<Option<i64>, ClickHouseError> {
+        let sql = statements::orphans(topic, partition, progress.rollup_offset.unwrap_or(-1), progress.repair_since());
+        let row: OrphanRow = self.query(&sql).fetch_one().await?;
         Ok((row.orphans > 0).then_some(row.last_offset))
     }
 
-    /// The `written_at` bound for a repair scan: the marker's time, less the
-    /// slack for clock skew between aggregator hosts.
-    pub fn repair_since(progress: Progress) -> u32 {
-        progress.marker_written_at.saturating_sub(WRITTEN_AT_SLACK_SECS)
-    }
-
     /// Every key `partition` wrote since `since` (Unix seconds), streamed to `each`.
-    pub async fn keys_since(
-        &self,
-        topic: &str,
-        partition: i32,
-        since: u32,
-        mut each: impl FnMut(KeyRow),
-    ) -> Result<(), AggregatorError> {
-        let mut cursor = self
-            .client
-            .query(sql::KEYS_SINCE)
-            .bind(topic)
-            .bind(partition)
-            .bind(since)
-            .fetch::<KeyRow>()?;
+    pub async fn keys_since(&self, topic: &str, partition: i32, since: u32, mut each: impl FnMut(KeyRow)) -> Result<(), ClickHouseError> {
+        let mut cursor = self.query(&statements::keys_since(topic, partition, since)).fetch::<KeyRow>()?;
         while let Some(row) = cursor.next().await? {
             each(row);
         }
@@ -277,25 +251,29 @@ impl Store {
     }
 
     /// The fingerprints of those `keys` (tenant, idempotency key) already written.
-    pub async fn lookup(&self, keys: &[(&str, &str)]) -> Result<HashMap<u128, u64>, AggregatorError> {
+    pub async fn lookup(&self, keys: &[(&str, &str)]) -> Result<HashMap<u128, u64>, ClickHouseError> {
         let mut found = HashMap::new();
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
             for (tenant, key) in chunk {
                 by_tenant.entry(tenant).or_default().push(key);
             }
-            let groups: Vec<usize> = by_tenant.values().map(Vec::len).collect();
-            let mut query = self.client.query(&sql::lookup(&groups));
-            for (tenant, ks) in &by_tenant {
-                query = query.bind(*tenant);
-                for k in ks {
-                    query = query.bind(*k);
-                }
-            }
-            for row in query.fetch_all::<LookupRow>().await? {
+            let sql = statements::lookup(by_tenant.iter().map(|(t, ks)| (*t, ks.as_slice())));
+            for row in self.query(&sql).fetch_all::<LookupRow>().await? {
                 found.insert(key_hash(&row.tenant, &row.idempotency_key), row.fingerprint);
             }
         }
         Ok(found)
+    }
+
+    /// The open alerts as stored.
+    pub async fn open_alerts(&self) -> Result<Vec<AlertRow>, ClickHouseError> {
+        Ok(self.client.query(statements::OPEN_ALERTS).fetch_all().await?)
+    }
+
+    /// Per-user sums for the runaway rules (see [`statements::user_sums`]).
+    pub async fn user_sums(&self, sql: &Sql) -> Result<HashMap<String, i64>, ClickHouseError> {
+        let rows: Vec<UserSumRow> = self.query(sql).fetch_all().await?;
+        Ok(rows.into_iter().map(|r| (r.user_id, r.total)).collect())
     }
 }

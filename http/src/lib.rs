@@ -1,0 +1,14 @@
+//! What every Meterline HTTP server shares: the error answer ([`ApiError`]),
+//! the key extractors ([`ReadKey`], [`IngestKey`]), the operations routes
+//! (health, readiness, metrics, 404), the Prometheus recorder and the
+//! shutdown signal.
+
+mod auth;
+mod error;
+mod operations;
+mod recorder;
+
+pub use auth::{HasKeys, IngestKey, ReadKey, authenticate};
+pub use error::ApiError;
+pub use operations::{shutdown_signal, with_operations};
+pub use recorder::install as install_recorder;

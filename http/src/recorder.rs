@@ -1,0 +1,39 @@
+//! The process-wide Prometheus recorder: installed once, shared by every
+//! server in the process (the all-in-one binary, tests running several).
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// Buckets of every `*_seconds` histogram.
+const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The recorder, installed on first use with `buckets` (full metric name and
+/// bucket bounds) beside the shared seconds buckets. The first caller's
+/// buckets win: each service's crate passes its own, and a process that runs
+/// several services calls each, so all are passed before anything records.
+pub fn install(buckets: &[(&str, &[f64])]) -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    static BUCKETS: std::sync::Mutex<Vec<(String, Vec<f64>)>> = std::sync::Mutex::new(Vec::new());
+    BUCKETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(buckets.iter().map(|(n, b)| ((*n).to_owned(), b.to_vec())));
+    HANDLE
+        .get_or_init(|| {
+            let mut builder = PrometheusBuilder::new();
+            let all = BUCKETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            for (name, bounds) in std::iter::once(("_seconds".to_owned(), SECONDS.to_vec())).chain(all) {
+                let matcher = if name == "_seconds" { Matcher::Suffix(name) } else { Matcher::Full(name) };
+                builder = match builder.set_buckets_for_metric(matcher, &bounds) {
+                    Ok(b) => b,
+                    // Only an empty bucket list is refused, and every list here is constant.
+                    Err(_) => PrometheusBuilder::new(),
+                };
+            }
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding
+            // process); then this handle renders what was recorded through
+            // it, which is nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

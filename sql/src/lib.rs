@@ -1,0 +1,15 @@
+//! One SQL builder for every store: statement text and its bound values
+//! travel together ([`Sql`]), each engine's differences are a [`Dialect`],
+//! and the pieces both stores' rollup queries share (a request's [`Scope`]
+//! and WHERE clauses, the summed measures, grouping keys, ranking orders and
+//! the rollup [`Plan`]) are written once here. Pure: no I/O.
+
+mod builder;
+mod rollups;
+mod scope;
+mod statements;
+
+pub use builder::{Sql, Value, i, quote, repeat, s};
+pub use rollups::{BY_BUCKET, BY_MARGIN, DIMENSIONS, NEGATIVE_ONLY, Plan, dims, group_keys, metric_order, plan, resums, sums, sums_as};
+pub use scope::{Dialect, Scope};
+pub use statements::{AlertsQuery, Cursor, alerts, events};

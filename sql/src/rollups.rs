@@ -1,0 +1,129 @@
+//! The statement pieces both stores' rollup queries share: the summed
+//! measures, the grouped dimensions and their keys, ranking orders, and the
+//! plan that picks which rollup rows answer a request.
+
+use meterline_domain::{Granularity, Measure, Metric, TimeColumn, whole_days};
+
+use crate::scope::Scope;
+
+/// The summed columns, named as `SumRow` reads them (valid SQL for every
+/// store), from the measures registry.
+pub fn sums() -> String {
+    sums_as("s_")
+}
+
+/// [`sums`] with aliases starting `prefix` instead of `s_` (partial sums
+/// that an outer query sums again).
+pub fn sums_as(prefix: &str) -> String {
+    Measure::ALL
+        .iter()
+        .map(|m| format!("sum({}) AS {prefix}{}", m.column(), &m.alias()[2..]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The sums of `prefix`-named partial sums, named as `SumRow` reads them.
+pub fn resums(prefix: &str) -> String {
+    Measure::ALL
+        .iter()
+        .map(|m| format!("sum({prefix}{}) AS {}", &m.alias()[2..], m.alias()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The dimensions a request may filter or group by, with their columns.
+pub const DIMENSIONS: &[&str] = &["user_id", "customer_id", "feature", "model"];
+
+/// The alias of a grouped dimension (as `SumRow` reads it).
+fn alias(dimension: &str) -> &'static str {
+    match dimension {
+        "user_id" => "g_user",
+        "customer_id" => "g_customer",
+        "feature" => "g_feature",
+        _ => "g_model",
+    }
+}
+
+/// The grouped dimension columns with their aliases; '' for the others.
+pub fn dims(group_by: &[&str]) -> String {
+    // Aliases differ from column names on purpose: ClickHouse 18.16 resolves a
+    // WHERE name to a same-named SELECT alias.
+    DIMENSIONS
+        .iter()
+        .map(|col| if group_by.contains(col) { format!("{col} AS {}", alias(col)) } else { format!("'' AS {}", alias(col)) })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The GROUP BY keys: the grouped dimensions' columns and the bucket, but
+/// no constant: with constant keys ClickHouse 18.16 hashes every key
+/// serialized together (and SQLite sorts), where one string key alone has a
+/// fast path. The bucket stays when there is nothing else, so that no rows
+/// give no group on every server.
+pub fn group_keys(granularity: Granularity, group_by: &[&str]) -> String {
+    let mut keys: Vec<&str> = group_by.iter().map(|d| alias(d)).collect();
+    if granularity != Granularity::Total || keys.is_empty() {
+        keys.push("g_bucket");
+    }
+    keys.join(", ")
+}
+
+/// The ORDER BY expression of a ranking metric.
+pub fn metric_order(metric: Metric) -> &'static str {
+    match metric {
+        Metric::Tokens => "s_input + s_output + s_cached + s_reasoning",
+        Metric::Revenue => "s_revenue",
+        Metric::Margin => "s_revenue - s_cost",
+        Metric::Cost => "s_cost",
+    }
+}
+
+/// Lowest margin first, then by key.
+pub const BY_MARGIN: &str = " ORDER BY s_revenue - s_cost, g_user, g_customer, g_feature, g_model";
+/// Bucket, then key order.
+pub const BY_BUCKET: &str = " ORDER BY g_bucket, g_user, g_customer, g_feature, g_model";
+/// Only groups whose revenue is below their cost.
+pub const NEGATIVE_ONLY: &str = " HAVING s_revenue - s_cost < 0";
+
+/// Which rollup rows answer a request. Whole UTC days come from the per-user
+/// day rollups, and the range's partial edge days from minute rows, when the
+/// request needs nothing the per-user rows drop: minute or hour buckets, or a
+/// feature, model, environment or billable filter or grouping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Minute rows over `[from, to)`.
+    Minutes { from: i64, to: i64 },
+    /// Daily rows over `[day_from, day_to)`, minute rows over `[from, day_from)` and `[day_to, to)`.
+    Days { from: i64, day_from: i64, day_to: i64, to: i64 },
+}
+
+pub fn plan(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Plan {
+    let daily_ok = granularity.whole_days()
+        && group_by.iter().all(|d| matches!(*d, "user_id" | "customer_id"))
+        && scope.filters.iter().all(|(c, _)| matches!(*c, "user_id" | "customer_id"))
+        && scope.time_column == TimeColumn::WindowStart;
+    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+    match whole_days(from, to) {
+        Some((day_from, day_to)) if daily_ok => Plan::Days { from, day_from, day_to, to },
+        _ => Plan::Minutes { from, to },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_come_from_the_registry_as_before() {
+        assert_eq!(
+            sums(),
+            "sum(events) AS s_events, sum(input_tokens) AS s_input, sum(output_tokens) AS s_output, \
+             sum(cached_input_tokens) AS s_cached, sum(reasoning_tokens) AS s_reasoning, sum(cost_nanos) AS s_cost, \
+             sum(revenue_nanos) AS s_revenue, sum(credits_nanos) AS s_credits, sum(unpriced_events) AS s_unpriced"
+        );
+        assert!(resums("p_").starts_with("sum(p_events) AS s_events, sum(p_input) AS s_input"));
+        assert_eq!(group_keys(Granularity::Total, &["model", "user_id"]), "g_model, g_user");
+        assert_eq!(group_keys(Granularity::Total, &[]), "g_bucket");
+        assert_eq!(dims(&["feature"]), "'' AS g_user, '' AS g_customer, feature AS g_feature, '' AS g_model");
+    }
+}

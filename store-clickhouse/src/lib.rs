@@ -1,0 +1,29 @@
+//! The ClickHouse store: connection and version detection, migrations, row
+//! types, every statement the aggregator and the query API send (each with
+//! its binds, through `meterline-sql`), and the compatibility list that
+//! `sql_compat` (ClickHouse 18.16) and `chdb-check` (the current engine) run.
+
+mod compat;
+mod config;
+mod error;
+mod migrations;
+mod queries;
+mod statements;
+mod store;
+
+pub use compat::compat_statements;
+pub use config::ClickHouseConfig;
+pub use error::{ClickHouseError, Retry, exception_code};
+pub use migrations::{MIGRATIONS, Migration};
+pub use statements::{Range, Rollup, UserSum};
+pub use store::{DeadLetterRow, KeyRow, Progress, Store, bind, connect};
+
+/// The query API's statements, by endpoint.
+pub mod query {
+    pub use crate::queries::{bucket, edge_groups, event_count, groups, negative_count, source, sums, top};
+}
+
+/// The aggregator's statements.
+pub mod write {
+    pub use crate::statements::{UserSum, user_sums};
+}
