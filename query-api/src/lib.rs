@@ -6,6 +6,7 @@
 //! a window belongs to a range if it starts in it. Defaults: the last 30 days,
 //! or this calendar month for a user's statement and the audit trail.
 
+mod cached;
 mod config;
 mod error;
 pub mod metrics;

@@ -117,3 +117,60 @@ impl<'a> Params<'a> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn field(e: ApiError) -> String {
+        e.field.unwrap_or_default()
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused_by_name() {
+        let r = raw(&[("form", "2026-01-01T00:00:00Z")]);
+        let e = Params::new(&r, &["limit"]).unwrap_err();
+        assert_eq!(field(e.clone()), "form");
+        assert!(e.message.contains("accepted:") && e.message.contains("limit"), "{}", e.message);
+    }
+
+    #[test]
+    fn ranges_are_checked_and_filters_kept_in_order() {
+        let r = raw(&[("from", "2026-01-02T00:00:00Z"), ("to", "2026-01-01T00:00:00Z")]);
+        assert_eq!(field(Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err()), "from");
+        let r = raw(&[("from", "2025-01-01T00:00:00Z"), ("to", "2026-03-01T00:00:00Z")]);
+        let e = Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err();
+        assert!(e.message.contains("400 days"), "{}", e.message);
+        let r = raw(&[("to", "yesterday")]);
+        assert_eq!(field(Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err()), "to");
+        let r = raw(&[("billable", "true"), ("model", "m"), ("user_id", "u"), ("to", "2026-01-31T00:00:00Z")]);
+        let scope = Params::new(&r, &[]).unwrap().scope("t", TimeColumn::EventTime, Some(30), 400).unwrap();
+        assert_eq!(scope.filters, vec![("user_id", s("u")), ("model", s("m")), ("billable", i(1))]);
+        assert_eq!((scope.to - scope.from).num_days(), 30);
+        assert!(scope.one_user());
+        let r = raw(&[("billable", "yes")]);
+        assert_eq!(field(Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err()), "billable");
+        let long = "x".repeat(257);
+        let r = raw(&[("feature", long.as_str())]);
+        assert_eq!(field(Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err()), "feature");
+    }
+
+    #[test]
+    fn choices_limits_and_dimensions() {
+        use meterline_domain::Granularity;
+        let r = raw(&[("granularity", "week"), ("limit", "0"), ("group_by", "model, user_id,model")]);
+        let p = Params::new(&r, &["granularity", "limit", "group_by"]).unwrap();
+        let e = p.one_of("granularity", &Granularity::ALL, Granularity::as_str, Granularity::Day).unwrap_err();
+        assert!(e.message.contains("minute, hour, day, month, total"), "{}", e.message);
+        assert_eq!(field(p.limit(10, 100).unwrap_err()), "limit");
+        assert_eq!(p.dimensions("group_by", &[]).unwrap(), vec!["model", "user_id"]);
+        let r = raw(&[("group_by", "region")]);
+        assert_eq!(field(Params::new(&r, &["group_by"]).unwrap().dimensions("group_by", &[]).unwrap_err()), "group_by");
+        let none = raw(&[]);
+        assert_eq!(Params::new(&none, &[]).unwrap().one_of("granularity", &Granularity::ALL, Granularity::as_str, Granularity::Day).unwrap(), Granularity::Day);
+    }
+}

@@ -11,8 +11,8 @@ use meterline_sql::{Dialect, Scope};
 pub use meterline_sql::{AlertsQuery, Cursor};
 
 use crate::QueryError;
-use crate::ranking::{self, Entry, GroupCache, Key};
-use crate::metrics;
+use crate::cached::{self, GroupReader};
+use crate::ranking::{self, GroupCache};
 
 /// Sums grouped by a time bucket and dimensions.
 #[derive(Debug, Clone)]
@@ -128,70 +128,19 @@ impl ClickHouseStore {
     pub fn new(store: Store, cache_groups: usize) -> ClickHouseStore {
         ClickHouseStore { store, cache: GroupCache::new(cache_groups) }
     }
+}
 
-    /// A ranking from the kept sums over the range's whole hours (checked,
-    /// or read and kept) plus the partial-hour edges, read every time.
-    async fn ranking_kept(&self, scope: &Scope, q: &RankQuery, hours: (i64, i64)) -> Result<Ranking, QueryError> {
-        let key = Key { tenant: scope.tenant.clone(), filters: scope.filters.clone(), group_by: q.group_by.clone(), hours };
-        let inner = scope.with_range(hours.0, hours.1);
-        let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
-        let edge_ranges: Vec<(i64, i64)> = [(from, hours.0), (hours.1, to)].into_iter().filter(|(a, b)| a < b).collect();
-        let edges = async {
-            if edge_ranges.is_empty() {
-                return Ok(Vec::new());
-            }
-            self.store.query(&queries::edge_groups(scope, &q.group_by, &edge_ranges)).fetch_all::<SumRow>().await
-        };
-        let read = async {
-            let groups = self.store.query(&queries::groups(&inner, &q.group_by)).fetch_all::<SumRow>().await?;
-            Ok::<_, QueryError>(self.cache.put(Entry::new(key.clone(), groups)))
-        };
-        let (entry, edges) = match self.cache.get(&key) {
-            Some(kept) => {
-                let count = self.store.query(&queries::event_count(&inner, &q.group_by)).fetch_one::<u64>();
-                let (events, edges) = tokio::try_join!(count, edges)?;
-                if events == kept.total.s_events {
-                    metrics::ranking_cache("hit");
-                    (kept, edges)
-                } else {
-                    metrics::ranking_cache("stale");
-                    (read.await?, edges)
-                }
-            }
-            None => match self.cache.nearest(&key).and_then(|base| Some((ranking::slices(base.key.hours, hours)?, base))) {
-                // A kept entry a few hours away (the hour turned under a
-                // dashboard's "last 30 days"): read only the hours between.
-                Some((slices, base)) => {
-                    let reads = futures::future::try_join_all(slices.into_iter().map(|(from, to, added)| {
-                        let sql = queries::groups(&scope.with_range(from, to), &q.group_by);
-                        async move { Ok::<_, clickhouse::error::Error>((added, self.store.query(&sql).fetch_all::<SumRow>().await?)) }
-                    }));
-                    let (slices, edges) = tokio::try_join!(reads, edges)?;
-                    // The base is checked after the slices were read: an equal
-                    // count then means the subtracted hours were read from the
-                    // very rows the base holds.
-                    let base_scope = scope.with_range(base.key.hours.0, base.key.hours.1);
-                    let events = self.store.query(&queries::event_count(&base_scope, &q.group_by)).fetch_one::<u64>().await?;
-                    match (events == base.total.s_events).then(|| base.slid(key.clone(), &slices)).flatten() {
-                        Some(entry) => {
-                            metrics::ranking_cache("slide");
-                            (self.cache.put(entry), edges)
-                        }
-                        None => {
-                            metrics::ranking_cache("stale");
-                            (read.await?, edges)
-                        }
-                    }
-                }
-                None => {
-                    metrics::ranking_cache("miss");
-                    let (entry, edges) = tokio::try_join!(read, async { Ok::<_, QueryError>(edges.await?) })?;
-                    (entry, edges)
-                }
-            },
-        };
-        metrics::ranking_cache_groups(self.cache.groups());
-        Ok(ranking::rank(&entry, &edges, q))
+impl GroupReader for ClickHouseStore {
+    fn groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        Box::pin(async move { Ok(self.store.query(&queries::groups(scope, group_by)).fetch_all::<SumRow>().await?) })
+    }
+
+    fn edge_groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str], ranges: &'a [(i64, i64)]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        Box::pin(async move { Ok(self.store.query(&queries::edge_groups(scope, group_by, ranges)).fetch_all::<SumRow>().await?) })
+    }
+
+    fn event_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
+        Box::pin(async move { Ok(self.store.query(&queries::event_count(scope, group_by)).fetch_one::<u64>().await?) })
     }
 }
 
@@ -236,7 +185,7 @@ impl QueryStore for ClickHouseStore {
         let hours = ranking::whole_hours(scope.from.timestamp(), settled);
         match hours {
             Some(hours) if self.cache.enabled() && !scope.one_user() && scope.time_column == TimeColumn::WindowStart => {
-                Box::pin(self.ranking_kept(scope, q, hours))
+                Box::pin(cached::ranking(&self.cache, self, scope, q, hours))
             }
             _ => separately(self, scope, q),
         }
