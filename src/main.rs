@@ -1,69 +1,178 @@
-//! `meterline`: the all-in-one binary, and the distributed roles.
+//! `meterline`: the all-in-one binary, the distributed roles, and config tools.
 //!
 //! ```text
-//! meterline [run] [--data-dir DIR] [--config FILE] [--listen ADDR] [--demo]
+//! meterline [run] [--data-dir DIR] [--config FILE] [--listen ADDR] [--demo] [--demo-rate N]
+//! meterline demo [same flags as run]   # run with demo traffic
 //! meterline ingest     --config FILE     # distributed: HTTP -> Kafka
 //! meterline aggregator --config FILE     # distributed: Kafka -> ClickHouse
 //! meterline query-api  --config FILE     # distributed: HTTP over ClickHouse
+//! meterline config check FILE [--role ROLE]
+//! meterline keys new --tenant T --scopes ingest,read [--name NAME]
 //! ```
 
-use anyhow::{Context, bail};
-use std::path::PathBuf;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meterline_schemas::tenants::{KeyConfig, KeyRing, Scope, TenantConfig, hash_key};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-const USAGE: &str = "usage:
-  meterline [run] [--data-dir DIR] [--config FILE] [--listen ADDR] [--demo] [--demo-rate N]
-      all in one process over an embedded store in DIR (default ./data); with no
-      --config, DIR/meterline.toml is generated on first run with a dev tenant
-  meterline ingest|aggregator|query-api --config FILE
-      one role of the distributed deployment (Kafka + ClickHouse)";
+/// Per-user usage metering for AI products: ingest, dedupe, rollups and queries.
+///
+/// With no subcommand, runs everything in one process over an embedded store
+/// (the same as `meterline run`). The distributed deployment (Kafka +
+/// ClickHouse) runs `ingest`, `aggregator` and `query-api` separately.
+#[derive(Debug, Parser)]
+#[command(name = "meterline", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-#[derive(Debug, Default)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything in one process over an embedded store (the default).
+    Run(RunArgs),
+    /// Like `run`, with generated demo traffic (the same as `run --demo`).
+    Demo(RunArgs),
+    /// Distributed role: accept events over HTTP and produce them to Kafka.
+    Ingest(RoleArgs),
+    /// Distributed role: consume Kafka, dedupe, and write rollups to ClickHouse.
+    Aggregator(RoleArgs),
+    /// Distributed role: serve the query HTTP API over ClickHouse.
+    QueryApi(RoleArgs),
+    /// Inspect configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// The all-in-one mode's flags.
+#[derive(Debug, Clone, Args)]
 struct RunArgs {
-    data_dir: Option<PathBuf>,
+    /// Directory of the embedded store; without --config, DIR/meterline.toml is
+    /// generated there on first run with a development tenant and keys.
+    #[arg(long, value_name = "DIR", env = "METERLINE_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Config file to use instead of the one in the data directory.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Address the HTTP server binds, overriding the config's server.listen.
+    #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Also send demo traffic to the server with the generated dev keys.
+    #[arg(long)]
     demo: bool,
-    demo_rate: Option<usize>,
+    /// Demo events per second (with --demo).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    demo_rate: usize,
+}
+
+/// A distributed role's flags.
+#[derive(Debug, Args)]
+struct RoleArgs {
+    /// The role's TOML config (see config/<role>.example.toml).
+    /// METERLINE_<SECTION>__<KEY> variables override keys in it.
+    #[arg(long, value_name = "FILE", env = "METERLINE_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a config as ROLE would at startup (METERLINE_* overrides
+    /// included) and print what it would run with, secrets masked as "***".
+    /// Exits non-zero with the offending key on an invalid config.
+    Check {
+        /// The TOML config file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Which role's config FILE is.
+        #[arg(long, value_enum, default_value_t = Role::AllInOne)]
+        role: Role,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Generate a random API key: prints the key (once; only its hash is
+    /// configured) and the [[tenants.keys]] block to add under the tenant.
+    New {
+        /// The tenant id the key belongs to ([[tenants]] id).
+        #[arg(long, value_name = "T")]
+        tenant: String,
+        /// What the key may do, comma-separated: ingest, read, admin.
+        #[arg(long, value_enum, value_delimiter = ',', required = true, value_name = "SCOPES")]
+        scopes: Vec<ScopeArg>,
+        /// Label for logs and audits [default: TENANT-SCOPES, e.g. acme-ingest-read].
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    /// The all-in-one binary (`meterline run`).
+    AllInOne,
+    Ingest,
+    Aggregator,
+    QueryApi,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::AllInOne => "all-in-one",
+            Role::Ingest => "ingest",
+            Role::Aggregator => "aggregator",
+            Role::QueryApi => "query-api",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScopeArg {
+    /// Send events.
+    Ingest,
+    /// Query usage.
+    Read,
+    /// Everything the tenant can do.
+    Admin,
+}
+
+impl ScopeArg {
+    fn scope(self) -> (Scope, &'static str) {
+        match self {
+            ScopeArg::Ingest => (Scope::Ingest, "ingest"),
+            ScopeArg::Read => (Scope::Read, "read"),
+            ScopeArg::Admin => (Scope::Admin, "admin"),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match args.first().map(String::as_str) {
-        Some("ingest" | "aggregator" | "query-api") => runtime.block_on(role(&args[0], &args[1..])),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some("run") => runtime.block_on(run(parse_run(&args[1..])?)),
-        Some("demo") => runtime.block_on(run(RunArgs { demo: true, ..parse_run(&args[1..])? })),
-        _ => runtime.block_on(run(parse_run(&args)?)),
+    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    match cli.command {
+        None => runtime()?.block_on(run(cli.run)),
+        Some(Command::Run(args)) => runtime()?.block_on(run(args)),
+        Some(Command::Demo(args)) => runtime()?.block_on(run(RunArgs { demo: true, ..args })),
+        Some(Command::Ingest(args)) => runtime()?.block_on(role(Role::Ingest, &args.config)),
+        Some(Command::Aggregator(args)) => runtime()?.block_on(role(Role::Aggregator, &args.config)),
+        Some(Command::QueryApi(args)) => runtime()?.block_on(role(Role::QueryApi, &args.config)),
+        Some(Command::Config(ConfigCommand::Check { file, role })) => config_check(&file, role),
+        Some(Command::Keys(KeysCommand::New { tenant, scopes, name })) => keys_new(&tenant, &scopes, name),
     }
-}
-
-fn parse_run(args: &[String]) -> anyhow::Result<RunArgs> {
-    let mut out = RunArgs::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
-        match a.as_str() {
-            "--data-dir" => out.data_dir = Some(PathBuf::from(value()?)),
-            "--config" => out.config = Some(PathBuf::from(value()?)),
-            "--listen" => out.listen = Some(value()?.clone()),
-            "--demo" => out.demo = true,
-            "--demo-rate" => out.demo_rate = Some(value()?.parse().context("--demo-rate must be events per second")?),
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
-        }
-    }
-    Ok(out)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.or_else(|| std::env::var_os("METERLINE_DATA_DIR").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("data"));
+    let data_dir = args.data_dir;
     let (path, generated) = match args.config {
         Some(p) => (p, None),
         None => meterline::devconfig::ensure(&data_dir).with_context(|| format!("preparing data directory {}", data_dir.display()))?,
@@ -92,8 +201,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.demo {
         let keys = meterline::devconfig::stored_keys(&data_dir)
             .context("--demo needs the generated dev keys (run without --config once, or use the generated data directory)")?;
-        let rate = args.demo_rate.unwrap_or(20);
-        tokio::spawn(meterline::demo::run(format!("http://{addr}"), keys.ingest, Some(keys.read), rate));
+        tokio::spawn(meterline::demo::run(format!("http://{addr}"), keys.ingest, Some(keys.read), args.demo_rate));
     }
     meterline::serve(config, &data_dir, listener, meterline_http::shutdown_signal()).await?;
     tracing::info!("meterline stopped");
@@ -101,32 +209,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// One role of the distributed deployment, from its own config file.
-async fn role(name: &str, args: &[String]) -> anyhow::Result<()> {
-    let path = match args {
-        [flag, path] if flag == "--config" => path.clone(),
-        [] => std::env::var("METERLINE_CONFIG").with_context(|| format!("usage: meterline {name} --config FILE (or set METERLINE_CONFIG)"))?,
-        _ => bail!("usage: meterline {name} --config FILE"),
-    };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {path}"))?;
+async fn role(role: Role, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let context = || format!("config {}", path.display());
     let shutdown = meterline_http::shutdown_signal();
-    match name {
-        "ingest" => {
-            let config = meterline_ingest::Config::load(&text, std::env::vars()).with_context(|| format!("config {path}"))?;
+    match role {
+        Role::Ingest => {
+            let config = meterline_ingest::Config::load(&text, std::env::vars()).with_context(context)?;
             let listener = bind(config.server.listen).await?;
             meterline_ingest::serve(config, listener, shutdown).await?;
         }
-        "aggregator" => {
-            let config = meterline_aggregator::Config::load(&text, std::env::vars()).with_context(|| format!("config {path}"))?;
+        Role::Aggregator => {
+            let config = meterline_aggregator::Config::load(&text, std::env::vars()).with_context(context)?;
             let listener = bind(config.server.listen).await?;
             meterline_aggregator::serve(config, listener, shutdown).await?;
         }
-        _ => {
-            let config = meterline_query_api::Config::load(&text, std::env::vars()).with_context(|| format!("config {path}"))?;
+        Role::QueryApi => {
+            let config = meterline_query_api::Config::load(&text, std::env::vars()).with_context(context)?;
             let listener = bind(config.server.listen).await?;
             meterline_query_api::serve(config, listener, shutdown).await?;
         }
+        Role::AllInOne => unreachable!("the all-in-one mode runs through run()"),
     }
-    tracing::info!(role = name, "stopped");
+    tracing::info!(role = role.name(), "stopped");
     Ok(())
 }
 
@@ -134,4 +239,120 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding server.listen {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     Ok(listener)
+}
+
+/// Replaces secrets in a config before it is printed.
+const MASK: &str = "***";
+
+/// `meterline config check`: loads `path` as `role` would and prints the result, masked.
+fn config_check(path: &Path, role: Role) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let context = || format!("config {} ({} role)", path.display(), role.name());
+    let vars = std::env::vars();
+    let shown = match role {
+        Role::AllInOne => {
+            let mut c = meterline::Config::load(&text, vars).with_context(context)?;
+            mask_tenants(&mut c.tenants);
+            mask_opt_url(&mut c.alerts.webhook_url);
+            format!("{c:#?}")
+        }
+        Role::Ingest => {
+            let mut c = meterline_ingest::Config::load(&text, vars).with_context(context)?;
+            mask_tenants(&mut c.tenants);
+            mask_options(&mut c.kafka.options);
+            format!("{c:#?}")
+        }
+        Role::Aggregator => {
+            let mut c = meterline_aggregator::Config::load(&text, vars).with_context(context)?;
+            mask_tenants(&mut c.tenants);
+            mask_options(&mut c.kafka.options);
+            c.clickhouse.password = MASK.to_owned();
+            c.clickhouse.url = mask_url(&c.clickhouse.url, false);
+            mask_opt_url(&mut c.alerts.webhook_url);
+            format!("{c:#?}")
+        }
+        Role::QueryApi => {
+            let mut c = meterline_query_api::Config::load(&text, vars).with_context(context)?;
+            mask_tenants(&mut c.tenants);
+            c.clickhouse.password = MASK.to_owned();
+            c.clickhouse.url = mask_url(&c.clickhouse.url, false);
+            format!("{c:#?}")
+        }
+    };
+    println!("# {}: a valid {} config (with METERLINE_* overrides applied; secrets shown as {MASK})", path.display(), role.name());
+    println!("{shown}");
+    Ok(())
+}
+
+fn mask_tenants(tenants: &mut [TenantConfig]) {
+    for key in tenants.iter_mut().flat_map(|t| t.keys.iter_mut()) {
+        key.sha256 = MASK.to_owned();
+    }
+}
+
+/// librdkafka properties that may hold credentials (sasl.password, ssl.key.pem, ...).
+fn mask_options(options: &mut BTreeMap<String, String>) {
+    for (name, value) in options.iter_mut() {
+        let name = name.to_ascii_lowercase();
+        if ["password", "secret", "key", "jaas", "token", "credential"].iter().any(|s| name.contains(s)) {
+            *value = MASK.to_owned();
+        }
+    }
+}
+
+/// A webhook URL often carries its token in the path: only scheme and host are shown.
+fn mask_opt_url(url: &mut Option<String>) {
+    if let Some(u) = url {
+        *u = mask_url(u, true);
+    }
+}
+
+/// `url` with any user info masked, and its path and query too when `path` is set
+/// (a query is always masked: it may carry a password).
+fn mask_url(url: &str, path: bool) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return MASK.to_owned() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{MASK}@{host}"),
+        None => authority.to_owned(),
+    };
+    let tail = if tail.is_empty() || tail == "/" {
+        tail.to_owned()
+    } else if path {
+        format!("/{MASK}")
+    } else {
+        match tail.split_once(['?', '#']) {
+            Some((p, _)) => format!("{p}?{MASK}"),
+            None => tail.to_owned(),
+        }
+    };
+    format!("{scheme}://{host}{tail}")
+}
+
+/// `meterline keys new`: a fresh key and its config block.
+fn keys_new(tenant: &str, scopes: &[ScopeArg], name: Option<String>) -> anyhow::Result<()> {
+    let mut unique: Vec<ScopeArg> = Vec::new();
+    for s in scopes {
+        if !unique.contains(s) {
+            unique.push(*s);
+        }
+    }
+    let names: Vec<&str> = unique.iter().map(|s| s.scope().1).collect();
+    let name = name.unwrap_or_else(|| format!("{tenant}-{}", names.join("-")));
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a key: {e}"))?;
+    let key = format!("mlk_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let config = KeyConfig { name: name.clone(), sha256: hash_key(&key), scopes: unique.iter().map(|s| s.scope().0).collect() };
+    // The same validation a service applies at startup (tenant id, hash, scopes).
+    let tenant_config = TenantConfig { id: tenant.to_owned(), keys: vec![config.clone()], credit_price_usd: None, prices: BTreeMap::new() };
+    let ring = KeyRing::from_config(std::slice::from_ref(&tenant_config)).map_err(|e| anyhow::anyhow!("--tenant {tenant:?}: {e}"))?;
+    anyhow::ensure!(ring.authenticate(&key).is_some(), "the generated key does not authenticate against its own hash");
+    let quoted = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let scopes_toml = names.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(", ");
+    println!("New key for tenant {tenant:?}; it is shown only now (the config keeps its SHA-256):\n");
+    println!("    {key}\n");
+    println!("Add this under the [[tenants]] block with id = {}:\n", quoted(tenant));
+    println!("[[tenants.keys]]\nname = {}\nsha256 = {}\nscopes = [{scopes_toml}]", quoted(&config.name), quoted(&config.sha256));
+    Ok(())
 }
