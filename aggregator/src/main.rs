@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, topic = %config.kafka.topic, "aggregator starting");
-    meterline_aggregator::serve(config, listener, shutdown_signal()).await?;
+    meterline_aggregator::serve(config, listener, meterline_http::shutdown_signal()).await?;
     tracing::info!("aggregator stopped");
     Ok(())
 }
@@ -26,19 +26,4 @@ fn config_path() -> anyhow::Result<String> {
         (Some("--config"), Some(path)) => Ok(path),
         _ => std::env::var("METERLINE_CONFIG").context("usage: meterline-aggregator --config FILE (or set METERLINE_CONFIG)"),
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
