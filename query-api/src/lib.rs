@@ -6,6 +6,7 @@
 //! a window belongs to a range if it starts in it. Defaults: the last 30 days,
 //! or this calendar month for a user's statement and the audit trail.
 
+mod answers;
 mod cached;
 mod config;
 mod error;
@@ -18,5 +19,5 @@ mod store;
 pub use config::{Config, ServerConfig};
 pub use error::QueryError;
 pub use params::Params;
-pub use server::{AppState, OPENAPI, api_routes, router, serve};
+pub use server::{AppState, OPENAPI, api_routes, route_paths, router, serve};
 pub use store::{AlertsQuery, Cursor, Order, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, separately};

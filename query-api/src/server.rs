@@ -1,23 +1,22 @@
-//! The HTTP server: tenant-scoped read endpoints, health, readiness, metrics, OpenAPI.
+//! The HTTP server: tenant-scoped read endpoints (thin handlers over the
+//! store, typed answers), health, readiness, metrics, OpenAPI.
 
-use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use chrono::{DateTime, Utc};
+use axum::routing::{MethodRouter, get};
+use axum::{Json, Router};
 use meterline_domain::{AlertState, EventRow, Granularity, Metric, Rule, SumRow, TimeColumn};
-use meterline_http::{ApiError, authenticate, with_operations};
-use meterline_sql::{DIMENSIONS, Scope as RangeScope};
-use meterline_schemas::Nanos;
-use meterline_schemas::tenants::{KeyRing, Scope, TenantConfig};
-use serde_json::{Value, json};
+use meterline_http::{ApiError, HasKeys, ReadKey, with_operations};
+use meterline_schemas::tenants::{KeyRing, TenantConfig};
+use meterline_sql::{DIMENSIONS, Scope};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
 
+use crate::answers::{Alert, AlertsAnswer, Event, EventsAnswer, MarginsAnswer, Range, Ranked, Row, TopSpendersAnswer, UsageAnswer, UserUsageAnswer, WithMargin, ratio};
 use crate::config::Config;
 use crate::params::Params;
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
@@ -41,6 +40,15 @@ impl AppState {
     }
 }
 
+impl HasKeys for AppState {
+    fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+}
+
+type Shared = Arc<AppState>;
+type Raw = Query<HashMap<String, String>>;
+
 /// Connects to ClickHouse and serves until `shutdown`, then drains.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
     let store = ClickHouseStore::new(meterline_clickhouse::connect(&config.clickhouse).await?, config.server.ranking_cache_groups);
@@ -49,22 +57,37 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     Ok(())
 }
 
+/// Every API route: the one list the router is built from and the OpenAPI
+/// document is checked against.
+fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
+    vec![
+        ("/v1/usage", get(usage)),
+        ("/v1/top-spenders", get(top_spenders)),
+        ("/v1/margins", get(margins)),
+        ("/v1/users/{user_id}/usage", get(user_usage)),
+        ("/v1/events", get(events)),
+        ("/v1/alerts", get(alerts)),
+    ]
+}
+
+/// The API routes' paths.
+pub fn route_paths() -> Vec<&'static str> {
+    routes().into_iter().map(|(path, _)| path).collect()
+}
+
 /// The API routes alone (with the OpenAPI document), for a process that
 /// serves them beside others.
-pub fn api_routes(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/usage", get(usage))
-        .route("/v1/top-spenders", get(top_spenders))
-        .route("/v1/margins", get(margins))
-        .route("/v1/users/{user_id}/usage", get(user_usage))
-        .route("/v1/events", get(events))
-        .route("/v1/alerts", get(alerts))
+pub fn api_routes(state: Shared) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, method)| router.route(path, method))
+        .route_layer(middleware::from_fn(record))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
         .with_state(state)
 }
 
 /// The query service's whole router: the API, health, readiness, metrics.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Shared) -> Router {
     let ready = {
         let state = state.clone();
         move || {
@@ -75,103 +98,42 @@ pub fn router(state: Arc<AppState>) -> Router {
     with_operations(api_routes(state), metrics::handle(), ready, "the store is not reachable")
 }
 
-type Raw = Query<HashMap<String, String>>;
-
-/// Runs a handler body with auth, timing and the metrics every endpoint shares.
-async fn answer<F, Fut>(endpoint: &'static str, state: &AppState, headers: &HeaderMap, body: F) -> Response
-where
-    F: FnOnce(String) -> Fut,
-    Fut: Future<Output = Result<Value, ApiError>>,
-{
+/// Counts and times every answer by route template and status, refusals included.
+async fn record(path: MatchedPath, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let response = match authenticate(&state.keys, headers, Scope::Read) {
-        Err(e) => e.into_response(),
-        Ok(principal) => match body(principal.tenant.clone()).await {
-            Ok(v) => axum::Json(v).into_response(),
-            Err(e) => e.into_response(),
-        },
-    };
+    let response = next.run(request).await;
+    let endpoint = route_paths().into_iter().find(|p| *p == path.as_str()).unwrap_or("other");
     metrics::request(endpoint, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
-async fn fetch(state: &AppState, scope: &RangeScope, q: SumsQuery) -> Result<Vec<SumRow>, ApiError> {
+async fn sums(state: &AppState, scope: &Scope, q: SumsQuery) -> Result<Vec<SumRow>, ApiError> {
     Ok(state.store.sums(scope, &q).await?)
 }
 
-fn money(n: i128) -> String {
-    Nanos(i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })).to_string()
+/// An aggregate over no rows still yields one all-zero row on some servers;
+/// a group or window with no events is not a row.
+fn with_events(rows: &[SumRow]) -> impl Iterator<Item = &SumRow> {
+    rows.iter().filter(|r| r.s_events > 0)
 }
 
-/// `num / den` as a decimal string with `scale` digits, rounded half away from zero.
-pub fn ratio(num: i128, den: i128, scale: u32) -> Option<String> {
-    if den == 0 {
-        return None;
-    }
-    let factor = 10i128.pow(scale);
-    let scaled = num * factor * 2;
-    let q = (scaled.abs() / den.abs() + 1) / 2;
-    let negative = (num < 0) != (den < 0) && q != 0;
-    let (int, frac) = (q / factor, q % factor);
-    Some(format!("{}{int}.{frac:0width$}", if negative { "-" } else { "" }, width = scale as usize))
-}
-
-fn row_json(r: &SumRow, group_by: &[&str], with_bucket: bool) -> Value {
-    let mut v = json!({
-        "events": r.s_events,
-        "input_tokens": r.s_input,
-        "output_tokens": r.s_output,
-        "cached_input_tokens": r.s_cached,
-        "reasoning_tokens": r.s_reasoning,
-        "cost_usd": money(i128::from(r.s_cost)),
-        "revenue_usd": money(i128::from(r.s_revenue)),
-        "margin_usd": money(i128::from(r.s_revenue) - i128::from(r.s_cost)),
-        "credits": money(i128::from(r.s_credits)),
-        "unpriced_events": r.s_unpriced,
-    });
-    if with_bucket {
-        v["window_start"] = json!(DateTime::from_timestamp(i64::from(r.g_bucket), 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
-    }
-    for d in group_by {
-        let value = match *d {
-            "user_id" => &r.g_user,
-            "customer_id" => &r.g_customer,
-            "feature" => &r.g_feature,
-            _ => &r.g_model,
-        };
-        // Events without a customer have customer_id ''; answer null.
-        v[*d] = if value.is_empty() { Value::Null } else { json!(value) };
-    }
-    v
-}
-
-fn range_json(scope: &RangeScope) -> Value {
-    json!({"from": scope.from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "to": scope.to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
-}
-
-async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
-    answer("/v1/usage", &state.clone(), &headers, |tenant| async move {
+async fn usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
+    let answer = async {
         let p = Params::new(&raw, &["group_by", "granularity", "limit"])?;
         let group_by = p.dimensions("group_by", &[])?;
         let granularity = p.one_of("granularity", &Granularity::ALL, Granularity::as_str, Granularity::Day)?;
         let limit = p.limit(10_000, 100_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        let rows = fetch(&state, &scope, SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, limit }).await?;
-        let total = granularity != Granularity::Total;
-        Ok(json!({
-            "range": range_json(&scope),
-            "granularity": granularity.as_str(),
-            "group_by": group_by,
-            // An aggregate over no rows still yields one all-zero row on some
-            // servers; a window with no events is not a row.
-            "rows": rows.iter().filter(|r| r.s_events > 0).map(|r| row_json(r, &group_by, total)).collect::<Vec<_>>(),
-        }))
-    })
-    .await
+        let rows = sums(&state, &scope, SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, limit }).await?;
+        let bucketed = granularity != Granularity::Total;
+        let rows = with_events(&rows).map(|r| Row::of(r, &group_by, bucketed)).collect();
+        Ok::<_, ApiError>(Json(UsageAnswer { range: Range::of(&scope), granularity: granularity.as_str(), group_by: &group_by, rows }).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
-    answer("/v1/top-spenders", &state.clone(), &headers, |tenant| async move {
+async fn top_spenders(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
+    let answer = async {
         let p = Params::new(&raw, &["by", "metric", "order", "limit"])?;
         let by = p.choice("by", &["user_id", "customer_id"], "user_id")?;
         let metric = p.one_of("metric", &Metric::ALL, Metric::as_str, Metric::Cost)?;
@@ -179,25 +141,19 @@ async fn top_spenders(State(state): State<Arc<AppState>>, headers: HeaderMap, Qu
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit, count_negative: false };
-        let Ranking { rows, total: t, .. } = state.store.ranking(&scope, &q).await?;
-        let value = |r: &SumRow| metric.of(r);
-        let total_value = value(&t);
-        let out: Vec<Value> = rows
-            .iter()
-            .filter(|r| r.s_events > 0)
-            .map(|r| {
-                let mut v = row_json(r, &[by], false);
-                v["share"] = json!(if total_value > 0 { ratio(value(r), total_value, 6) } else { None });
-                v
-            })
+        let Ranking { rows, total, .. } = state.store.ranking(&scope, &q).await?;
+        let of_total = metric.of(&total);
+        let ranked = with_events(&rows)
+            .map(|r| Ranked { row: Row::of(r, &[by], false), share: if of_total > 0 { ratio(metric.of(r), of_total, 6) } else { None } })
             .collect();
-        Ok(json!({"range": range_json(&scope), "by": by, "metric": metric.as_str(), "rows": out, "total": row_json(&t, &[], false)}))
-    })
-    .await
+        let answer = TopSpendersAnswer { range: Range::of(&scope), by, metric: metric.as_str(), rows: ranked, total: Row::of(&total, &[], false) };
+        Ok::<_, ApiError>(Json(answer).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
-    answer("/v1/margins", &state.clone(), &headers, |tenant| async move {
+async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
+    let answer = async {
         let p = Params::new(&raw, &["group_by", "negative_only", "limit"])?;
         let group_by = p.dimensions("group_by", &["user_id"])?;
         if group_by.is_empty() {
@@ -212,24 +168,20 @@ async fn margins(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(r
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit, count_negative: true };
         let Ranking { rows, total, negative } = state.store.ranking(&scope, &q).await?;
-        let with_pct = |r: &SumRow, dims: &[&str]| {
-            let mut v = row_json(r, dims, false);
-            v["margin_pct"] = json!(ratio((i128::from(r.s_revenue) - i128::from(r.s_cost)) * 100, i128::from(r.s_revenue), 2));
-            v
+        let answer = MarginsAnswer {
+            range: Range::of(&scope),
+            group_by: &group_by,
+            rows: with_events(&rows).map(|r| WithMargin::of(r, &group_by)).collect(),
+            total: WithMargin::of(&total, &[]),
+            negative_margin_groups: negative.unwrap_or(0),
         };
-        Ok(json!({
-            "range": range_json(&scope),
-            "group_by": group_by,
-            "rows": rows.iter().filter(|r| r.s_events > 0).map(|r| with_pct(r, &group_by)).collect::<Vec<_>>(),
-            "total": with_pct(&total, &[]),
-            "negative_margin_groups": negative.unwrap_or(0),
-        }))
-    })
-    .await
+        Ok(Json(answer).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn user_usage(State(state): State<Arc<AppState>>, Path(user_id): Path<String>, headers: HeaderMap, Query(mut raw): Raw) -> Response {
-    answer("/v1/users/{user_id}/usage", &state.clone(), &headers, |tenant| async move {
+async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Path(user_id): Path<String>, Query(mut raw): Raw) -> Response {
+    let answer = async {
         if raw.contains_key("user_id") {
             return Err(ApiError::bad_request("invalid_parameter", "the user is named in the path").with_field("user_id"));
         }
@@ -238,21 +190,23 @@ async fn user_usage(State(state): State<Arc<AppState>>, Path(user_id): Path<Stri
         // Default: this calendar month, as a customer-facing statement would.
         let scope = p.scope(&tenant, TimeColumn::WindowStart, None, state.max_days)?;
         let (totals, by_feature, by_model, daily) = tokio::try_join!(
-            fetch(&state, &scope, SumsQuery::totals(&[], 1)),
-            fetch(&state, &scope, SumsQuery::totals(&["feature"], 10_000)),
-            fetch(&state, &scope, SumsQuery::totals(&["model"], 10_000)),
-            fetch(&state, &scope, SumsQuery { granularity: Granularity::Day, ..SumsQuery::totals(&[], 10_000) }),
+            sums(&state, &scope, SumsQuery::totals(&[], 1)),
+            sums(&state, &scope, SumsQuery::totals(&["feature"], 10_000)),
+            sums(&state, &scope, SumsQuery::totals(&["model"], 10_000)),
+            sums(&state, &scope, SumsQuery { granularity: Granularity::Day, ..SumsQuery::totals(&[], 10_000) }),
         )?;
-        Ok(json!({
-            "user_id": user_id,
-            "range": range_json(&scope),
-            "totals": row_json(&totals.first().cloned().unwrap_or_default(), &[], false),
-            "by_feature": by_feature.iter().map(|r| row_json(r, &["feature"], false)).collect::<Vec<_>>(),
-            "by_model": by_model.iter().map(|r| row_json(r, &["model"], false)).collect::<Vec<_>>(),
-            "daily": daily.iter().map(|r| row_json(r, &[], true)).collect::<Vec<_>>(),
-        }))
-    })
-    .await
+        let none = SumRow::default();
+        let answer = UserUsageAnswer {
+            user_id: &user_id,
+            range: Range::of(&scope),
+            totals: Row::of(totals.first().unwrap_or(&none), &[], false),
+            by_feature: by_feature.iter().map(|r| Row::of(r, &["feature"], false)).collect(),
+            by_model: by_model.iter().map(|r| Row::of(r, &["model"], false)).collect(),
+            daily: daily.iter().map(|r| Row::of(r, &[], true)).collect(),
+        };
+        Ok(Json(answer).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 fn encode_cursor(r: &EventRow) -> String {
@@ -270,8 +224,8 @@ fn decode_cursor(text: &str) -> Result<(i64, i64, String), ApiError> {
     Ok((secs, nanos, key))
 }
 
-async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
-    answer("/v1/events", &state.clone(), &headers, |tenant| async move {
+async fn events(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
+    let answer = async {
         let p = Params::new(&raw, &["cursor", "limit"])?;
         if p.get("user_id").is_none() {
             return Err(ApiError::bad_request("invalid_parameter", "the audit trail is per user: give user_id").with_field("user_id"));
@@ -282,96 +236,35 @@ async fn events(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(ra
         let mut rows: Vec<EventRow> = state.store.events(&scope, cursor.as_ref(), limit + 1).await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let next = if more { rows.last().map(encode_cursor) } else { None };
-        let out: Vec<Value> = rows
-            .iter()
-            .map(|r| {
-                let ts = DateTime::<Utc>::from_timestamp(i64::from(r.event_time), r.event_time_ns).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
-                json!({
-                    "idempotency_key": r.idempotency_key,
-                    "timestamp": ts,
-                    "user_id": r.user_id,
-                    "customer_id": (!r.customer_id.is_empty()).then_some(&r.customer_id),
-                    "feature": r.feature,
-                    "model": r.model,
-                    "provider": (!r.provider.is_empty()).then_some(&r.provider),
-                    "environment": r.environment,
-                    "billable": r.billable == 1,
-                    "input_tokens": r.input_tokens,
-                    "output_tokens": r.output_tokens,
-                    "cached_input_tokens": r.cached_input_tokens,
-                    "reasoning_tokens": r.reasoning_tokens,
-                    "cost_usd": money(i128::from(r.cost_nanos)),
-                    "cost_source": meterline_domain::CostSource::from_u8(r.cost_source).as_str(),
-                    "revenue_usd": money(i128::from(r.revenue_nanos)),
-                    "credits": money(i128::from(r.credits_nanos)),
-                    "metadata": serde_json::from_str::<Value>(&r.metadata).ok(),
-                    // Where the event sits in Kafka; null from the embedded store, which has no log.
-                    "kafka_partition": r.kafka_position().map(|(p, _)| p),
-                    "kafka_offset": r.kafka_position().map(|(_, o)| o),
-                })
-            })
-            .collect();
-        Ok(json!({"range": range_json(&scope), "events": out, "next_cursor": next}))
-    })
-    .await
+        let next_cursor = if more { rows.last().map(encode_cursor) } else { None };
+        let answer = EventsAnswer { range: Range::of(&scope), events: rows.iter().map(Event::of).collect(), next_cursor };
+        Ok(Json(answer).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn alerts(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(raw): Raw) -> Response {
-    answer("/v1/alerts", &state.clone(), &headers, |tenant| async move {
+async fn alerts(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
+    let answer = async {
         let p = Params::new(&raw, &["state", "rule", "limit"])?;
         for unsupported in ["customer_id", "feature", "model", "environment", "billable"] {
             if p.get(unsupported).is_some() {
                 return Err(ApiError::bad_request("invalid_parameter", "alerts are per user; filter by user_id or rule").with_field(unsupported));
             }
         }
-        let which = p.choice("state", &["open", "resolved", "all"], "open")?;
-        let rule = p
-            .get("rule")
-            .map(|r| Rule::parse(r).ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("must be one of {}", Rule::names())).with_field("rule")))
-            .transpose()?;
-        let which = match which {
+        let state_filter = match p.choice("state", &["open", "resolved", "all"], "open")? {
             "open" => Some(AlertState::Open),
             "resolved" => Some(AlertState::Resolved),
             _ => None,
         };
+        let rule = p
+            .get("rule")
+            .map(|r| Rule::parse(r).ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("must be one of {}", Rule::names())).with_field("rule")))
+            .transpose()?;
         let limit = p.limit(100, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::OpenedAt, Some(30), state.max_days)?;
-        let q = AlertsQuery { tenant: tenant.clone(), from: scope.from.timestamp(), to: scope.to.timestamp(), state: which, user: p.get("user_id").map(str::to_owned), rule, limit };
+        let q = AlertsQuery { tenant: tenant.clone(), from: scope.from.timestamp(), to: scope.to.timestamp(), state: state_filter, user: p.get("user_id").map(str::to_owned), rule, limit };
         let rows = state.store.alerts(&q).await?;
-        let at = |secs: u32| (secs > 0).then(|| DateTime::<Utc>::from_timestamp(i64::from(secs), 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).flatten();
-        let out: Vec<Value> = rows
-            .iter()
-            .map(|a| {
-                json!({
-                    "user_id": a.user_id,
-                    "rule": a.rule,
-                    "state": a.state,
-                    "observed_usd": money(i128::from(a.observed_nanos)),
-                    "threshold_usd": money(i128::from(a.threshold_nanos)),
-                    "window_secs": a.window_secs,
-                    "opened_at": at(a.opened_at),
-                    "updated_at": at(a.updated_at),
-                    "resolved_at": at(a.resolved_at),
-                })
-            })
-            .collect();
-        Ok(json!({"range": range_json(&scope), "alerts": out}))
-    })
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ratio;
-
-    #[test]
-    fn ratios_round_half_away_from_zero() {
-        assert_eq!(ratio(1, 3, 6).as_deref(), Some("0.333333"));
-        assert_eq!(ratio(2, 3, 6).as_deref(), Some("0.666667"));
-        assert_eq!(ratio(-1, 8, 2).as_deref(), Some("-0.13"));
-        assert_eq!(ratio(5, 1, 2).as_deref(), Some("5.00"));
-        assert_eq!(ratio(1, 0, 2), None);
-        assert_eq!(ratio(0, 7, 2).as_deref(), Some("0.00"));
-    }
+        Ok(Json(AlertsAnswer { range: Range::of(&scope), alerts: rows.iter().map(Alert::of).collect() }).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
