@@ -44,6 +44,7 @@ pub struct StorageConfig {
     pub read_connections: usize,
     /// Runaway rules are evaluated at most this often while events stream in
     /// (and this often for open alerts when none do), in milliseconds.
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub alert_eval_ms: u64,
 }
 

@@ -36,6 +36,7 @@ pub struct ServerConfig {
     /// Address of the metrics and health endpoints.
     pub listen: SocketAddr,
     /// How long shutdown may take to flush and commit.
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub shutdown_grace_secs: u64,
 }
 
@@ -55,6 +56,7 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// A member silent this long is dropped and its partitions reassigned.
     #[serde(default = "KafkaConfig::default_session_timeout_ms")]
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub session_timeout_ms: u64,
     /// Further librdkafka consumer properties, passed through as given.
     #[serde(default)]
@@ -77,6 +79,7 @@ impl KafkaConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FlushConfig {
     /// How often buffered events are written.
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub interval_ms: u64,
     /// Most events in one flush; one flush is one INSERT per table, which
     /// ClickHouse keeps atomic only below `max_insert_block_size` (1,048,576)
@@ -85,9 +88,11 @@ pub struct FlushConfig {
     /// Most events held in memory; past it consumption pauses.
     pub max_buffered_events: usize,
     /// Longest pause between retries of a failed write.
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub max_backoff_ms: u64,
     /// How long a partition revoke may spend writing that partition's buffer
     /// before letting go (what does not make it is re-read by the next owner).
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub revoke_timeout_ms: u64,
 }
 
@@ -107,13 +112,16 @@ impl Default for FlushConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DedupeConfig {
     /// How long a key is remembered (default 35 days); at least ingest's `events.max_past_secs`.
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub window_secs: i64,
     /// Processing time covered by one bloom filter (default 7 days).
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub slice_secs: i64,
     /// Keys one slice is sized for, per partition; past it false positives rise.
     pub expected_keys_per_slice: usize,
     pub false_positive_rate: f64,
     /// How long a key stays in the exact recent map (default 10 minutes).
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub recent_secs: i64,
     /// Most keys in the recent map, per partition.
     pub max_recent_keys: usize,

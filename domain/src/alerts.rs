@@ -114,6 +114,7 @@ pub struct AlertsConfig {
     pub webhook_url: Option<String>,
     pub webhook_retries: u32,
     /// How often open alerts are re-evaluated when no events arrive.
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub interval_secs: u64,
 }
 
@@ -128,6 +129,7 @@ impl Default for AlertsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AlertRules {
     /// The trailing window the cost rules look at.
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub window_secs: u32,
     #[serde(deserialize_with = "usd")]
     pub absolute_cost: Nanos,

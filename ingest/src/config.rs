@@ -33,6 +33,7 @@ pub struct ServerConfig {
     /// Most events in one request.
     pub max_events_per_request: usize,
     /// How long shutdown waits for in-flight requests and unacked messages.
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub shutdown_grace_secs: u64,
 }
 
@@ -64,11 +65,13 @@ pub struct KafkaConfig {
     /// How long one event may wait for the broker's ack before the request
     /// answers 503 (librdkafka `message.timeout.ms`).
     #[serde(default = "KafkaConfig::default_produce_timeout_ms")]
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub produce_timeout_ms: u64,
     /// `none`, `gzip`, `lz4`, `zstd` or `snappy`.
     #[serde(default = "KafkaConfig::default_compression")]
     pub compression: String,
     #[serde(default = "KafkaConfig::default_linger_ms")]
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub linger_ms: u64,
     /// Further librdkafka producer properties, passed through as given.
     #[serde(default)]

@@ -158,9 +158,11 @@ pub struct Rejection {
 pub struct TimeBounds {
     /// Oldest accepted event time, in seconds before now (default 35 days).
     #[serde(default = "TimeBounds::default_max_past_secs")]
+    #[serde(deserialize_with = "crate::duration::secs")]
     pub max_past_secs: u64,
     /// Newest accepted event time, in seconds after now (default 5 minutes).
     #[serde(default = "TimeBounds::default_max_future_secs")]
+    #[serde(deserialize_with = "crate::duration::secs")]
     pub max_future_secs: u64,
 }
 

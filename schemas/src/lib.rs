@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod duration;
 pub mod event;
 pub mod money;
 pub mod prices;

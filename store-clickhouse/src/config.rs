@@ -15,6 +15,7 @@ pub struct ClickHouseConfig {
     pub password: String,
     /// Per-request timeout; a write that takes longer is retried.
     #[serde(default = "ClickHouseConfig::default_request_timeout_ms")]
+    #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub request_timeout_ms: u64,
 }
 
