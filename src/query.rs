@@ -5,8 +5,7 @@
 use futures::future::BoxFuture;
 use meterline_domain::{AlertRow, EventRow, Granularity, SumRow};
 use meterline_query_api::{AlertsQuery, Cursor, QueryError, QueryStore, SumsQuery, TopQuery};
-use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, Value as Bound, dims, group_keys, i, metric_order, plan, resums, sums_as};
-use rusqlite::types::Value;
+use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, i, metric_order, plan, resums, sums_as};
 use std::sync::Arc;
 
 use crate::store::{self, Embedded};
@@ -125,20 +124,10 @@ impl EmbeddedQueries {
         self.0
             .read(move |conn| {
                 let mut stmt = conn.prepare_cached(&q.text)?;
-                stmt.query_map(rusqlite::params_from_iter(q.binds.iter().map(value)), map)?.collect()
+                stmt.query_map(store::binds(&q), map)?.collect()
             })
             .await
             .map_err(|e| QueryError::Store(Box::new(e)))
-    }
-}
-
-/// A bound value as SQLite takes it.
-fn value(v: &Bound) -> Value {
-    match v {
-        Bound::Str(s) => Value::Text(s.clone()),
-        Bound::Int(n) => Value::Integer(*n),
-        // No statement here binds an array; as text it would match nothing.
-        Bound::Strs(list) => Value::Text(list.join(",")),
     }
 }
 

@@ -1,0 +1,90 @@
+//! The database's schema and connections: the migrations (applied in order,
+//! recorded in `PRAGMA user_version`) and the pragmas every connection sets.
+
+use rusqlite::Connection;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::EmbeddedError;
+
+/// The columns both rollup tables have (the daily one leaves feature, model
+/// and environment empty and billable 0, as ClickHouse's does).
+macro_rules! rollup_columns {
+    () => {
+        "tenant TEXT NOT NULL, window_start INTEGER NOT NULL, user_id TEXT NOT NULL, customer_id TEXT NOT NULL,
+        feature TEXT NOT NULL, model TEXT NOT NULL, environment TEXT NOT NULL, billable INTEGER NOT NULL,
+        events INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+        revenue_nanos INTEGER NOT NULL, credits_nanos INTEGER NOT NULL, unpriced_events INTEGER NOT NULL,"
+    };
+}
+
+/// The schema, applied in order; `PRAGMA user_version` records how far.
+const MIGRATIONS: &[&str] = &[
+    // 1: events (the audit trail and the dedupe record), rollups, alerts.
+    concat!(
+        "CREATE TABLE events (
+        tenant TEXT NOT NULL, idempotency_key TEXT NOT NULL, fingerprint INTEGER NOT NULL,
+        event_time INTEGER NOT NULL, event_time_ns INTEGER NOT NULL,
+        user_id TEXT NOT NULL, customer_id TEXT NOT NULL, feature TEXT NOT NULL, model TEXT NOT NULL,
+        provider TEXT NOT NULL, environment TEXT NOT NULL, billable INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
+        cost_nanos INTEGER NOT NULL, cost_source INTEGER NOT NULL, revenue_nanos INTEGER NOT NULL,
+        credits_nanos INTEGER NOT NULL, metadata TEXT NOT NULL, received_at INTEGER NOT NULL, written_at INTEGER NOT NULL,
+        UNIQUE (tenant, idempotency_key));
+     CREATE INDEX events_by_user ON events (tenant, user_id, event_time, event_time_ns, idempotency_key);
+     CREATE TABLE rollups_minute (",
+        rollup_columns!(),
+        "PRIMARY KEY (tenant, window_start, user_id, customer_id, feature, model, environment, billable)) WITHOUT ROWID;
+     CREATE INDEX rollups_minute_by_user ON rollups_minute (tenant, user_id, window_start);
+     -- User first: the alert rules read one user's days, and top spenders
+     -- group by user, both in key order; the index serves short ranges.
+     CREATE TABLE rollups_user_day (",
+        rollup_columns!(),
+        "PRIMARY KEY (tenant, user_id, window_start, customer_id, feature, model, environment, billable)) WITHOUT ROWID;
+     CREATE INDEX rollups_user_day_by_time ON rollups_user_day (tenant, window_start);
+     CREATE TABLE alerts (
+        tenant TEXT NOT NULL, user_id TEXT NOT NULL, rule TEXT NOT NULL, opened_at INTEGER NOT NULL,
+        state TEXT NOT NULL, observed_nanos INTEGER NOT NULL, threshold_nanos INTEGER NOT NULL,
+        window_secs INTEGER NOT NULL, updated_at INTEGER NOT NULL, resolved_at INTEGER NOT NULL, version INTEGER NOT NULL,
+        PRIMARY KEY (tenant, user_id, rule, opened_at)) WITHOUT ROWID;
+     CREATE INDEX alerts_open ON alerts (state);"
+    ),
+    // 2: the per-user daily table's first name was that of a retired
+    // ClickHouse table with other columns; it is renamed, data and all.
+    "ALTER TABLE rollups_user_day RENAME TO rollups_daily_by_user;
+     DROP INDEX rollups_user_day_by_time;
+     CREATE INDEX rollups_daily_by_user_by_time ON rollups_daily_by_user (tenant, window_start);",
+];
+
+/// The minute rollups: every dimension's sums per UTC minute.
+pub(super) const MINUTE_TABLE: &str = "rollups_minute";
+
+/// The per-user daily rollups: every user's sums per UTC day (feature,
+/// model and environment empty), ordered user first.
+pub const DAILY_TABLE: &str = "rollups_daily_by_user";
+
+/// Opens the database with the settings every connection needs.
+pub(super) fn connect(path: &Path) -> Result<Connection, EmbeddedError> {
+    let conn = Connection::open(path)?;
+    // WAL lets readers run beside the writer; FULL syncs the log at every
+    // commit, so a 2xx survives power loss, not only a process crash.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// Applies, each in its own transaction, the migrations the database has not seen yet.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), EmbeddedError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", n + 1)?;
+        tx.commit()?;
+        tracing::info!(migration = n + 1, "applied embedded schema migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! The single writer thread: it takes ingest requests off the job queue,
+//! group-commits them (dedupe, events, rollups and, when due, alerts in one
+//! transaction), answers each request after the commit, then records the
+//! metrics and notifies alert transitions.
+
+use chrono::Utc;
+use meterline_aggregator::Notifier;
+use meterline_aggregator::metrics::{self as agg_metrics, BusinessLabels};
+use meterline_domain::{AlertBook as Evaluator, CostSource, Decision, EventRow, Source, Transition, datetime_secs, fingerprint, price};
+use meterline_schemas::prices::Catalog;
+use meterline_schemas::tenants::KeyRing;
+use meterline_schemas::wire::Envelope;
+use rusqlite::Connection;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+use super::alerts::{self, due_in, open_alerts};
+use super::events::Events;
+use super::rollups::Rollups;
+use crate::EmbeddedError;
+use crate::config::Config;
+
+/// One ingest request's events, waiting for the commit that makes them durable.
+pub(super) struct Job {
+    pub(super) events: Vec<Envelope>,
+    pub(super) reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// What one commit wrote, for the metrics and alerts recorded after it.
+#[derive(Debug, Default)]
+struct Written {
+    rows: Vec<EventRow>,
+    duplicates: Vec<&'static str>,
+    transitions: Vec<Transition>,
+    evaluated: bool,
+    eval_cost: Duration,
+}
+
+/// The single writer: group commits of ingest requests, rollups and alerts.
+pub(super) struct Writer {
+    conn: Connection,
+    catalog: Catalog,
+    keys: KeyRing,
+    evaluator: Evaluator,
+    notifier: Notifier,
+    business: BusinessLabels,
+    max_commit_events: usize,
+    /// Touched users are evaluated this often while events stream in.
+    eval_every: Duration,
+    /// Open alerts are re-evaluated this often when nothing arrives.
+    reevaluate_every: Duration,
+    touched: BTreeSet<(String, String)>,
+    last_eval: Instant,
+    /// How long the last evaluation took: evaluations are spaced at least
+    /// four times that apart, so under heavy load they cost the writer at
+    /// most a fifth of its time (alerts come a little later, writes keep up).
+    eval_cost: Duration,
+}
+
+impl Writer {
+    pub(super) fn new(conn: Connection, config: &Config) -> Result<Writer, EmbeddedError> {
+        let mut evaluator = Evaluator::new(config.alerts.clone());
+        evaluator.load(open_alerts(&conn)?);
+        Ok(Writer {
+            conn,
+            catalog: Catalog::builtin()?,
+            keys: KeyRing::from_config(&config.tenants)?,
+            notifier: Notifier::new(&config.alerts),
+            evaluator,
+            business: BusinessLabels::new(config.metrics.max_label_values),
+            max_commit_events: config.storage.max_commit_events,
+            eval_every: Duration::from_millis(config.storage.alert_eval_ms),
+            reevaluate_every: Duration::from_secs(config.alerts.interval_secs.max(1)),
+            touched: BTreeSet::new(),
+            last_eval: Instant::now(),
+            eval_cost: Duration::ZERO,
+        })
+    }
+
+    /// How long until alerts are due, if ever.
+    fn eval_due_in(&self) -> Option<Duration> {
+        due_in(&self.evaluator, !self.touched.is_empty(), self.last_eval, self.eval_every.max(self.eval_cost * 4), self.reevaluate_every)
+    }
+
+    /// Commits until every sender of jobs is gone.
+    pub(super) fn run(&mut self, mut rx: mpsc::Receiver<Job>, runtime: &tokio::runtime::Handle) {
+        loop {
+            let wait = self.eval_due_in().unwrap_or(Duration::from_secs(3_600));
+            let mut jobs = Vec::new();
+            match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                Ok(Some(job)) => {
+                    let mut n = job.events.len();
+                    jobs.push(job);
+                    // Group commit: everything already waiting goes in the same transaction.
+                    while n < self.max_commit_events {
+                        match rx.try_recv() {
+                            Ok(job) => {
+                                n += job.events.len();
+                                jobs.push(job);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                // Every sender is gone: the server has stopped.
+                Ok(None) => return,
+                Err(_) => {}
+            }
+            self.commit(jobs, runtime);
+        }
+    }
+
+    fn commit(&mut self, jobs: Vec<Job>, runtime: &tokio::runtime::Handle) {
+        let due = self.eval_due_in().is_some_and(|d| d.is_zero());
+        if jobs.is_empty() && !due {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.write(&jobs);
+        match result {
+            Ok(written) => {
+                for job in jobs {
+                    let _ = job.reply.send(Ok(()));
+                }
+                self.record(written, started, runtime);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedded commit failed; the requests are answered 503");
+                agg_metrics::write_retry("events");
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// One transaction: dedupe, events, rollups and (when due) alerts.
+    fn write(&mut self, jobs: &[Job]) -> Result<Written, rusqlite::Error> {
+        let mut out = Written::default();
+        let now = Utc::now();
+        let written_at = datetime_secs(now);
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut rollups = Rollups::default();
+        let mut touched = Vec::new();
+        {
+            let mut events = Events::prepare(&tx)?;
+            for env in jobs.iter().flat_map(|j| &j.events) {
+                let fp = fingerprint(&env.tenant, &env.event);
+                match Decision::of(events.seen(&env.tenant, &env.event.idempotency_key)?, fp) {
+                    Decision::Retry => out.duplicates.push("retry"),
+                    Decision::Conflict => {
+                        tracing::warn!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
+                        out.duplicates.push("conflict");
+                    }
+                    Decision::New => {
+                        let priced = price(&env.event, self.keys.tenant(&env.tenant), &self.catalog);
+                        let row = EventRow::new(env, fp, priced, Source::Embedded, written_at);
+                        events.insert(&row)?;
+                        rollups.add(&row);
+                        touched.push((row.tenant.clone(), row.user_id.clone()));
+                        out.rows.push(row);
+                    }
+                }
+            }
+            rollups.upsert(&tx)?;
+        }
+        self.touched.extend(touched);
+        let due = due_in(&self.evaluator, !self.touched.is_empty(), self.last_eval, self.eval_every.max(self.eval_cost * 4), self.reevaluate_every);
+        if due.is_some_and(|d| d.is_zero()) {
+            // Evaluated inside the transaction that wrote the events, against
+            // the rollups as they will be committed: the alerts and the events
+            // they cover land together.
+            let started = Instant::now();
+            out.transitions = alerts::evaluate(&tx, &self.evaluator, &self.touched, now.timestamp())?;
+            out.eval_cost = started.elapsed();
+            alerts::store(&tx, &out.transitions)?;
+            out.evaluated = true;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// After a commit: metrics, and alert transitions (log, webhook).
+    fn record(&mut self, written: Written, started: Instant, runtime: &tokio::runtime::Handle) {
+        let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
+        self.business.record_all(&written.rows);
+        for row in &written.rows {
+            let e = per_tenant.entry(row.tenant.as_str()).or_default();
+            e.0 += 1;
+            e.1 += u64::from(row.cost_source == CostSource::Unpriced.as_u8());
+        }
+        for (tenant, (n, unpriced)) in per_tenant {
+            agg_metrics::written(tenant, n);
+            if unpriced > 0 {
+                agg_metrics::unpriced(tenant, unpriced);
+            }
+        }
+        for reason in written.duplicates {
+            agg_metrics::duplicate(reason);
+        }
+        agg_metrics::flushed(started.elapsed().as_secs_f64(), written.rows.len());
+        if written.evaluated {
+            self.touched.clear();
+            self.last_eval = Instant::now();
+            self.eval_cost = written.eval_cost;
+            // Webhook notifications are spawned on the runtime.
+            let _guard = runtime.enter();
+            self.notifier.applied(&mut self.evaluator, written.transitions);
+        }
+    }
+}
