@@ -1,7 +1,7 @@
 //! Aggregator throughput beside a plain rdkafka consumer, dedupe memory per
 //! key, and freshness (ingest ack to visible in the rollups), on this machine.
 //!
-//! `cargo run --release -p meterline-tests --bin aggregator-bench -- [EVENTS] [FRESHNESS_RATE]`
+//! `cargo run --release -p meterline-bench --bin aggregator-bench -- [EVENTS] [FRESHNESS_RATE]`
 //! with the stack up (`eval "$(scripts/stack up)"`). FRESHNESS_RATE is the
 //! steady load of the freshness run in events/s (default 2000), or `half`
 //! for half the aggregator rate this run measured (the definition).

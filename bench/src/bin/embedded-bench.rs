@@ -2,7 +2,7 @@
 //! real HTTP path into SQLite (group commits, dedupe, both rollups, alerts),
 //! then query latency with USERS users' history over DAYS days loaded the same way.
 //!
-//! `cargo run --release -p meterline-tests --bin embedded-bench -- [EVENTS] [USERS] [DAYS] [RUNS]`
+//! `cargo run --release -p meterline-bench --bin embedded-bench -- [EVENTS] [USERS] [DAYS] [RUNS]`
 //! (no stack needed). Prints a table and one `BENCH_JSON {...}` line.
 
 use meterline_tests::{Embedded, get_json, temp_dir};

@@ -5,7 +5,7 @@
 //! wire records (the broker's own limit for this client and these settings),
 //! (2) `POST /v1/events` on an in-process ingest server, in JSON batches.
 //!
-//! `cargo run --release -p meterline-tests --bin ingest-bench -- [EVENTS] [BATCH] [CONCURRENCY] [ROUNDS]`
+//! `cargo run --release -p meterline-bench --bin ingest-bench -- [EVENTS] [BATCH] [CONCURRENCY] [ROUNDS]`
 //! with the stack up (`eval "$(scripts/stack up)"`).
 
 use meterline_schemas::wire::{self, Envelope};

@@ -7,7 +7,7 @@
 //! `/proc/<pid>/status` every 250 ms. Steady state is the second half of the
 //! load; VmHWM (the peak) is read at its end.
 //!
-//! `cargo run --release -p meterline-tests --bin memory-bench -- [RATE] [SECONDS]`
+//! `cargo run --release -p meterline-bench --bin memory-bench -- [RATE] [SECONDS]`
 //! with the stack up and the service binaries built (`cargo build --release --workspace --bins`).
 
 use meterline_tests::load::{LoadOptions, run};

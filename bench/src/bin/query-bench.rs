@@ -3,7 +3,7 @@
 //! `clickhouse-client` running the same statements one after another (the raw
 //! tool: server time over the native protocol, no HTTP, no JSON).
 //!
-//! `cargo run --release -p meterline-tests --bin query-bench -- [USERS] [ROWS_PER_USER_DAY] [RUNS]`
+//! `cargo run --release -p meterline-bench --bin query-bench -- [USERS] [ROWS_PER_USER_DAY] [RUNS]`
 //! with the stack up.
 
 use meterline_tests::stack::ClickHouse;

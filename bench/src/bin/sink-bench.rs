@@ -10,7 +10,7 @@
 //! times into its emptied table and its median time counts. Both tables are
 //! then compared by a hash of every column, so the two numbers are for the same data.
 //!
-//! `cargo run --release -p meterline-tests --bin sink-bench -- [ROWS] [BATCH] [ROUNDS]`
+//! `cargo run --release -p meterline-bench --bin sink-bench -- [ROWS] [BATCH] [ROUNDS]`
 //! with the stack up (`eval "$(scripts/stack up)"`).
 
 use meterline_aggregator::FlushConfig;
