@@ -8,8 +8,7 @@ use meterline_sql::Scope;
 
 use crate::QueryError;
 use crate::metrics;
-use crate::ranking::{self, Entry, GroupCache, Key};
-use crate::store::{RankQuery, Ranking};
+use crate::ranking::{self, Entry, GroupCache, Key, RankQuery, Ranking};
 
 /// The three reads a cached ranking needs from a store.
 pub trait GroupReader: Send + Sync {
@@ -85,7 +84,7 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Order;
+    use crate::ranking::Order;
     use chrono::DateTime;
     use meterline_domain::{Metric, TimeColumn};
     use std::sync::Mutex;

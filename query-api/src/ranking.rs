@@ -40,7 +40,36 @@ use std::sync::{Arc, Mutex};
 
 use meterline_domain::SumRow;
 use meterline_sql::Value;
-use crate::store::{Order, RankQuery, Ranking};
+use meterline_domain::Metric;
+
+/// How a ranking orders its groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// By a metric, then by key.
+    Metric { metric: Metric, descending: bool },
+    /// Lowest margin first, then by key.
+    Margin,
+}
+
+/// What a ranking endpoint (top spenders, margins) asks at once.
+#[derive(Debug, Clone)]
+pub struct RankQuery {
+    pub group_by: Vec<&'static str>,
+    pub order: Order,
+    /// Only groups whose revenue is below their cost.
+    pub negative_only: bool,
+    pub limit: i64,
+    /// Also count the groups with a negative margin.
+    pub count_negative: bool,
+}
+
+/// A ranking's rows, the scope's total, and the negative-margin count if asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ranking {
+    pub rows: Vec<SumRow>,
+    pub total: SumRow,
+    pub negative: Option<u64>,
+}
 
 /// The whole UTC hours inside `[from, to)`, if any.
 pub fn whole_hours(from: i64, to: i64) -> Option<(i64, i64)> {
@@ -310,7 +339,6 @@ pub fn rank(entry: &Entry, edges: &[SumRow], q: &RankQuery) -> Ranking {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meterline_domain::Metric;
 
     fn row(user: &str, cost: i64, revenue: i64) -> SumRow {
         SumRow { g_user: user.into(), s_events: 1, s_cost: cost, s_revenue: revenue, s_input: 10, ..SumRow::default() }

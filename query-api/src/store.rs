@@ -13,6 +13,7 @@ pub use meterline_sql::{AlertsQuery, Cursor};
 use crate::QueryError;
 use crate::cached::{self, GroupReader};
 use crate::ranking::{self, GroupCache};
+pub use crate::ranking::{Order, RankQuery, Ranking};
 
 /// Sums grouped by a time bucket and dimensions.
 #[derive(Debug, Clone)]
@@ -41,35 +42,6 @@ pub struct TopQuery {
     pub metric: Metric,
     pub descending: bool,
     pub limit: i64,
-}
-
-/// How a ranking orders its groups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// By a metric, then by key.
-    Metric { metric: Metric, descending: bool },
-    /// Lowest margin first, then by key.
-    Margin,
-}
-
-/// What a ranking endpoint (top spenders, margins) asks at once.
-#[derive(Debug, Clone)]
-pub struct RankQuery {
-    pub group_by: Vec<&'static str>,
-    pub order: Order,
-    /// Only groups whose revenue is below their cost.
-    pub negative_only: bool,
-    pub limit: i64,
-    /// Also count the groups with a negative margin.
-    pub count_negative: bool,
-}
-
-/// A ranking's rows, the scope's total, and the negative-margin count if asked.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ranking {
-    pub rows: Vec<SumRow>,
-    pub total: SumRow,
-    pub negative: Option<u64>,
 }
 
 /// What the query API needs from a store. Answers are exact integers; the
