@@ -76,15 +76,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), EmbeddedError> {
         let bad = |key: &str, message: &str| Err(EmbeddedError::config(key, message));
-        if self.server.max_in_flight_requests == 0 {
-            return bad("server.max_in_flight_requests", "must be at least 1");
-        }
-        if self.server.max_events_per_request == 0 {
-            return bad("server.max_events_per_request", "must be at least 1");
-        }
-        if self.server.max_body_bytes < 1024 {
-            return bad("server.max_body_bytes", "must be at least 1024");
-        }
+        self.server.validate()?;
+        self.events.validate()?;
         if !(1..=1_000_000).contains(&self.storage.max_commit_events) {
             return bad("storage.max_commit_events", "must be between 1 and 1000000");
         }
@@ -97,16 +90,34 @@ impl Config {
         if self.query.max_range_days < 1 {
             return bad("query.max_range_days", "must be at least 1");
         }
-        if self.alerts.rules.window_secs == 0 {
-            return bad("alerts.rules.window_secs", "must be at least 1");
-        }
-        if let Some((tenant, _)) = self.alerts.tenants.iter().find(|(_, r)| r.window_secs == 0) {
-            return bad(&format!("alerts.tenants.{tenant}.window_secs"), "must be at least 1");
-        }
+        self.alerts.validate()?;
         if self.tenants.is_empty() {
             return bad("tenants", "configure at least one tenant with keys");
         }
         KeyRing::from_config(&self.tenants)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[[tenants]]\nid = \"dev\"\n[[tenants.keys]]\nname = \"k\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nscopes = [\"read\"]\n";
+
+    #[test]
+    fn shared_sections_run_their_own_validation() {
+        assert!(Config::load(BASE, []).is_ok());
+        for (section, key) in [
+            ("[server]\nmax_in_flight_requests = 0\n", "server.max_in_flight_requests"),
+            ("[events]\nmax_past_secs = 0\n", "events.max_past_secs"),
+            ("[alerts.rules]\nwindow_secs = \"30s\"\n", "alerts.rules.window_secs"),
+            ("[storage]\nalert_eval_ms = \"2h\"\n", "storage.alert_eval_ms"),
+        ] {
+            let err = Config::load(&format!("{section}{BASE}"), []).expect_err(key).to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let config = Config::load(&format!("[storage]\nalert_eval_ms = \"2s\"\n{BASE}"), []).expect("units");
+        assert_eq!(config.storage.alert_eval_ms, 2_000);
     }
 }

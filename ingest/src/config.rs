@@ -2,6 +2,7 @@
 
 use meterline_schemas::tenants::{KeyRing, TenantConfig};
 use meterline_schemas::{TimeBounds, config::load_toml_with_env};
+use meterline_schemas::SchemaError;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,6 +36,23 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests and unacked messages.
     #[serde(deserialize_with = "meterline_schemas::duration::secs")]
     pub shutdown_grace_secs: u64,
+}
+
+impl ServerConfig {
+    /// Checks what serde cannot, naming the key; every mode that serves
+    /// ingest's routes (the service, the all-in-one binary) runs it.
+    pub fn validate(&self) -> Result<(), SchemaError> {
+        if self.max_in_flight_requests == 0 {
+            return Err(SchemaError::config("server.max_in_flight_requests", "must be at least 1"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(SchemaError::config("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.max_events_per_request == 0 {
+            return Err(SchemaError::config("server.max_events_per_request", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {
@@ -111,15 +129,7 @@ impl Config {
     /// Checks what serde cannot; every message names its key.
     pub fn validate(&self) -> Result<(), IngestError> {
         let bad = |key: &str, message: &str| Err(IngestError::config(key, message));
-        if self.server.max_in_flight_requests == 0 {
-            return bad("server.max_in_flight_requests", "must be at least 1");
-        }
-        if self.server.max_body_bytes < 1024 {
-            return bad("server.max_body_bytes", "must be at least 1024");
-        }
-        if self.server.max_events_per_request == 0 {
-            return bad("server.max_events_per_request", "must be at least 1");
-        }
+        self.server.validate()?;
         if self.kafka.brokers.trim().is_empty() {
             return bad("kafka.brokers", "must name at least one host:port");
         }
@@ -135,9 +145,7 @@ impl Config {
         if !["none", "gzip", "lz4", "zstd", "snappy"].contains(&self.kafka.compression.as_str()) {
             return bad("kafka.compression", "must be one of none, gzip, lz4, zstd, snappy");
         }
-        if self.events.max_past_secs == 0 {
-            return bad("events.max_past_secs", "must be positive");
-        }
+        self.events.validate()?;
         if self.tenants.is_empty() {
             return bad("tenants", "configure at least one tenant with a key");
         }

@@ -173,6 +173,15 @@ impl TimeBounds {
     fn default_max_future_secs() -> u64 {
         300
     }
+
+    /// Checks what serde cannot, naming the key; every mode that validates
+    /// events runs it.
+    pub fn validate(&self) -> Result<(), crate::SchemaError> {
+        if self.max_past_secs == 0 {
+            return Err(crate::SchemaError::config("events.max_past_secs", "must be positive"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for TimeBounds {
