@@ -426,3 +426,26 @@ pub fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
     let out = child.wait_with_output().expect("promtool");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
+
+/// Asserts that `body`, answered `status` to a GET of `path` (with its query),
+/// has the shape the query API's OpenAPI document gives that route and status.
+pub fn assert_documented(path: &str, status: u16, body: &serde_json::Value) {
+    let doc: serde_json::Value = serde_json::from_str(meterline_query_api::OPENAPI).expect("openapi.json parses");
+    let route = path.split('?').next().unwrap_or(path);
+    let template = doc["paths"]
+        .as_object()
+        .and_then(|paths| {
+            paths.keys().find(|t| {
+                let (t, r): (Vec<&str>, Vec<&str>) = (t.split('/').collect(), route.split('/').collect());
+                t.len() == r.len() && t.iter().zip(&r).all(|(a, b)| a == b || a.starts_with('{'))
+            })
+        })
+        .unwrap_or_else(|| panic!("{route} is not documented"))
+        .clone();
+    let mut schema = doc["paths"][&template]["get"]["responses"][status.to_string()]["content"]["application/json"]["schema"].clone();
+    assert!(schema.is_object(), "{template} documents no {status} answer");
+    schema["components"] = doc["components"].clone();
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{path} ({status}) does not match the OpenAPI document: {errors:?}\n{body}");
+}

@@ -110,6 +110,7 @@ async fn both_stores_give_the_same_answers() {
         let (a, body_a) = api.get(case, Some("acme-read-key")).await;
         let (b, body_b) = get_json(&format!("{}{case}", embedded.url), Some("acme-read-key")).await;
         assert_eq!((a, &body_a), (b, &body_b), "ClickHouse and embedded differ on {case}");
+        assert_documented(case, a, &body_a);
     }
     // Guard against agreeing on nothing: the wide range has rows.
     let (_, top) = api.get(&format!("/v1/top-spenders?limit=3&{wide}"), Some("acme-read-key")).await;
@@ -123,6 +124,8 @@ async fn both_stores_give_the_same_answers() {
             let path = format!("/v1/events?user_id={user}&limit=25&{wide}{cursor}");
             let (a, body_a) = api.get(&path, Some("acme-read-key")).await;
             let (b, mut body_b) = get_json(&format!("{}{path}", embedded.url), Some("acme-read-key")).await;
+            assert_documented(&path, a, &body_a);
+            assert_documented(&path, b, &body_b);
             // The one store-specific part: the event's Kafka position, null without Kafka.
             let mut stripped = body_a.clone();
             for (body, kafka) in [(&mut stripped, true), (&mut body_b, false)] {
@@ -159,6 +162,10 @@ async fn both_stores_give_the_same_answers() {
     })
     .await;
     assert_eq!(a, b);
+    for base in [api.url.as_str(), embedded.url.as_str()] {
+        let (status, body) = get_json(&format!("{base}{alerts}&state=all"), Some("acme-read-key")).await;
+        assert_documented(&alerts, status, &body);
+    }
     // The workload's heaviest user spends far above the median and its own week.
     for rule in ["peers", "self"] {
         assert!(a.iter().any(|(user, r, _, _)| user == "user-0000" && r == rule), "{rule} alert for user-0000 missing: {a:?}");
