@@ -96,6 +96,16 @@ impl PartitionDedupe {
         self.expire(now);
     }
 
+    /// Forgets a key recorded as written that was not written after all (its
+    /// events insert was refused). Only the recent map can forget; a bloom
+    /// slice still holding it answers `Maybe`, and the exact look-up in
+    /// ClickHouse then finds it new.
+    pub fn forget(&mut self, key: u128) {
+        if self.recent.remove(&key).is_some() {
+            self.recent_order.retain(|(_, k)| *k != key);
+        }
+    }
+
     /// Drops recent keys past their time or count, and slices past the window.
     pub fn expire(&mut self, now: i64) {
         while let Some(&(at, key)) = self.recent_order.front() {
@@ -174,6 +184,20 @@ mod tests {
         assert_eq!(d.check(1), Known::Maybe, "past the recent window only the bloom remembers");
         d.expire(now + 43 * 86_400);
         assert_eq!(d.check(1), Known::New, "past the dedupe window the slice is gone");
+    }
+
+    #[test]
+    fn a_forgotten_key_is_left_to_the_exact_lookup() {
+        let mut d = PartitionDedupe::new(&config());
+        let now = 1_800_000_000;
+        d.insert(1, 11, now, now);
+        d.insert(2, 22, now, now);
+        d.forget(1);
+        assert_eq!(d.check(1), Known::Maybe, "the bloom slice still holds it: ClickHouse decides");
+        assert_eq!(d.check(2), Known::Seen(22));
+        assert_eq!(d.recent_keys(), 1);
+        d.insert(1, 12, now, now);
+        assert_eq!(d.check(1), Known::Seen(12));
     }
 
     #[test]

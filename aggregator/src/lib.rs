@@ -4,7 +4,9 @@
 //!
 //! # Exactly once without Kafka transactions
 //!
-//! ClickHouse, not Kafka, is the record of progress. Each flush writes, in order:
+//! ClickHouse, not Kafka, is the record of progress. Each flush is decided
+//! first, without I/O but for one exact look-up (`decide.rs`), and then
+//! written by a stage machine that only moves forward (`flush.rs`), in order:
 //!
 //! 1. `dead_letters`: records that could not be decoded (replacing engine,
 //!    keyed by topic/partition/offset, so rewriting one is harmless);
@@ -45,16 +47,62 @@
 //!   commit is ignored because the marker is later.
 //! - **After (5)**: nothing to do.
 //!
+//! A failed write is retried from its own stage, never redoing the stages
+//! before it, and only after asking ClickHouse what landed: the offsets of
+//! the flush's events already in `events` (only the rest is sent again), or
+//! a rollup's markers (present: that rollup is done).
+//!
 //! Duplicates are decided before writing: the dedupe state (see `dedupe.rs`)
 //! is rebuilt from `events` on assignment, so a restart or rebalance does
 //! not reopen the door to a copy of an event already written.
 //!
-//! Rebalances: flushes run between polls, so a revoke (which runs inside a
-//! poll) never races a write; the revoked partitions' unwritten buffers are
-//! dropped and their next owner re-reads them from the recorded position. A
-//! member that stops polling for `max.poll.interval.ms` while a write hangs
-//! could in principle finish that write after its partitions moved on; write
-//! timeouts (`clickhouse.request_timeout_ms`) are far below that interval.
+//! # Refused data
+//!
+//! Failures ClickHouse classifies retryable (`ClickHouseError::retry()`:
+//! network, timeouts, an overloaded server) hold the offsets, pause
+//! consumption and retry with backoff, for as long as it takes. A
+//! *permanent* failure, where ClickHouse refused the rows themselves, would
+//! fail the same way forever, so:
+//!
+//! - **Events insert refused (2)**: the aggregator asks what landed anyway
+//!   (as for any retry); that offset prefix stays in `events` and is rolled
+//!   up as usual. Every other event of the flush is written to
+//!   `dead_letters` instead, as it came from Kafka (key, wire bytes,
+//!   partition, offset; reason `refused by ClickHouse: ...`), and leaves the
+//!   flush's rollup ranges, so nothing is rolled up that is not in `events`.
+//!   The offsets then advance past those records. The dedupe state forgets
+//!   their keys, so it keeps matching `events`: a later copy is decided
+//!   against `events`, as it would be after a restart. Crash points: before
+//!   those dead letters land, the records are read again and refused again;
+//!   after, the same, and rewriting a dead letter is harmless (keyed by
+//!   position). Counted in `meterline_aggregator_refused_batches_total{table="events"}`.
+//! - **Those dead letters refused too**: they are events, so they are never
+//!   dropped; the flush is held and retried like a retryable failure (the
+//!   consumer lag alert pages).
+//! - **Dead letters of undecodable records refused (1)**: they hold no
+//!   event to count, so they are dropped, each position logged at error
+//!   level (the record stays in Kafka until retention), and the flush goes
+//!   on. Counted with `table="dead_letters"`.
+//! - **A rollup insert** sends no client data (`INSERT ... SELECT`): any
+//!   failure is retried.
+//!
+//! A refusal diverts the whole flush (every partition in it), not only the
+//! bad row; it is meant to be rare, and each diverted record can be replayed
+//! from `dead_letters`.
+//!
+//! Rebalances (`consumer.rs`): flushes run between polls, so a revoke (which
+//! runs inside a poll) never races a write; the revoked partitions' unwritten
+//! buffers are dropped and their next owner re-reads them from the recorded
+//! position. A member that stops polling for `max.poll.interval.ms` while a
+//! write hangs could in principle finish that write after its partitions
+//! moved on; write timeouts (`clickhouse.request_timeout_ms`) are far below
+//! that interval.
+//!
+//! Where: `consumer.rs` (the Kafka client, rebalance callbacks, the run
+//! loop), `pipeline.rs` (the state they share: loading an assigned
+//! partition, the repair above, driving flushes, commits, alerts),
+//! `partitions.rs` (per-partition buffers, positions, pauses), `decide.rs`,
+//! `flush.rs`, `dedupe.rs`.
 //!
 //! Limits, stated: dedupe is exact per Kafka partition. Events are keyed
 //! tenant/user, so a retry (same payload) always meets its first copy; a
@@ -63,11 +111,17 @@
 
 mod alerts;
 mod config;
+mod consumer;
+mod decide;
 mod dedupe;
 mod error;
+mod flush;
 pub mod metrics;
+mod partitions;
 mod pipeline;
 mod server;
+#[cfg(test)]
+mod testing;
 
 pub use alerts::{Evaluator, Notifier};
 pub use dedupe::{Known, PartitionDedupe};

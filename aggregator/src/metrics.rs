@@ -23,6 +23,7 @@ pub const REPAIRS: &str = "meterline_aggregator_rollup_repairs_total";
 pub const CONSUMER_LAG: &str = "meterline_aggregator_consumer_lag_messages";
 pub const BUFFERED: &str = "meterline_aggregator_buffered_events";
 pub const PARTITIONS: &str = "meterline_aggregator_assigned_partitions";
+pub const REFUSED_BATCHES: &str = "meterline_aggregator_refused_batches_total";
 
 /// Bucket bounds of the aggregator's histograms other than `*_seconds`.
 pub const BUCKETS: &[(&str, &[f64])] = &[(FLUSH_ROWS, &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0])];
@@ -41,7 +42,7 @@ fn describe() {
     describe_counter!(EVENTS_WRITTEN, "Unique events written to ClickHouse, by tenant.");
     describe_counter!(DUPLICATES, "Copies dropped as duplicates, by reason (retry: same payload; conflict: different payload).");
     describe_counter!(UNPRICED, "Events written with no cost_usd and no price for their model, by tenant.");
-    describe_counter!(DEAD_LETTERS, "Records that could not be decoded, sent to the dead_letters table.");
+    describe_counter!(DEAD_LETTERS, "Records sent to the dead_letters table: undecodable, or refused by ClickHouse as events.");
     describe_counter!(EXACT_LOOKUPS, "Keys checked in ClickHouse because a bloom filter held them.");
     describe_counter!(BLOOM_FALSE_POSITIVES, "Exact look-ups that found the key new: bloom false positives.");
     describe_gauge!(BLOOM_FILL, "Inserted keys over design capacity of the fullest bloom slice, by partition.");
@@ -53,6 +54,10 @@ fn describe() {
     describe_gauge!(CONSUMER_LAG, "Messages between the partition's end and the aggregator's position, by partition.");
     describe_gauge!(BUFFERED, "Events consumed and not yet written.");
     describe_gauge!(PARTITIONS, "Partitions assigned to this aggregator.");
+    describe_counter!(
+        REFUSED_BATCHES,
+        "Inserts ClickHouse refused as bad data (permanent), by table: events (the flush's events went to dead_letters instead) or dead_letters (those dead letters were dropped)."
+    );
     describe_counter!(USAGE_EVENTS, "Unique events written, by tenant, model and feature (capped label values fold into other).");
     describe_counter!(USAGE_TOKENS, "Tokens of written events (all four kinds), by tenant, model and feature.");
     describe_counter!(USAGE_COST, "Cost of written events in nano-USD, by tenant, model and feature.");
@@ -69,7 +74,12 @@ pub fn written(tenant: &str, n: u64) {
     counter!(EVENTS_WRITTEN, "tenant" => tenant.to_owned()).increment(n);
 }
 pub fn duplicate(reason: &'static str) {
-    counter!(DUPLICATES, "reason" => reason).increment(1);
+    duplicates(reason, 1);
+}
+pub fn duplicates(reason: &'static str, n: u64) {
+    if n > 0 {
+        counter!(DUPLICATES, "reason" => reason).increment(n);
+    }
 }
 pub fn unpriced(tenant: &str, n: u64) {
     counter!(UNPRICED, "tenant" => tenant.to_owned()).increment(n);
@@ -91,6 +101,10 @@ pub fn flushed(seconds: f64, rows: usize) {
 }
 pub fn write_retry(table: &'static str) {
     counter!(WRITE_RETRIES, "table" => table).increment(1);
+}
+/// An insert ClickHouse refused as bad data; `table` is `events` or `dead_letters`.
+pub fn refused(table: &'static str) {
+    counter!(REFUSED_BATCHES, "table" => table).increment(1);
 }
 pub fn repaired() {
     counter!(REPAIRS).increment(1);

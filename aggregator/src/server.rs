@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::pipeline::Runner;
+use crate::consumer::Runner;
 use meterline_clickhouse::{self as store, Store};
 use crate::{AggregatorError, metrics};
 

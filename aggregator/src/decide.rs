@@ -1,0 +1,227 @@
+//! The decision of a flush, pure (no I/O): each buffered record is a dead letter, a duplicate or a new priced event, and each partition gets its rows, rollup range and commit.
+
+use meterline_clickhouse::{DeadLetterRow, Range};
+use meterline_domain::{Decision, EventRow, Source, fingerprint, key_hash, price};
+use meterline_schemas::prices::Catalog;
+use meterline_schemas::tenants::KeyRing;
+use std::collections::{BTreeMap, HashMap};
+
+use crate::dedupe::Known;
+use crate::flush::{Flush, Original};
+use crate::partitions::Buffered;
+
+/// What a decision reads besides the records and the dedupe state.
+#[derive(Debug)]
+pub(crate) struct Inputs<'a> {
+    pub(crate) topic: &'a str,
+    /// The flush's processing time, Unix seconds.
+    pub(crate) written_at: u32,
+    pub(crate) tenants: &'a KeyRing,
+    pub(crate) catalog: &'a Catalog,
+    /// The exact look-up's answer for the keys the dedupe state only maybe
+    /// knows: key hash -> fingerprint of the copy already written.
+    pub(crate) found: &'a HashMap<u128, u64>,
+}
+
+/// A decided flush, and what the caller records of it.
+#[derive(Debug)]
+pub(crate) struct Decided {
+    pub(crate) flush: Flush,
+    /// Per partition, the keys this flush writes with their fingerprints, in
+    /// record order: the dedupe state learns them.
+    pub(crate) new_keys: BTreeMap<i32, Vec<(u128, u64)>>,
+    /// Copies dropped with the first copy's payload.
+    pub(crate) retries: u64,
+    /// Copies dropped with a different payload: (tenant, idempotency key).
+    pub(crate) conflicts: Vec<(String, String)>,
+    /// Maybe-known keys the look-up found new.
+    pub(crate) false_positives: u64,
+}
+
+/// Decides every record of `batches` (per partition, in offset order),
+/// given what each partition's dedupe state `known`s of a key and, for
+/// the keys it only maybe knows, `inputs.found`. A key new to the dedupe
+/// state is new unless an earlier record of the same batch wrote it.
+pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, known: impl Fn(i32, u128) -> Known) -> Decided {
+    let written_at = inputs.written_at;
+    let mut decided = Decided {
+        flush: Flush { written_at, ..Flush::default() },
+        new_keys: BTreeMap::new(),
+        retries: 0,
+        conflicts: Vec::new(),
+        false_positives: 0,
+    };
+    for (p, taken) in batches {
+        let mut batch_new: HashMap<u128, u64> = HashMap::new();
+        let mut new_keys = Vec::new();
+        let mut rows = Vec::new();
+        let mut originals = Vec::new();
+        let mut dead = Vec::new();
+        let last_offset = taken.last().map(|b| b.offset);
+        for b in taken {
+            let env = match b.decoded {
+                Ok(env) => env,
+                Err((reason, payload)) => {
+                    dead.push(DeadLetterRow {
+                        kafka_topic: inputs.topic.to_owned(),
+                        kafka_partition: p,
+                        kafka_offset: b.offset,
+                        reason,
+                        message_key: hex::encode(&b.key),
+                        payload: hex::encode(payload),
+                        written_at,
+                    });
+                    continue;
+                }
+            };
+            let h = key_hash(&env.tenant, &env.event.idempotency_key);
+            let fp = fingerprint(&env.tenant, &env.event);
+            let seen = match batch_new.get(&h) {
+                Some(f) => Some(*f),
+                None => match known(p, h) {
+                    Known::Seen(f) => Some(f),
+                    Known::Maybe => {
+                        let f = inputs.found.get(&h).copied();
+                        if f.is_none() {
+                            decided.false_positives += 1;
+                        }
+                        f
+                    }
+                    Known::New => None,
+                },
+            };
+            match Decision::of(seen, fp) {
+                Decision::Retry => decided.retries += 1,
+                Decision::Conflict => decided.conflicts.push((env.tenant, env.event.idempotency_key)),
+                Decision::New => {
+                    batch_new.insert(h, fp);
+                    new_keys.push((h, fp));
+                    let priced = price(&env.event, inputs.tenants.tenant(&env.tenant), inputs.catalog);
+                    let source = Source::Kafka { topic: inputs.topic, partition: p, offset: b.offset };
+                    rows.push(EventRow::new(&env, fp, priced, source, written_at));
+                    originals.push(Original { key: b.key, envelope: env });
+                }
+            }
+        }
+        if let Some(last) = last_offset {
+            decided.flush.commits.insert(p, last + 1);
+        }
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            // Rows are in offset order.
+            decided.flush.ranges.insert(p, Range { partition: p, after: first.kafka_offset - 1, up_to: last.kafka_offset });
+            decided.flush.events.insert(p, rows);
+            decided.flush.originals.insert(p, originals);
+        }
+        if !dead.is_empty() {
+            decided.flush.dead_letters.insert(p, dead);
+        }
+        if !new_keys.is_empty() {
+            decided.new_keys.insert(p, new_keys);
+        }
+    }
+    decided
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{TENANT, buffered, garbage};
+
+    fn inputs<'a>(found: &'a HashMap<u128, u64>, tenants: &'a KeyRing, catalog: &'a Catalog) -> Inputs<'a> {
+        Inputs { topic: "events", written_at: 1_800_000_000, tenants, catalog, found }
+    }
+
+    fn offsets(rows: &[EventRow]) -> Vec<i64> {
+        rows.iter().map(|r| r.kafka_offset).collect()
+    }
+
+    #[test]
+    fn each_record_is_new_a_duplicate_or_a_dead_letter() {
+        let (tenants, catalog) = (KeyRing::default(), Catalog::builtin().unwrap());
+        let first = buffered(10, "a", "user-1", 100);
+        let fp_a = first.decoded.as_ref().map(|e| fingerprint(&e.tenant, &e.event)).unwrap();
+        // "seen" was written before with this payload, "changed" with another,
+        // "maybe" and "cleared" are in a bloom filter: the look-up finds
+        // "maybe" written, "cleared" not (a false positive).
+        let seen = buffered(11, "seen", "user-1", 100);
+        let fp_seen = seen.decoded.as_ref().map(|e| fingerprint(&e.tenant, &e.event)).unwrap();
+        let maybe = buffered(12, "maybe", "user-1", 100);
+        let fp_maybe = maybe.decoded.as_ref().map(|e| fingerprint(&e.tenant, &e.event)).unwrap();
+        let found = HashMap::from([(key_hash(TENANT, "maybe"), fp_maybe)]);
+        let batch = vec![
+            first,
+            seen,
+            buffered(13, "changed", "user-1", 100),
+            maybe,
+            buffered(14, "cleared", "user-1", 100),
+            garbage(15, b"\xffjunk"),
+            buffered(16, "a", "user-1", 100),  // the same batch wrote it: a retry
+            buffered(17, "a", "user-1", 999),  // ... with another payload: a conflict
+            buffered(18, "b", "user-2", 100),
+        ];
+        let known = |p: i32, h: u128| {
+            assert_eq!(p, 3);
+            if h == key_hash(TENANT, "seen") {
+                Known::Seen(fp_seen)
+            } else if h == key_hash(TENANT, "changed") {
+                Known::Seen(1)
+            } else if h == key_hash(TENANT, "maybe") || h == key_hash(TENANT, "cleared") {
+                Known::Maybe
+            } else {
+                Known::New
+            }
+        };
+        let d = decide(&inputs(&found, &tenants, &catalog), vec![(3, batch)], known);
+        let rows = &d.flush.events[&3];
+        assert_eq!(offsets(rows), vec![10, 14, 18]);
+        assert_eq!(rows[0].fingerprint, fp_a);
+        assert_eq!((rows[0].kafka_topic.as_str(), rows[0].kafka_partition, rows[0].written_at), ("events", 3, 1_800_000_000));
+        assert_eq!(d.flush.originals[&3].iter().map(|o| o.envelope.event.idempotency_key.as_str()).collect::<Vec<_>>(), ["a", "cleared", "b"]);
+        assert_eq!(d.retries, 3, "seen, maybe (found by the look-up), and the batch's own copy of a");
+        assert_eq!(d.conflicts, vec![(TENANT.to_owned(), "changed".to_owned()), (TENANT.to_owned(), "a".to_owned())]);
+        assert_eq!(d.false_positives, 1);
+        let dead = &d.flush.dead_letters[&3];
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].kafka_offset, dead[0].payload.as_str(), dead[0].message_key.as_str()), (15, "ff6a756e6b", ""));
+        assert!(!dead[0].reason.is_empty());
+        assert_eq!(d.new_keys[&3].iter().map(|(h, _)| *h).collect::<Vec<_>>(), vec![
+            key_hash(TENANT, "a"),
+            key_hash(TENANT, "cleared"),
+            key_hash(TENANT, "b")
+        ]);
+        assert_eq!(d.flush.ranges[&3], Range { partition: 3, after: 9, up_to: 18 });
+        assert_eq!(d.flush.commits[&3], 19);
+    }
+
+    #[test]
+    fn ranges_and_commits_are_per_partition() {
+        let (tenants, catalog, found) = (KeyRing::default(), Catalog::builtin().unwrap(), HashMap::new());
+        let batches = vec![
+            (0, vec![buffered(5, "x", "u", 1), buffered(6, "y", "u", 1)]),
+            // Only duplicates: committed past, nothing rolled up.
+            (1, vec![buffered(40, "dup", "u", 1)]),
+            // Only a dead letter: the same.
+            (2, vec![garbage(7, b"")]),
+            (4, vec![garbage(99, b"?"), buffered(100, "z", "u", 1), buffered(101, "dup", "u", 1)]),
+        ];
+        let known = |_: i32, h: u128| if h == key_hash(TENANT, "dup") { Known::Seen(0) } else { Known::New };
+        let d = decide(&inputs(&found, &tenants, &catalog), batches, known);
+        assert_eq!(d.flush.commits, BTreeMap::from([(0, 7), (1, 41), (2, 8), (4, 102)]));
+        assert_eq!(
+            d.flush.ranges,
+            BTreeMap::from([(0, Range { partition: 0, after: 4, up_to: 6 }), (4, Range { partition: 4, after: 99, up_to: 100 })])
+        );
+        assert_eq!(d.flush.events.keys().copied().collect::<Vec<_>>(), vec![0, 4]);
+        assert_eq!(d.flush.dead_letters.keys().copied().collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(d.retries, 0, "a different payload under a seen key is a conflict");
+        assert_eq!(d.conflicts.len(), 2);
+        assert_eq!(d.false_positives, 0);
+    }
+
+    #[test]
+    fn nothing_to_decide_decides_nothing() {
+        let (tenants, catalog, found) = (KeyRing::default(), Catalog::builtin().unwrap(), HashMap::new());
+        let d = decide(&inputs(&found, &tenants, &catalog), Vec::new(), |_, _| Known::New);
+        assert!(d.flush.events.is_empty() && d.flush.commits.is_empty() && d.new_keys.is_empty());
+    }
+}

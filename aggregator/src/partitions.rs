@@ -1,0 +1,242 @@
+//! Per-partition state: assignment, position, buffered records, dedupe state, and the pause decisions that keep memory bounded.
+
+use meterline_schemas::wire::{self, Envelope};
+use std::collections::BTreeMap;
+
+use crate::config::DedupeConfig;
+use crate::dedupe::{Known, PartitionDedupe};
+use meterline_domain::key_hash;
+
+/// A partition's assignment change, recorded by the rebalance callbacks and
+/// acted on by the loop between polls.
+#[derive(Debug)]
+pub(crate) enum Change {
+    Assign(Vec<i32>),
+}
+
+/// A record taken off the topic, waiting for the next flush.
+#[derive(Debug)]
+pub(crate) struct Buffered {
+    pub(crate) offset: i64,
+    pub(crate) key: Vec<u8>,
+    /// The envelope, or why it could not be decoded and the bytes that could not.
+    pub(crate) decoded: Result<Envelope, (String, Vec<u8>)>,
+}
+
+impl Buffered {
+    /// Decodes one record; one that cannot be decoded keeps its bytes for `dead_letters`.
+    pub(crate) fn decode(offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) -> Buffered {
+        let decoded = match payload {
+            None => Err(("record has no payload".to_owned(), Vec::new())),
+            Some(bytes) => wire::decode(bytes).map_err(|e| (e.to_string(), bytes.to_vec())),
+        };
+        Buffered { offset, key: key.unwrap_or_default().to_vec(), decoded }
+    }
+}
+
+/// One assigned partition.
+#[derive(Debug)]
+pub(crate) struct PartitionState {
+    /// Positioned and its dedupe state loaded: records may be taken.
+    pub(crate) ready: bool,
+    pub(crate) paused: bool,
+    /// Records below this offset were already taken; refetches are ignored.
+    pub(crate) next_offset: i64,
+    pub(crate) buffer: Vec<Buffered>,
+    pub(crate) dedupe: PartitionDedupe,
+}
+
+/// Every assigned partition's state.
+#[derive(Debug, Default)]
+pub(crate) struct Partitions {
+    states: BTreeMap<i32, PartitionState>,
+}
+
+impl Partitions {
+    /// A newly assigned partition: paused, not ready, nothing buffered.
+    pub(crate) fn assign(&mut self, partition: i32, dedupe: &DedupeConfig) {
+        self.states.insert(
+            partition,
+            PartitionState { ready: false, paused: true, next_offset: 0, buffer: Vec::new(), dedupe: PartitionDedupe::new(dedupe) },
+        );
+    }
+
+    /// Forgets a revoked partition, its buffer and its dedupe state.
+    pub(crate) fn revoke(&mut self, partition: i32) {
+        self.states.remove(&partition);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub(crate) fn get_mut(&mut self, partition: i32) -> Option<&mut PartitionState> {
+        self.states.get_mut(&partition)
+    }
+
+    /// Partitions assigned but not yet loaded.
+    pub(crate) fn loading(&self) -> Vec<i32> {
+        self.states.iter().filter(|(_, s)| !s.ready).map(|(p, _)| *p).collect()
+    }
+
+    /// Marks a loaded partition ready to take records from `start`.
+    pub(crate) fn ready(&mut self, partition: i32, start: i64, dedupe: PartitionDedupe) -> Option<&PartitionState> {
+        let state = self.states.get_mut(&partition)?;
+        state.ready = true;
+        state.next_offset = start;
+        state.buffer.clear();
+        state.dedupe = dedupe;
+        Some(state)
+    }
+
+    /// Keeps one record in its partition's buffer. False when it is not
+    /// kept: the partition is not ours or not positioned yet, or the record
+    /// is a refetch of one already taken.
+    pub(crate) fn take(&mut self, partition: i32, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) -> bool {
+        let Some(state) = self.states.get_mut(&partition) else { return false };
+        if !state.ready || offset < state.next_offset {
+            return false;
+        }
+        state.next_offset = offset + 1;
+        state.buffer.push(Buffered::decode(offset, key, payload));
+        true
+    }
+
+    pub(crate) fn buffered(&self) -> usize {
+        self.buffered_in(None)
+    }
+
+    /// Records buffered in `only` these partitions, or in all.
+    pub(crate) fn buffered_in(&self, only: Option<&[i32]>) -> usize {
+        self.states.iter().filter(|(p, _)| only.is_none_or(|o| o.contains(p))).map(|(_, s)| s.buffer.len()).sum()
+    }
+
+    /// How many records of each ready partition (of `only` these, or all)
+    /// the next flush takes: up to `max` in all, in partition order.
+    pub(crate) fn quota(&self, only: Option<&[i32]>, max: usize) -> BTreeMap<i32, usize> {
+        let mut quota = BTreeMap::new();
+        let mut left = max;
+        for (p, state) in &self.states {
+            if state.ready && !state.buffer.is_empty() && left > 0 && only.is_none_or(|o| o.contains(p)) {
+                let n = state.buffer.len().min(left);
+                quota.insert(*p, n);
+                left -= n;
+            }
+        }
+        quota
+    }
+
+    /// The (tenant, idempotency key) of every record in `quota` that a bloom
+    /// filter may hold: they need an exact answer from ClickHouse.
+    pub(crate) fn maybe_keys(&self, quota: &BTreeMap<i32, usize>) -> Vec<(&str, &str)> {
+        let mut maybe = Vec::new();
+        for (p, n) in quota {
+            let Some(state) = self.states.get(p) else { continue };
+            for b in state.buffer.iter().take(*n) {
+                if let Ok(env) = &b.decoded
+                    && state.dedupe.check(key_hash(&env.tenant, &env.event.idempotency_key)) == Known::Maybe
+                {
+                    maybe.push((env.tenant.as_str(), env.event.idempotency_key.as_str()));
+                }
+            }
+        }
+        maybe
+    }
+
+    /// Takes the records of `quota` out of their buffers.
+    pub(crate) fn drain(&mut self, quota: &BTreeMap<i32, usize>) -> Vec<(i32, Vec<Buffered>)> {
+        quota
+            .iter()
+            .filter_map(|(p, n)| {
+                let state = self.states.get_mut(p)?;
+                let n = (*n).min(state.buffer.len());
+                Some((*p, state.buffer.drain(..n).collect()))
+            })
+            .collect()
+    }
+
+    /// What a partition's dedupe state knows of a key (`New` for a partition not held).
+    pub(crate) fn known(&self, partition: i32, key: u128) -> Known {
+        self.states.get(&partition).map_or(Known::New, |s| s.dedupe.check(key))
+    }
+
+    /// The partitions whose pause state should change: every partition is
+    /// paused while `hold` (a write failing, or the buffers full) or while
+    /// it is not ready, and fetching otherwise.
+    pub(crate) fn pause_changes(&self, hold: bool) -> Vec<(i32, bool)> {
+        self.states
+            .iter()
+            .filter_map(|(p, s)| {
+                let want = hold || !s.ready;
+                (want != s.paused).then_some((*p, want))
+            })
+            .collect()
+    }
+
+    pub(crate) fn set_paused(&mut self, partition: i32, paused: bool) {
+        if let Some(state) = self.states.get_mut(&partition) {
+            state.paused = paused;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> DedupeConfig {
+        DedupeConfig {
+            window_secs: 35 * 86_400,
+            slice_secs: 7 * 86_400,
+            expected_keys_per_slice: 1_000,
+            false_positive_rate: 0.01,
+            recent_secs: 600,
+            max_recent_keys: 1_000,
+        }
+    }
+
+    #[test]
+    fn records_are_taken_once_and_only_when_ready() {
+        let mut ps = Partitions::default();
+        ps.assign(0, &config());
+        assert!(!ps.take(0, 5, None, Some(b"x")), "not positioned yet");
+        assert!(!ps.take(1, 5, None, Some(b"x")), "not ours");
+        ps.ready(0, 5, PartitionDedupe::new(&config()));
+        assert!(!ps.take(0, 4, None, Some(b"x")), "before the position");
+        assert!(ps.take(0, 5, Some(b"k"), None));
+        assert!(!ps.take(0, 5, None, Some(b"x")), "a refetch");
+        assert!(ps.take(0, 6, None, Some(b"garbage")));
+        assert_eq!(ps.buffered(), 2);
+        let drained = ps.drain(&ps.quota(None, 10));
+        let [(0, records)] = drained.as_slice() else { panic!("{drained:?}") };
+        assert_eq!(records[0].decoded.as_ref().err().map(|e| e.0.as_str()), Some("record has no payload"));
+        assert_eq!(records[0].key, b"k");
+        assert_eq!(records[1].decoded.as_ref().err().map(|e| e.1.clone()), Some(b"garbage".to_vec()));
+        assert_eq!(ps.buffered(), 0);
+    }
+
+    #[test]
+    fn the_quota_caps_a_flush_and_pauses_follow_hold_and_readiness() {
+        let mut ps = Partitions::default();
+        for p in [0, 1, 2] {
+            ps.assign(p, &config());
+        }
+        for p in [0, 1] {
+            ps.ready(p, 0, PartitionDedupe::new(&config()));
+            for o in 0..3 {
+                ps.take(p, o, None, None);
+            }
+        }
+        assert_eq!(ps.quota(None, 4), BTreeMap::from([(0, 3), (1, 1)]));
+        assert_eq!(ps.quota(Some(&[1]), 4), BTreeMap::from([(1, 3)]));
+        assert_eq!(ps.buffered_in(Some(&[1, 2])), 3);
+        // Assigned partitions start paused; ready ones resume unless held.
+        assert_eq!(ps.pause_changes(false), vec![(0, false), (1, false)]);
+        assert_eq!(ps.pause_changes(true), vec![]);
+        ps.set_paused(0, false);
+        assert_eq!(ps.pause_changes(true), vec![(0, true)]);
+        ps.revoke(0);
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps.loading(), vec![2]);
+    }
+}
