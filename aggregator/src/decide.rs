@@ -4,11 +4,34 @@ use meterline_clickhouse::{DeadLetterRow, Range};
 use meterline_domain::{Decision, EventRow, Source, fingerprint, key_hash, price};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
+use meterline_schemas::wire::Envelope;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::dedupe::Known;
-use crate::flush::{Flush, Original};
 use crate::partitions::Buffered;
+
+/// The record a new event was made from: what a refused events insert writes
+/// to `dead_letters` instead, as it came (its key, its wire encoding).
+#[derive(Debug)]
+pub(crate) struct Original {
+    pub(crate) key: Vec<u8>,
+    pub(crate) envelope: Envelope,
+}
+
+/// What one flush writes, as decided: per Kafka partition.
+#[derive(Debug, Default)]
+pub(crate) struct Flush {
+    pub(crate) dead_letters: BTreeMap<i32, Vec<DeadLetterRow>>,
+    /// New events, in offset order per partition.
+    pub(crate) events: BTreeMap<i32, Vec<EventRow>>,
+    /// The records `events` were made from, one for one.
+    pub(crate) originals: BTreeMap<i32, Vec<Original>>,
+    /// The offsets whose events this flush rolls up.
+    pub(crate) ranges: BTreeMap<i32, Range>,
+    /// The next offset to commit.
+    pub(crate) commits: BTreeMap<i32, i64>,
+    pub(crate) written_at: u32,
+}
 
 /// What a decision reads besides the records and the dedupe state.
 #[derive(Debug)]

@@ -2,38 +2,16 @@
 
 use meterline_clickhouse::{ClickHouseError, DeadLetterRow, Range, Retry, Rollup, Store};
 use meterline_domain::{EventRow, key_hash};
-use meterline_schemas::wire::{self, Envelope};
+use meterline_schemas::wire;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Instant;
 
+use crate::decide::Flush;
 use crate::metrics;
 
 /// The longest ClickHouse error text kept as a refused record's reason.
 const MAX_REASON_BYTES: usize = 1_024;
-
-/// The record a new event was made from: what a refused events insert writes
-/// to `dead_letters` instead, as it came (its key, its wire encoding).
-#[derive(Debug)]
-pub(crate) struct Original {
-    pub(crate) key: Vec<u8>,
-    pub(crate) envelope: Envelope,
-}
-
-/// What one flush writes, as decided: per Kafka partition.
-#[derive(Debug, Default)]
-pub(crate) struct Flush {
-    pub(crate) dead_letters: BTreeMap<i32, Vec<DeadLetterRow>>,
-    /// New events, in offset order per partition.
-    pub(crate) events: BTreeMap<i32, Vec<EventRow>>,
-    /// The records `events` were made from, one for one.
-    pub(crate) originals: BTreeMap<i32, Vec<Original>>,
-    /// The offsets whose events this flush rolls up.
-    pub(crate) ranges: BTreeMap<i32, Range>,
-    /// The next offset to commit.
-    pub(crate) commits: BTreeMap<i32, i64>,
-    pub(crate) written_at: u32,
-}
 
 /// Which write of a flush comes next. A flush moves strictly forward, so a
 /// failed write is retried without redoing the ones before it.

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use crate::AggregatorError;
 use crate::config::Config;
-use crate::decide::{Inputs, decide};
+use crate::decide::{Flush, Inputs, decide};
 use crate::dedupe::PartitionDedupe;
-use crate::flush::{Flush, Pending};
+use crate::flush::Pending;
 use crate::metrics;
 use crate::partitions::{Change, Partitions};
 
