@@ -1,6 +1,5 @@
-//! The crate's error type; HTTP answers are `meterline_http::ApiError`.
-
-use meterline_http::ApiError;
+//! The crate's error type. The handlers turn a store's failure into a 503
+//! (`meterline_http::ApiError`) and log it there.
 
 /// Everything that can go wrong in the query API.
 #[derive(Debug, thiserror::Error)]
@@ -16,14 +15,6 @@ pub enum QueryError {
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-}
-
-impl From<QueryError> for ApiError {
-    fn from(e: QueryError) -> ApiError {
-        // The cause goes to the log, never into the answer.
-        tracing::error!(error = %e, "query failed");
-        ApiError::unavailable("the store could not answer; retry later")
-    }
 }
 
 impl From<clickhouse::error::Error> for QueryError {

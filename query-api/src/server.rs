@@ -107,8 +107,15 @@ async fn record(path: MatchedPath, request: Request, next: Next) -> Response {
     response
 }
 
+/// The answer to a store that could not answer: logged here, at the
+/// boundary, with its cause; the client hears only that it may retry.
+fn unavailable(e: QueryError) -> ApiError {
+    tracing::error!(error = %e, "query failed");
+    ApiError::unavailable("the store could not answer; retry later")
+}
+
 async fn sums(state: &AppState, scope: &Scope, q: SumsQuery) -> Result<Vec<SumRow>, ApiError> {
-    Ok(state.store.sums(scope, &q).await?)
+    state.store.sums(scope, &q).await.map_err(unavailable)
 }
 
 /// An aggregate over no rows still yields one all-zero row on some servers;
@@ -141,7 +148,7 @@ async fn top_spenders(State(state): State<Shared>, ReadKey { tenant }: ReadKey, 
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit, count_negative: false };
-        let Ranking { rows, total, .. } = state.store.ranking(&scope, &q).await?;
+        let Ranking { rows, total, .. } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
         let of_total = metric.of(&total);
         let ranked = with_events(&rows)
             .map(|r| Ranked { row: Row::of(r, &[by], false), share: if of_total > 0 { ratio(metric.of(r), of_total, 6) } else { None } })
@@ -167,7 +174,7 @@ async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
         let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit, count_negative: true };
-        let Ranking { rows, total, negative } = state.store.ranking(&scope, &q).await?;
+        let Ranking { rows, total, negative } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
         let answer = MarginsAnswer {
             range: Range::of(&scope),
             group_by: &group_by,
@@ -233,7 +240,7 @@ async fn events(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(
         let limit = p.limit(100, 1_000)?;
         let cursor = p.get("cursor").map(decode_cursor).transpose()?;
         let scope = p.scope(&tenant, TimeColumn::EventTime, None, state.max_days)?;
-        let mut rows: Vec<EventRow> = state.store.events(&scope, cursor.as_ref(), limit + 1).await?;
+        let mut rows: Vec<EventRow> = state.store.events(&scope, cursor.as_ref(), limit + 1).await.map_err(unavailable)?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
         let next_cursor = if more { rows.last().map(encode_cursor) } else { None };
@@ -263,7 +270,7 @@ async fn alerts(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(
         let limit = p.limit(100, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::OpenedAt, Some(30), state.max_days)?;
         let q = AlertsQuery { tenant: tenant.clone(), from: scope.from.timestamp(), to: scope.to.timestamp(), state: state_filter, user: p.get("user_id").map(str::to_owned), rule, limit };
-        let rows = state.store.alerts(&q).await?;
+        let rows = state.store.alerts(&q).await.map_err(unavailable)?;
         Ok(Json(AlertsAnswer { range: Range::of(&scope), alerts: rows.iter().map(Alert::of).collect() }).into_response())
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
