@@ -185,14 +185,7 @@ mod tests {
     use super::*;
 
     fn config() -> DedupeConfig {
-        DedupeConfig {
-            window_secs: 35 * 86_400,
-            slice_secs: 7 * 86_400,
-            expected_keys_per_slice: 1_000,
-            false_positive_rate: 0.01,
-            recent_secs: 600,
-            max_recent_keys: 1_000,
-        }
+        crate::testing::dedupe_config(1_000)
     }
 
     #[test]

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use meterline_schemas::event::UsageEvent;
 use meterline_schemas::wire::{self, Envelope};
 
+use crate::config::DedupeConfig;
 use crate::partitions::Buffered;
 
 pub(crate) const TENANT: &str = "acme";
@@ -37,4 +38,17 @@ pub(crate) fn buffered(offset: i64, key: &str, user: &str, input_tokens: u64) ->
 /// A record at `offset` whose payload does not decode.
 pub(crate) fn garbage(offset: i64, payload: &[u8]) -> Buffered {
     Buffered::decode(offset, None, Some(payload))
+}
+
+/// A dedupe configuration with a 35-day window in 7-day slices of
+/// `expected_keys_per_slice` keys each.
+pub(crate) fn dedupe_config(expected_keys_per_slice: usize) -> DedupeConfig {
+    DedupeConfig {
+        window_secs: 35 * 86_400,
+        slice_secs: 7 * 86_400,
+        expected_keys_per_slice,
+        false_positive_rate: 0.01,
+        recent_secs: 600,
+        max_recent_keys: 1_000,
+    }
 }
