@@ -1,5 +1,5 @@
-//! Real server processes for the tests: private ClickHouse instances, the
-//! service binaries, and HTTP queries against ClickHouse.
+//! Real server processes for the tests: private ClickHouse and Redis
+//! instances, the service binaries, and HTTP queries against ClickHouse.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -135,6 +135,122 @@ impl Drop for ClickHouse {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// A private Redis server (the stack's Debian `redis-server`) with AOF on and
+/// an fsync per write, which a test may SIGKILL and restart on the same port
+/// and data: what it acknowledged survives.
+#[derive(Debug)]
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl Redis {
+    /// Starts one on a free port with a fresh temp data dir, and waits until it answers `PING`.
+    pub async fn private() -> Redis {
+        let mut redis = Redis { port: free_port(), dir: crate::temp_dir("redis"), child: None };
+        redis.start().await;
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Its data directory (the AOF is in `appendonlydir/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// SIGKILLs it if running, starts it again on the same port and data, and
+    /// waits until it answers `PING` (after it has replayed the AOF).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.start().await;
+    }
+
+    /// SIGKILL: no final fsync, no rewrite; waits for the process to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill redis-server");
+            child.wait().await.expect("reap redis-server");
+        }
+    }
+
+    async fn start(&mut self) {
+        let binary = std::env::var_os("METERLINE_REDIS_SERVER").map(PathBuf::from).unwrap_or_else(|| which("redis-server"));
+        let log = self.dir.join("redis.log");
+        let mut child = tokio::process::Command::new(&binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "yes"])
+            .arg("--logfile")
+            .arg(&log)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+        let addr = self.addr();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if redis_pong(&addr).await {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server on {addr} exited ({status}):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for redis-server on {addr} to answer PING");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        self.child = Some(child);
+    }
+
+    /// Kills the process without waiting for it (what `Drop` does).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// True when a `PING` on a fresh connection to `addr` gets `+PONG` within a second.
+async fn redis_pong(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"*1\r\n$4\r\nPING\r\n").await.ok()?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 64];
+        while !reply.ends_with(b"\r\n") {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        Some(reply.starts_with(b"+PONG"))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Some(true)))
 }
 
 fn which(name: &str) -> PathBuf {
