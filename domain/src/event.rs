@@ -7,7 +7,7 @@ use crate::pricing::Priced;
 use crate::window::datetime_secs;
 
 /// One row of the `events` table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "clickhouse", derive(clickhouse::Row))]
 pub struct EventRow {
     pub tenant: String,

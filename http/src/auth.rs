@@ -1,5 +1,5 @@
 //! Who is asking: the bearer key checked against the tenants' keys, as an
-//! extractor a handler takes as an argument ([`ReadKey`], [`IngestKey`]).
+//! extractor a handler takes as an argument ([`ReadKey`], [`IngestKey`], [`AdminKey`]).
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
@@ -63,3 +63,4 @@ macro_rules! key_extractor {
 
 key_extractor!(ReadKey, Scope::Read, "A request made with a key that has the read scope.");
 key_extractor!(IngestKey, Scope::Ingest, "A request made with a key that has the ingest scope.");
+key_extractor!(AdminKey, Scope::Admin, "A request made with a key that has the admin scope.");

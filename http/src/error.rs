@@ -51,6 +51,13 @@ impl ApiError {
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
     }
+    /// A resource (not a route) that does not exist, saying which.
+    pub fn not_found_what(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
     pub fn with_field(mut self, field: &str) -> Self {
         self.field = Some(field.to_owned());
         self

@@ -1,5 +1,5 @@
 //! What every Meterline HTTP server shares: the error answer ([`ApiError`]),
-//! the key extractors ([`ReadKey`], [`IngestKey`]), the operations routes
+//! the key extractors ([`ReadKey`], [`IngestKey`], [`AdminKey`]), the operations routes
 //! (health, readiness, metrics, 404), the Prometheus recorder and the
 //! shutdown signal.
 
@@ -8,7 +8,7 @@ mod error;
 mod operations;
 mod recorder;
 
-pub use auth::{HasKeys, IngestKey, ReadKey, authenticate};
+pub use auth::{AdminKey, HasKeys, IngestKey, ReadKey, authenticate};
 pub use error::ApiError;
 pub use operations::{shutdown_signal, with_operations};
 pub use recorder::install as install_recorder;

@@ -1,0 +1,473 @@
+//! Reserve, commit, release and balances over any store: the requests' validation, pricing of estimates, metering of commits, and the answers.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::future::BoxFuture;
+use meterline_domain::{EventRow, Source, fingerprint, price};
+use meterline_http::{ApiError, HasKeys};
+use meterline_schemas::event::{DEFAULT_ENVIRONMENT, MAX_ID_BYTES, MAX_NAME_BYTES};
+use meterline_schemas::prices::Catalog;
+use meterline_schemas::tenants::KeyRing;
+use meterline_schemas::wire::Envelope;
+use meterline_schemas::{TimeBounds, UsageEvent, parse_event};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::book::{Amounts, Book, charges, counts};
+use crate::config::{LimitsConfig, OnStoreError};
+use crate::error::{Invalid, LimitsError};
+use crate::metrics;
+use crate::plan::{LimitMeasure, decimal_text};
+use crate::reservation::{Action, Hold, Refusal, Reservation, ReservationState, new_id, parse_id};
+use crate::status::{Balance, LimitStatus, status};
+use crate::store::{Admit, Admitted, LimitStore};
+use crate::subject::{Subject, SubscriptionView};
+
+/// Where a commit's event is metered: the same log `POST /v1/events` writes.
+pub trait Meter: Send + Sync + std::fmt::Debug {
+    /// Makes the events durable (Kafka acked, or committed in the embedded store).
+    fn meter(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// The time source; tests inject one to cross period boundaries.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The limits service over a store: what the HTTP routes call.
+pub struct Limits<S> {
+    store: S,
+    meter: Arc<dyn Meter>,
+    keys: KeyRing,
+    catalog: Catalog,
+    bounds: TimeBounds,
+    config: LimitsConfig,
+    clock: Clock,
+}
+
+impl<S> std::fmt::Debug for Limits<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits").field("meter", &self.meter).finish_non_exhaustive()
+    }
+}
+
+impl<S> HasKeys for Limits<S> {
+    fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+}
+
+/// `POST /v1/reservations`' answer. A denial is an answer, not an error.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReserveAnswer {
+    pub allowed: bool,
+    pub reservation_id: Option<String>,
+    pub expires_at: Option<String>,
+    /// The hard limits that refused, by name.
+    pub denied_by: Vec<String>,
+    /// The status of every limit the call touches, its hold included.
+    pub limits: Vec<LimitStatus>,
+    /// True when the store could not be reached and the answer follows the
+    /// tenant's `on_store_error`; `limits` is then empty.
+    pub degraded: bool,
+    /// True when the idempotency key was used before: the first reservation.
+    pub replayed: bool,
+}
+
+/// A commit's or a release's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct SettleAnswer {
+    pub reservation_id: String,
+    pub state: ReservationState,
+    /// The idempotency key of the event a commit metered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub limits: Vec<LimitStatus>,
+    /// True when the store could not be reached: the usage is metered and
+    /// counts when the store is back.
+    pub degraded: bool,
+}
+
+/// `GET /v1/{users,customers}/{id}/limits`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubjectLimits {
+    pub scope: crate::plan::Scope,
+    pub id: String,
+    pub plan: String,
+    pub subscription: Option<SubscriptionView>,
+    pub limits: Vec<LimitStatus>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveIn<'a> {
+    user_id: Option<String>,
+    customer_id: Option<String>,
+    feature: Option<String>,
+    model: Option<String>,
+    provider: Option<String>,
+    environment: Option<String>,
+    #[serde(borrow)]
+    estimate: Option<BTreeMap<String, &'a RawValue>>,
+    ttl_secs: Option<u64>,
+    idempotency_key: Option<String>,
+}
+
+/// The event fields a commit may not set: they come from the reservation.
+const FROM_RESERVATION: [&str; 7] = ["idempotency_key", "user_id", "customer_id", "feature", "model", "provider", "environment"];
+
+fn rfc3339_ms(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn name(field: &str, value: Option<String>, max: usize, required: bool) -> Result<Option<String>, Invalid> {
+    match value {
+        None if required => Err(Invalid::new(field, "is required")),
+        None => Ok(None),
+        Some(v) if v.is_empty() || v.len() > max || v.chars().any(char::is_control) => {
+            Err(Invalid::new(field, format!("must be 1 to {max} bytes without control characters")))
+        }
+        Some(v) => Ok(Some(v)),
+    }
+}
+
+fn refusal(r: Refusal) -> ApiError {
+    match r {
+        Refusal::NotFound => ApiError::not_found_what("no reservation with this id for this tenant").with_field("reservation_id"),
+        Refusal::Released => ApiError::conflict("the reservation was released; its usage cannot be committed").with_field("reservation_id"),
+        Refusal::Committed => ApiError::conflict("the reservation was committed; committed usage cannot be released").with_field("reservation_id"),
+        Refusal::DifferentUsage => {
+            ApiError::conflict("the reservation was committed with different usage; a retried commit must repeat the first").with_field("reservation_id")
+        }
+    }
+}
+
+impl<S: LimitStore> Limits<S> {
+    pub fn new(store: S, meter: Arc<dyn Meter>, keys: KeyRing, bounds: TimeBounds, config: LimitsConfig, clock: Clock) -> Result<Limits<S>, LimitsError> {
+        config.validate()?;
+        let catalog = Catalog::builtin().map_err(|e| LimitsError::Config { key: "prices".into(), message: e.to_string() })?;
+        Ok(Limits { store, meter, keys, catalog, bounds, config, clock })
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+
+    /// Runs a store call within the configured bound.
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, LimitsError>>) -> Result<T, LimitsError> {
+        match tokio::time::timeout(Duration::from_millis(self.config.store_timeout_ms), call).await {
+            Ok(result) => result,
+            Err(_) => Err(LimitsError::Unavailable { message: format!("no answer within {} ms", self.config.store_timeout_ms), source: None }),
+        }
+    }
+
+    /// A store failure as the answer to an admin or read request.
+    fn unavailable(&self, what: &'static str, e: &LimitsError) -> ApiError {
+        tracing::warn!(error = %e, what, "limits store failed; answering 503");
+        metrics::store_error(what);
+        ApiError::unavailable("the limits store is not reachable; retry")
+    }
+
+    /// The estimate's amounts, priced: tokens without `cost_usd` are priced
+    /// as an event with those tokens would be.
+    fn estimate(&self, tenant: &str, action: &Action, raw: BTreeMap<String, &RawValue>) -> Result<Amounts, Invalid> {
+        let mut amounts = BTreeMap::new();
+        for (key, value) in raw {
+            let field = format!("estimate.{key}");
+            let measure = LimitMeasure::parse(&key).ok_or_else(|| {
+                let names: Vec<&str> = LimitMeasure::ALL.iter().map(|m| m.name()).collect();
+                Invalid::new(&field, format!("unknown measure `{key}`; one of {}", names.join(", ")))
+            })?;
+            let text = decimal_text(value).ok_or_else(|| Invalid::new(&field, "must be a decimal number (a string or a JSON number)"))?;
+            amounts.insert(measure, measure.parse_amount(text).map_err(|e| Invalid::new(&field, e))?);
+        }
+        let token_measures =
+            [LimitMeasure::InputTokens, LimitMeasure::OutputTokens, LimitMeasure::CachedInputTokens, LimitMeasure::ReasoningTokens];
+        if !amounts.contains_key(&LimitMeasure::TotalTokens) && token_measures.iter().any(|m| amounts.contains_key(m)) {
+            let total: i64 = token_measures.iter().map(|m| amounts.get(m).copied().unwrap_or(0)).sum();
+            amounts.insert(LimitMeasure::TotalTokens, total);
+        }
+        if !amounts.contains_key(&LimitMeasure::CostUsd) || (!amounts.contains_key(&LimitMeasure::RevenueUsd) && amounts.contains_key(&LimitMeasure::Credits)) {
+            let tokens = |m| u64::try_from(*amounts.get(&m).unwrap_or(&0)).unwrap_or(0);
+            let event = UsageEvent {
+                idempotency_key: String::new(),
+                timestamp: self.now(),
+                user_id: action.user_id.clone(),
+                customer_id: action.customer_id.clone(),
+                feature: action.feature.clone(),
+                model: action.model.clone(),
+                provider: action.provider.clone(),
+                input_tokens: tokens(LimitMeasure::InputTokens),
+                output_tokens: tokens(LimitMeasure::OutputTokens),
+                cached_input_tokens: tokens(LimitMeasure::CachedInputTokens),
+                reasoning_tokens: tokens(LimitMeasure::ReasoningTokens),
+                cost_usd: amounts.get(&LimitMeasure::CostUsd).map(|n| meterline_schemas::Nanos(*n)),
+                revenue_usd: amounts.get(&LimitMeasure::RevenueUsd).map(|n| meterline_schemas::Nanos(*n)),
+                credits: amounts.get(&LimitMeasure::Credits).map(|n| meterline_schemas::Nanos(*n)),
+                billable: true,
+                environment: action.environment.clone(),
+                metadata: None,
+            };
+            let priced = price(&event, self.keys.tenant(tenant), &self.catalog);
+            amounts.entry(LimitMeasure::CostUsd).or_insert(priced.cost.0);
+            amounts.entry(LimitMeasure::RevenueUsd).or_insert(priced.revenue.0);
+        }
+        Ok(Amounts(amounts))
+    }
+
+    /// `POST /v1/reservations`.
+    pub async fn reserve(&self, tenant: &str, body: &str) -> Result<ReserveAnswer, ApiError> {
+        let input: ReserveIn = serde_json::from_str(body).map_err(|e| Invalid::new("body", format!("not a reservation request: {e}")))?;
+        let now = self.now();
+        let action = Action {
+            user_id: name("user_id", input.user_id, MAX_ID_BYTES, true)?.unwrap_or_default(),
+            customer_id: name("customer_id", input.customer_id, MAX_ID_BYTES, false)?,
+            feature: name("feature", input.feature, MAX_NAME_BYTES, true)?.unwrap_or_default(),
+            model: name("model", input.model, MAX_NAME_BYTES, true)?.unwrap_or_default(),
+            provider: name("provider", input.provider, MAX_NAME_BYTES, false)?,
+            environment: name("environment", input.environment, MAX_NAME_BYTES, false)?.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned()),
+            reserved_at_ms: now.timestamp_millis(),
+        };
+        let idempotency_key = name("idempotency_key", input.idempotency_key, MAX_ID_BYTES, false)?;
+        let ttl = input.ttl_secs.unwrap_or(self.config.default_ttl_secs);
+        if ttl == 0 || ttl > self.config.max_ttl_secs {
+            return Err(Invalid::new("ttl_secs", format!("must be between 1 and {}", self.config.max_ttl_secs)).into());
+        }
+        let amounts = self.estimate(tenant, &action, input.estimate.unwrap_or_default())?;
+        let now_ms = now.timestamp_millis();
+        let expires_at_ms = now_ms + i64::try_from(ttl).unwrap_or(i64::MAX / 2_000) * 1_000;
+        let id = new_id(&action);
+
+        let book = match self.bounded(self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref())).await {
+            Ok(book) => book,
+            Err(e) => return Ok(self.degraded(tenant, &e, id, expires_at_ms)),
+        };
+        let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
+        let touched = charges(&applied, &action.feature, &action.model, &action.environment, now, &amounts);
+        let reservation = Reservation {
+            id: id.clone(),
+            state: ReservationState::Held,
+            created_at_ms: now_ms,
+            expires_at_ms,
+            holds: touched
+                .iter()
+                .filter(|(_, c)| c.amount != 0)
+                .map(|(_, c)| Hold { counter: c.counter.key.clone(), amount: c.amount, keep_until: c.counter.keep_until })
+                .collect(),
+            counted: false,
+            commit_fingerprint: None,
+        };
+        let admit = Admit { reservation, idempotency_key, checks: touched.iter().map(|(_, c)| c.clone()).collect(), now_ms };
+        let admission = match self.bounded(self.store.admit(tenant, &admit)).await {
+            Ok(a) => a,
+            Err(e) => return Ok(self.degraded(tenant, &e, id, expires_at_ms)),
+        };
+        let limits: Vec<LimitStatus> = touched.iter().zip(&admission.balances).map(|((i, _), b)| status(&applied[*i], *b, now)).collect();
+        let answer = match admission.admitted {
+            Admitted::New => ReserveAnswer {
+                allowed: true,
+                reservation_id: Some(id),
+                expires_at: Some(rfc3339_ms(expires_at_ms)),
+                denied_by: Vec::new(),
+                limits,
+                degraded: false,
+                replayed: false,
+            },
+            Admitted::Existing(r) => ReserveAnswer {
+                allowed: true,
+                reservation_id: Some(r.id),
+                expires_at: Some(rfc3339_ms(r.expires_at_ms)),
+                denied_by: Vec::new(),
+                limits,
+                degraded: false,
+                replayed: true,
+            },
+            Admitted::Denied(refused) => ReserveAnswer {
+                allowed: false,
+                reservation_id: None,
+                expires_at: None,
+                denied_by: refused.iter().filter_map(|j| touched.get(*j)).map(|(i, _)| applied[*i].limit.name.clone()).collect(),
+                limits,
+                degraded: false,
+                replayed: false,
+            },
+        };
+        metrics::reservation(if answer.allowed { "allowed" } else { "denied" });
+        Ok(answer)
+    }
+
+    fn degraded(&self, tenant: &str, e: &LimitsError, id: String, expires_at_ms: i64) -> ReserveAnswer {
+        let policy = self.config.on_store_error(tenant);
+        tracing::warn!(error = %e, %tenant, ?policy, "limits store unreachable; reservation answered by on_store_error");
+        metrics::store_error("reserve");
+        metrics::reservation(match policy {
+            OnStoreError::Allow => "degraded_allowed",
+            OnStoreError::Deny => "degraded_denied",
+        });
+        let allowed = policy == OnStoreError::Allow;
+        ReserveAnswer {
+            allowed,
+            reservation_id: allowed.then_some(id),
+            expires_at: allowed.then(|| rfc3339_ms(expires_at_ms)),
+            denied_by: Vec::new(),
+            limits: Vec::new(),
+            degraded: true,
+            replayed: false,
+        }
+    }
+
+    /// `POST /v1/reservations/{id}/commit`: meters exactly one event, then
+    /// moves the hold to the actual amounts. Never refused for limits or expiry.
+    pub async fn commit(&self, tenant: &str, id: &str, body: &str) -> Result<SettleAnswer, ApiError> {
+        let (key, action) = parse_id(id).map_err(|_| refusal(Refusal::NotFound))?;
+        let now = self.now();
+        let now_ms = now.timestamp_millis();
+        let stored = self.bounded(self.store.reservation(tenant, id)).await;
+        let known = match &stored {
+            Ok(None) => return Err(refusal(Refusal::NotFound)),
+            Ok(Some(r)) => Some(r.clone()),
+            Err(_) => None,
+        };
+        let event = self.commit_event(&key, &action, body, now)?;
+        let fp = format!("{:016x}", fingerprint(tenant, &event));
+        if let Some(r) = &known {
+            // Refuse before metering what the store would refuse after.
+            crate::reservation::commit(r.clone(), Vec::new(), &fp, now_ms).map_err(refusal)?;
+        }
+        let row = {
+            let envelope = Envelope { tenant: tenant.to_owned(), received_at: now, event };
+            let priced = price(&envelope.event, self.keys.tenant(tenant), &self.catalog);
+            let row = EventRow::new(&envelope, 0, priced, Source::Embedded, 0);
+            if let Err(e) = self.meter.meter(vec![envelope]).await {
+                tracing::warn!(error = %e, %tenant, "the event log did not take a commit's event; answering 503");
+                return Err(ApiError::unavailable("the event log did not acknowledge the commit; retry it unchanged"));
+            }
+            row
+        };
+        metrics::commit();
+        let settled = async {
+            let book = self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref()).await?;
+            let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
+            let holds: Vec<Hold> =
+                counts(&applied, &row).into_iter().map(|c| Hold { counter: c.counter.key, amount: c.amount, keep_until: c.counter.keep_until }).collect();
+            let outcome = self.store.commit(tenant, id, &holds, &fp, now_ms).await?;
+            Ok::<_, LimitsError>((book, outcome))
+        };
+        match self.bounded(settled).await {
+            Ok((book, Ok(r))) => {
+                let limits = self.statuses_for(tenant, &book, &action, now).await.unwrap_or_default();
+                Ok(SettleAnswer { reservation_id: id.to_owned(), state: r.state, idempotency_key: Some(key), limits, degraded: false })
+            }
+            Ok((_, Err(r))) => Err(refusal(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, %tenant, "limits store unreachable at commit; the usage is metered and counts when it is back");
+                metrics::store_error("commit");
+                Ok(SettleAnswer { reservation_id: id.to_owned(), state: ReservationState::Committed, idempotency_key: Some(key), limits: Vec::new(), degraded: true })
+            }
+        }
+    }
+
+    /// The commit's body made into the metered event: the reservation gives
+    /// its identity, the body its usage; the contract's rules apply.
+    fn commit_event(&self, key: &str, action: &Action, body: &str, now: DateTime<Utc>) -> Result<UsageEvent, ApiError> {
+        let mut object: serde_json::Map<String, serde_json::Value> = if body.trim().is_empty() {
+            serde_json::Map::new()
+        } else {
+            serde_json::from_str(body).map_err(|e| Invalid::new("body", format!("must be a JSON object of the call's usage: {e}")))?
+        };
+        for field in FROM_RESERVATION {
+            if object.contains_key(field) {
+                return Err(Invalid::new(field, "comes from the reservation; a commit gives only usage, money, billable, metadata and timestamp").into());
+            }
+        }
+        object.insert("idempotency_key".into(), key.into());
+        object.insert("user_id".into(), action.user_id.clone().into());
+        if let Some(c) = &action.customer_id {
+            object.insert("customer_id".into(), c.clone().into());
+        }
+        object.insert("feature".into(), action.feature.clone().into());
+        object.insert("model".into(), action.model.clone().into());
+        if let Some(p) = &action.provider {
+            object.insert("provider".into(), p.clone().into());
+        }
+        object.insert("environment".into(), action.environment.clone().into());
+        object.entry("timestamp").or_insert_with(|| rfc3339_ms(action.reserved_at_ms).into());
+        let text = serde_json::Value::Object(object).to_string();
+        parse_event(&text, &self.bounds, now).map_err(|rejection| {
+            let first = rejection.errors.into_iter().next();
+            match first {
+                Some(e) => ApiError::bad_request(e.code.as_str(), e.message).with_field(&e.field),
+                None => ApiError::bad_request("invalid", "the commit is not a valid usage event"),
+            }
+        })
+    }
+
+    /// `POST /v1/reservations/{id}/release`.
+    pub async fn release(&self, tenant: &str, id: &str) -> Result<SettleAnswer, ApiError> {
+        let (_, action) = parse_id(id).map_err(|_| refusal(Refusal::NotFound))?;
+        let now = self.now();
+        match self.bounded(self.store.release(tenant, id, now.timestamp_millis())).await {
+            Ok(Ok(r)) => {
+                metrics::release();
+                let limits = match self.bounded(self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref())).await {
+                    Ok(book) => self.statuses_for(tenant, &book, &action, now).await.unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
+                Ok(SettleAnswer { reservation_id: id.to_owned(), state: r.state, idempotency_key: None, limits, degraded: false })
+            }
+            Ok(Err(r)) => Err(refusal(r)),
+            Err(e) => Err(self.unavailable("release", &e)),
+        }
+    }
+
+    /// The statuses of the limits an action touches.
+    async fn statuses_for(&self, tenant: &str, book: &Book, action: &Action, now: DateTime<Utc>) -> Result<Vec<LimitStatus>, LimitsError> {
+        let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
+        let touched: Vec<usize> =
+            (0..applied.len()).filter(|i| applied[*i].limit.filter.matches(&action.feature, &action.model, &action.environment)).collect();
+        let counters: Vec<String> = touched.iter().map(|i| applied[*i].counter(now).key).collect();
+        let balances = self.bounded(self.store.balances(tenant, &counters, now.timestamp_millis())).await?;
+        Ok(touched.iter().zip(balances).map(|(i, b)| status(&applied[*i], b, now)).collect())
+    }
+
+    /// `GET /v1/users/{id}/limits` (with the customer's limits when
+    /// `customer` is given) and `GET /v1/customers/{id}/limits`.
+    pub async fn subject_limits(&self, tenant: &str, subject: &Subject, customer: Option<&str>) -> Result<SubjectLimits, ApiError> {
+        crate::plan::check_id(subject.scope.name(), &subject.id)?;
+        let now = self.now();
+        let (user, cust) = match subject.scope {
+            crate::plan::Scope::User => (Some(subject.id.as_str()), customer),
+            crate::plan::Scope::Customer => (None, Some(subject.id.as_str())),
+        };
+        let book = self.bounded(self.store.book(tenant, user, cust)).await.map_err(|e| self.unavailable("limits", &e))?;
+        let (plan, mut applied) = book.of_subject(subject);
+        if subject.scope == crate::plan::Scope::User && customer.is_some() {
+            applied = book.applicable(&subject.id, customer);
+        }
+        let counters: Vec<String> = applied.iter().map(|a| a.counter(now).key).collect();
+        let balances: Vec<Balance> =
+            self.bounded(self.store.balances(tenant, &counters, now.timestamp_millis())).await.map_err(|e| self.unavailable("limits", &e))?;
+        let subscription = match subject.scope {
+            crate::plan::Scope::User => book.user.as_ref(),
+            crate::plan::Scope::Customer => book.customer.as_ref(),
+        }
+        .map(|s| s.view());
+        Ok(SubjectLimits {
+            scope: subject.scope,
+            id: subject.id.clone(),
+            plan,
+            subscription,
+            limits: applied.iter().zip(balances).map(|(a, b)| status(a, b, now)).collect(),
+        })
+    }
+
+    /// Runs an admin store call, mapping a failure to `503`.
+    pub async fn admin<T>(&self, what: &'static str, call: impl Future<Output = Result<T, LimitsError>>) -> Result<T, ApiError> {
+        self.bounded(call).await.map_err(|e| self.unavailable(what, &e))
+    }
+}
