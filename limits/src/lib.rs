@@ -31,3 +31,8 @@ pub use service::{Clock, Limits, Meter, ReserveAnswer, SettleAnswer, SubjectLimi
 pub use status::{Balance, LimitStatus, status};
 pub use store::{Admission, Admit, Admitted, KEEP_AFTER_EXPIRY_MS, LimitStore};
 pub use subject::{Subject, Subscription, SubscriptionView};
+
+#[cfg(test)]
+mod memory;
+#[cfg(test)]
+mod tests;
