@@ -5,6 +5,7 @@
 use meterline_aggregator::MetricsConfig;
 use meterline_domain::AlertsConfig;
 use meterline_ingest::ServerConfig;
+use meterline_limits::{LimitsConfig, LimitsError};
 use meterline_schemas::config::load_toml_with_env;
 use meterline_schemas::tenants::{KeyRing, TenantConfig};
 use meterline_schemas::TimeBounds;
@@ -31,6 +32,10 @@ pub struct Config {
     /// Business metric label caps: the same as the aggregator's `[metrics]`.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Limits: reservation TTLs and the answer when the store fails; plans,
+    /// counters and reservations live in the embedded store.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
 }
@@ -69,7 +74,7 @@ impl Default for QueryConfig {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, EmbeddedError> {
-        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics", "limits"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -91,6 +96,13 @@ impl Config {
             return bad("query.max_range_days", "must be at least 1");
         }
         self.alerts.validate()?;
+        if self.limits.redis_url.is_some() {
+            return bad("limits.redis_url", "the all-in-one binary keeps limits in its embedded store; remove it (Redis is for the distributed roles)");
+        }
+        self.limits.validate().map_err(|e| match e {
+            LimitsError::Config { key, message } => EmbeddedError::config(key, message),
+            other => EmbeddedError::config("limits", other.to_string()),
+        })?;
         if self.tenants.is_empty() {
             return bad("tenants", "configure at least one tenant with keys");
         }
@@ -113,6 +125,8 @@ mod tests {
             ("[events]\nmax_past_secs = 0\n", "events.max_past_secs"),
             ("[alerts.rules]\nwindow_secs = \"30s\"\n", "alerts.rules.window_secs"),
             ("[storage]\nalert_eval_ms = \"2h\"\n", "storage.alert_eval_ms"),
+            ("[limits]\ndefault_ttl_secs = 0\n", "limits.default_ttl_secs"),
+            ("[limits]\nredis_url = \"redis://127.0.0.1:6379\"\n", "limits.redis_url"),
         ] {
             let err = Config::load(&format!("{section}{BASE}"), []).expect_err(key).to_string();
             assert!(err.contains(key), "{key}: {err}");

@@ -21,6 +21,9 @@ pub enum EmbeddedError {
     Commit(String),
     #[error("the embedded writer has stopped")]
     WriterStopped,
+    /// A stored limits record that does not parse.
+    #[error("the limits store holds a bad record at {key}: {message}")]
+    Corrupt { key: String, message: String },
 }
 
 impl From<EmbeddedError> for meterline_ingest::IngestError {
@@ -29,8 +32,21 @@ impl From<EmbeddedError> for meterline_ingest::IngestError {
     }
 }
 
+impl From<EmbeddedError> for meterline_limits::LimitsError {
+    fn from(e: EmbeddedError) -> Self {
+        match e {
+            EmbeddedError::Corrupt { key, message } => meterline_limits::LimitsError::Corrupt { key, message },
+            other => meterline_limits::LimitsError::unavailable("the embedded store failed", other),
+        }
+    }
+}
+
 impl EmbeddedError {
     pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
         EmbeddedError::Config { key: key.into(), message: message.into() }
+    }
+
+    pub fn corrupt(key: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        EmbeddedError::Corrupt { key: key.into(), message: message.to_string() }
     }
 }

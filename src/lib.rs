@@ -1,10 +1,10 @@
-//! Meterline in one process: ingest, dedupe and rollups, the query API and
-//! runaway alerts over an embedded SQLite store in a data directory, with the
-//! same HTTP API, auth, validation, metrics and alerts as the distributed
-//! deployment (Kafka + ClickHouse). It reuses the services' libraries; only
-//! the log (a group-commit queue instead of Kafka) and the store (SQLite
-//! instead of ClickHouse) differ, behind `meterline_ingest::EventLog` and
-//! `meterline_query_api::store::QueryStore`.
+//! Meterline in one process: ingest, dedupe and rollups, the query API,
+//! limits and reservations, and runaway alerts over an embedded SQLite store
+//! in a data directory, with the same HTTP API, auth, validation, metrics and
+//! alerts as the distributed deployment (Kafka + ClickHouse). It reuses the
+//! services' libraries; only the log (a group-commit queue instead of Kafka)
+//! and the store (SQLite instead of ClickHouse) differ, behind `meterline_ingest::EventLog`,
+//! `meterline_query_api::store::QueryStore` and `meterline_limits::LimitStore`.
 
 pub mod config;
 pub mod demo;

@@ -1,10 +1,14 @@
-//! The all-in-one server: ingest's and the query API's own routes, auth and
-//! validation over the embedded store, on one listener, with one `/metrics`.
+//! The all-in-one server: ingest's, the query API's and the limits' own
+//! routes, auth and validation over the embedded store, on one listener,
+//! with one `/metrics`.
 
 use axum::Router;
+use chrono::Utc;
 use futures::future::BoxFuture;
 use meterline_ingest::{EventLog, IngestError};
+use meterline_limits::{Limits, LimitsError};
 use meterline_query_api::QueryStore;
+use meterline_schemas::tenants::KeyRing;
 use meterline_schemas::wire::Envelope;
 use std::future::Future;
 use std::path::Path;
@@ -14,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::query::EmbeddedQueries;
-use crate::store::Embedded;
+use crate::store::{Embedded, EmbeddedLimits};
 use crate::EmbeddedError;
 
 /// Ingest's event log, made durable by the embedded writer's group commit.
@@ -31,6 +35,14 @@ impl EventLog for EmbeddedLog {
     }
 }
 
+/// A reservation commit's event takes the ingest path into the writer:
+/// deduped, rolled up and counted against limits in one transaction.
+impl meterline_limits::Meter for EmbeddedLog {
+    fn meter(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.append(events).await.map_err(|e| e.to_string()) })
+    }
+}
+
 /// The router over an open store: the whole API, health, readiness, metrics.
 pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedError> {
     // One process, one recorder, with every service's buckets; each crate's
@@ -42,13 +54,29 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     let _ = meterline_query_api::metrics::handle();
     let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog(store.clone()));
     let ingest = meterline_ingest::AppState::new(&config.tenants, config.events, &config.server, log)?;
+    let limits = Limits::new(
+        EmbeddedLimits(store.clone()),
+        Arc::new(EmbeddedLog(store.clone())),
+        KeyRing::from_config(&config.tenants)?,
+        config.events,
+        config.limits.clone(),
+        Arc::new(Utc::now),
+    )
+    .map_err(|e| match e {
+        LimitsError::Config { key, message } => EmbeddedError::config(key, message),
+        other => EmbeddedError::config("limits", other.to_string()),
+    })?;
     let queries = Arc::new(EmbeddedQueries(store));
     let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?;
     let ready = move || {
         let queries = queries.clone();
         async move { queries.ping().await }
     };
-    let api = meterline_ingest::api_routes(Arc::new(ingest)).merge(meterline_query_api::api_routes(Arc::new(query)));
+    // Each service's routes keep their own layers: the query API's request
+    // metrics stay on its routes (by matched path), the limits' on none.
+    let api = meterline_ingest::api_routes(Arc::new(ingest))
+        .merge(meterline_query_api::api_routes(Arc::new(query)))
+        .merge(meterline_limits::routes(Arc::new(limits)));
     Ok(meterline_http::with_operations(api, handle, ready, "the embedded store is not answering"))
 }
 

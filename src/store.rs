@@ -1,6 +1,6 @@
 //! The embedded store: one SQLite database in the data directory holding the
-//! events, both rollup tables and the alerts, written by one writer thread in
-//! group commits.
+//! events, both rollup tables, the alerts and the limits (plans, counters,
+//! holds, reservations), written by one writer thread in group commits.
 //!
 //! Exactly-once is structural here: a request's events, the rollup rows that
 //! sum them and the alert changes they cause are written in one SQLite
@@ -18,13 +18,25 @@
 //! Only the log (a channel to this thread instead of Kafka) and the store
 //! (SQLite instead of ClickHouse) differ.
 //!
+//! Limits state changes the same way: every reservation, commit, release and
+//! plan write is an operation the writer runs inside the group commit, and
+//! every new event is counted against its limits in the transaction that
+//! stores it, so a counter never disagrees with the events.
+//!
 //! One job per module: `schema` (migrations, connections), `writer` (the
-//! group-commit thread), `events` (the dedupe record and inserts), `rollups`
-//! (per-commit sums and their upserts) and `alerts` (evaluation and the
-//! stored alerts); this file is the handle the server and queries hold.
+//! group-commit thread), `jobs` (what its queue carries), `events` (the
+//! dedupe record and inserts), `rollups` (per-commit sums and their
+//! upserts), `alerts` (evaluation and the stored alerts), `ledger` (the
+//! limits tables' steps), `counting` (events against limits, housekeeping)
+//! and `limits` (the `LimitStore` over all that); this file is the handle the
+//! server and queries hold.
 
 mod alerts;
+mod counting;
 mod events;
+mod jobs;
+mod ledger;
+mod limits;
 mod rollups;
 mod schema;
 mod writer;
@@ -40,10 +52,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::EmbeddedError;
 use crate::config::Config;
+use jobs::{Job, Op};
 use schema::{connect, migrate};
-use writer::{Job, Writer};
+use writer::Writer;
 
 pub use alerts::{ALERT_COLUMNS, alert_row};
+pub use limits::EmbeddedLimits;
 pub use schema::DAILY_TABLE;
 
 /// The database file inside the data directory.
@@ -83,12 +97,24 @@ impl Embedded {
     /// Queues `events` for the next group commit and waits for it.
     pub async fn append(&self, events: Vec<Envelope>) -> Result<(), EmbeddedError> {
         let (reply, done) = oneshot::channel();
-        self.jobs.send(Job { events, reply }).await.map_err(|_| EmbeddedError::WriterStopped)?;
+        self.jobs.send(Job::Events { events, reply }).await.map_err(|_| EmbeddedError::WriterStopped)?;
         match done.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(EmbeddedError::Commit(e)),
             Err(_) => Err(EmbeddedError::WriterStopped),
         }
+    }
+
+    /// Runs `f` in the writer's next group commit, in queue order with the
+    /// events; its result arrives once that commit is durable.
+    pub(crate) async fn transact<T, F>(&self, f: F) -> Result<T, EmbeddedError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, EmbeddedError> + Send + 'static,
+    {
+        let (op, done) = Op::new(f);
+        self.jobs.send(Job::Limits(op)).await.map_err(|_| EmbeddedError::WriterStopped)?;
+        done.await.map_err(|_| EmbeddedError::WriterStopped)?
     }
 
     /// True while the writer thread runs.

@@ -56,6 +56,31 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE rollups_user_day RENAME TO rollups_daily_by_user;
      DROP INDEX rollups_user_day_by_time;
      CREATE INDEX rollups_daily_by_user_by_time ON rollups_daily_by_user (tenant, window_start);",
+    // 3: limits. Plans and subscriptions are the API's JSON bodies; counters
+    // hold counted usage; a hold is a row per (counter, reservation), so a
+    // counter's reserved amount is the sum of its holds not yet expired and
+    // a hold past its expiry stops counting without anything rewriting it.
+    // A committed hold never expires (`expires_at_ms` is i64::MAX).
+    // `sweep_at_ms` is set while a reservation is held, for the sweep that
+    // turns expired ones into `expired` records; `purge_at_ms` is when the
+    // record may go.
+    "CREATE TABLE limit_plans (tenant TEXT NOT NULL, plan_id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, plan_id)) WITHOUT ROWID;
+     CREATE TABLE limit_subscriptions (tenant TEXT NOT NULL, subject TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, subject)) WITHOUT ROWID;
+     CREATE TABLE limit_counters (
+        tenant TEXT NOT NULL, counter TEXT NOT NULL, used INTEGER NOT NULL, keep_until INTEGER NOT NULL,
+        PRIMARY KEY (tenant, counter)) WITHOUT ROWID;
+     CREATE INDEX limit_counters_by_keep ON limit_counters (keep_until);
+     CREATE TABLE limit_holds (
+        tenant TEXT NOT NULL, counter TEXT NOT NULL, reservation TEXT NOT NULL, amount INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, counter, reservation)) WITHOUT ROWID;
+     CREATE INDEX limit_holds_by_reservation ON limit_holds (tenant, reservation);
+     CREATE TABLE limit_reservations (
+        tenant TEXT NOT NULL, key TEXT NOT NULL, idempotency_key TEXT, expires_at_ms INTEGER NOT NULL,
+        sweep_at_ms INTEGER, purge_at_ms INTEGER NOT NULL, record TEXT NOT NULL,
+        PRIMARY KEY (tenant, key)) WITHOUT ROWID;
+     CREATE UNIQUE INDEX limit_reservations_by_idempotency_key ON limit_reservations (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+     CREATE INDEX limit_reservations_to_sweep ON limit_reservations (sweep_at_ms) WHERE sweep_at_ms IS NOT NULL;
+     CREATE INDEX limit_reservations_to_purge ON limit_reservations (purge_at_ms);",
 ];
 
 /// The minute rollups: every dimension's sums per UTC minute.

@@ -1,7 +1,8 @@
-//! The single writer thread: it takes ingest requests off the job queue,
-//! group-commits them (dedupe, events, rollups and, when due, alerts in one
-//! transaction), answers each request after the commit, then records the
-//! metrics and notifies alert transitions.
+//! The single writer thread: it takes ingest requests and limits operations
+//! off the job queue, group-commits them in queue order (dedupe, events,
+//! limit counters, rollups, limits operations and, when due, alerts in one
+//! transaction), answers each job after the commit, then records the metrics
+//! and notifies alert transitions.
 
 use chrono::Utc;
 use meterline_aggregator::Notifier;
@@ -9,23 +10,18 @@ use meterline_aggregator::metrics::{self as agg_metrics, BusinessLabels};
 use meterline_domain::{AlertBook as Evaluator, CostSource, Decision, EventRow, Source, Transition, datetime_secs, fingerprint, price};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
-use meterline_schemas::wire::Envelope;
 use rusqlite::Connection;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::alerts::{self, due_in, open_alerts};
+use super::counting::{Counting, Housekeeping};
 use super::events::Events;
+use super::jobs::{Job, Op, Pending};
 use super::rollups::Rollups;
 use crate::EmbeddedError;
 use crate::config::Config;
-
-/// One ingest request's events, waiting for the commit that makes them durable.
-pub(super) struct Job {
-    pub(super) events: Vec<Envelope>,
-    pub(super) reply: oneshot::Sender<Result<(), String>>,
-}
 
 /// What one commit wrote, for the metrics and alerts recorded after it.
 #[derive(Debug, Default)]
@@ -37,7 +33,7 @@ struct Written {
     eval_cost: Duration,
 }
 
-/// The single writer: group commits of ingest requests, rollups and alerts.
+/// The single writer: group commits of ingest requests, limits operations, rollups and alerts.
 pub(super) struct Writer {
     conn: Connection,
     catalog: Catalog,
@@ -56,6 +52,7 @@ pub(super) struct Writer {
     /// four times that apart, so under heavy load they cost the writer at
     /// most a fifth of its time (alerts come a little later, writes keep up).
     eval_cost: Duration,
+    housekeeping: Housekeeping,
 }
 
 impl Writer {
@@ -75,6 +72,7 @@ impl Writer {
             touched: BTreeSet::new(),
             last_eval: Instant::now(),
             eval_cost: Duration::ZERO,
+            housekeeping: Housekeeping::default(),
         })
     }
 
@@ -90,13 +88,13 @@ impl Writer {
             let mut jobs = Vec::new();
             match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
                 Ok(Some(job)) => {
-                    let mut n = job.events.len();
+                    let mut n = job.weight();
                     jobs.push(job);
                     // Group commit: everything already waiting goes in the same transaction.
                     while n < self.max_commit_events {
                         match rx.try_recv() {
                             Ok(job) => {
-                                n += job.events.len();
+                                n += job.weight();
                                 jobs.push(job);
                             }
                             Err(_) => break,
@@ -117,53 +115,73 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let result = self.write(&jobs);
-        match result {
-            Ok(written) => {
-                for job in jobs {
-                    let _ = job.reply.send(Ok(()));
-                }
-                self.record(written, started, runtime);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "embedded commit failed; the requests are answered 503");
-                agg_metrics::write_retry("events");
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.to_string()));
-                }
-            }
+        let mut pending = Vec::with_capacity(jobs.len());
+        let mut queue = jobs.into_iter();
+        let result = self.write(&mut queue, &mut pending);
+        // Jobs the failed commit never reached share its answer.
+        pending.extend(queue.map(Pending::unreached));
+        let outcome = result.as_ref().map(|_| ()).map_err(ToString::to_string);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "embedded commit failed; the requests are answered 503");
+            agg_metrics::write_retry("events");
+        }
+        for job in pending {
+            job.answer(outcome.clone());
+        }
+        if let Ok(written) = result {
+            self.record(written, started, runtime);
         }
     }
 
-    /// One transaction: dedupe, events, rollups and (when due) alerts.
-    fn write(&mut self, jobs: &[Job]) -> Result<Written, rusqlite::Error> {
+    /// One transaction: dedupe, events, limit counters, rollups, limits
+    /// operations in queue order, and (when due) alerts. Every job taken off
+    /// `queue` leaves its answer in `pending`.
+    fn write(&mut self, queue: &mut std::vec::IntoIter<Job>, pending: &mut Vec<Pending>) -> Result<Written, rusqlite::Error> {
         let mut out = Written::default();
         let now = Utc::now();
+        let now_ms = now.timestamp_millis();
         let written_at = datetime_secs(now);
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut rollups = Rollups::default();
         let mut touched = Vec::new();
+        let mut counting = Counting::default();
         {
             let mut events = Events::prepare(&tx)?;
-            for env in jobs.iter().flat_map(|j| &j.events) {
-                let fp = fingerprint(&env.tenant, &env.event);
-                match Decision::of(events.seen(&env.tenant, &env.event.idempotency_key)?, fp) {
-                    Decision::Retry => out.duplicates.push("retry"),
-                    Decision::Conflict => {
-                        tracing::warn!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
-                        out.duplicates.push("conflict");
+            for job in queue.by_ref() {
+                let envelopes = match job {
+                    Job::Events { events, reply } => {
+                        pending.push(Pending::Events(reply));
+                        events
                     }
-                    Decision::New => {
-                        let priced = price(&env.event, self.keys.tenant(&env.tenant), &self.catalog);
-                        let row = EventRow::new(env, fp, priced, Source::Embedded, written_at);
-                        events.insert(&row)?;
-                        rollups.add(&row);
-                        touched.push((row.tenant.clone(), row.user_id.clone()));
-                        out.rows.push(row);
+                    Job::Limits(op) => {
+                        run_op(&tx, op, pending)?;
+                        // The operation may have changed plans or subscriptions.
+                        counting.forget();
+                        continue;
+                    }
+                };
+                for env in &envelopes {
+                    let fp = fingerprint(&env.tenant, &env.event);
+                    match Decision::of(events.seen(&env.tenant, &env.event.idempotency_key)?, fp) {
+                        Decision::Retry => out.duplicates.push("retry"),
+                        Decision::Conflict => {
+                            tracing::warn!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
+                            out.duplicates.push("conflict");
+                        }
+                        Decision::New => {
+                            let priced = price(&env.event, self.keys.tenant(&env.tenant), &self.catalog);
+                            let row = EventRow::new(env, fp, priced, Source::Embedded, written_at);
+                            events.insert(&row)?;
+                            counting.count(&tx, &row, now_ms)?;
+                            rollups.add(&row);
+                            touched.push((row.tenant.clone(), row.user_id.clone()));
+                            out.rows.push(row);
+                        }
                     }
                 }
             }
             rollups.upsert(&tx)?;
+            self.housekeeping.run(&tx, now_ms)?;
         }
         self.touched.extend(touched);
         let due = due_in(&self.evaluator, !self.touched.is_empty(), self.last_eval, self.eval_every.max(self.eval_cost * 4), self.reevaluate_every);
@@ -209,4 +227,18 @@ impl Writer {
             self.notifier.applied(&mut self.evaluator, written.transitions);
         }
     }
+}
+
+/// Runs a limits operation in a savepoint of the commit's transaction, its
+/// answer left in `pending` whatever happens: a failed operation leaves
+/// nothing behind, and the others in the group still commit.
+fn run_op(tx: &Connection, op: Op, pending: &mut Vec<Pending>) -> Result<(), rusqlite::Error> {
+    if let Err(e) = tx.execute_batch("SAVEPOINT limits_op") {
+        pending.push(Pending::Limits(op.abandon()));
+        return Err(e);
+    }
+    let ran = op.run(tx);
+    let closed = tx.execute_batch(if ran.ok { "RELEASE limits_op" } else { "ROLLBACK TO limits_op; RELEASE limits_op" });
+    pending.push(Pending::Limits(ran));
+    closed
 }

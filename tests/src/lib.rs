@@ -206,16 +206,21 @@ impl Ingest {
 pub const TENANTS: &[(&str, &str, &str)] =
     &[("acme", "acme-ingest-key", "acme-read-key"), ("globex", "globex-ingest-key", "globex-read-key")];
 
+/// The test tenants' admin keys (plans and subscriptions), in `TENANTS` order.
+pub const ADMIN_KEYS: &[&str] = &["acme-admin-key", "globex-admin-key"];
+
 /// The test tenants as `[[tenants]]` TOML: their keys, and a credit price of 0.001 USD.
 pub fn tenants_toml() -> String {
     let mut text = String::new();
-    for (tenant, ingest, read) in TENANTS {
+    for ((tenant, ingest, read), admin) in TENANTS.iter().zip(ADMIN_KEYS) {
         text.push_str(&format!(
             "[[tenants]]\nid = \"{tenant}\"\ncredit_price_usd = \"0.001\"\n\
              [[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
-             [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+             [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n\
+             [[tenants.keys]]\nname = \"admin\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
             meterline_schemas::tenants::hash_key(ingest),
             meterline_schemas::tenants::hash_key(read),
+            meterline_schemas::tenants::hash_key(admin),
         ));
     }
     text
