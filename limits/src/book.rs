@@ -195,12 +195,21 @@ pub fn charges(applied: &[Applied<'_>], feature: &str, model: &str, environment:
 }
 
 /// What one stored event adds to its counters: nothing if it is not billable.
+/// Two limits with one definition (a soft warning and a hard cap on the same
+/// measure, say) share one counter: it is counted once.
 pub fn counts(applied: &[Applied<'_>], row: &EventRow) -> Vec<Charge> {
     if row.billable == 0 {
         return Vec::new();
     }
     let at = DateTime::from_timestamp(i64::from(row.event_time), row.event_time_ns).unwrap_or_default();
-    charges(applied, &row.feature, &row.model, &row.environment, at, &Amounts::of_row(row)).into_iter().map(|(_, c)| c).collect()
+    distinct(charges(applied, &row.feature, &row.model, &row.environment, at, &Amounts::of_row(row)).into_iter().map(|(_, c)| c))
+}
+
+/// The charges with one per counter: what holds and counts add (checks stay
+/// one per limit, each against its own amount).
+pub fn distinct(charges: impl IntoIterator<Item = Charge>) -> Vec<Charge> {
+    let mut seen = std::collections::HashSet::new();
+    charges.into_iter().filter(|c| seen.insert(c.counter.key.clone())).collect()
 }
 
 /// The admission rule for one hard limit, shared by every store (the Redis
@@ -293,14 +302,26 @@ mod tests {
     }
 
     #[test]
+    fn two_limits_on_one_definition_count_once() {
+        let plan = parse_plan(
+            r#"{"limits":[{"name":"warn","measure":"events","period":"day","amount":"5","hard":false},
+                {"name":"cap","measure":"events","period":"day","amount":"10"}]}"#,
+        )
+        .expect("plan");
+        let b = Book { plans: BTreeMap::from([("default".to_owned(), plan)]), ..Book::default() };
+        let applied = b.applicable("u1", None);
+        let row = EventRow { feature: "chat".into(), model: "m".into(), environment: "production".into(), billable: 1, ..EventRow::default() };
+        assert_eq!(counts(&applied, &row).len(), 1, "one counter, counted once");
+        let checks = charges(&applied, "chat", "m", "production", at("2026-01-01T00:00:00Z"), &Amounts::default());
+        assert_eq!(checks.len(), 2, "each limit still checks its own amount");
+        assert_eq!(distinct(checks.into_iter().map(|(_, c)| c)).len(), 1);
+    }
+
+    #[test]
     fn non_billable_events_count_nowhere() {
         let b = book();
         let applied = b.applicable("u1", None);
-        let mut row = EventRow::default();
-        row.feature = "chat".into();
-        row.model = "m".into();
-        row.environment = "production".into();
-        row.billable = 1;
+        let mut row = EventRow { feature: "chat".into(), model: "m".into(), environment: "production".into(), billable: 1, ..EventRow::default() };
         assert_eq!(counts(&applied, &row).len(), 1);
         row.billable = 0;
         assert!(counts(&applied, &row).is_empty());

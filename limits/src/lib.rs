@@ -20,7 +20,7 @@ mod status;
 mod store;
 mod subject;
 
-pub use book::{Amounts, Applied, Book, Charge, Counter, admits, applicable, charges, counts};
+pub use book::{Amounts, Applied, Book, Charge, Counter, admits, applicable, charges, counts, distinct};
 pub use config::{LimitsConfig, OnStoreError, TenantLimits};
 pub use error::{Invalid, LimitsError};
 pub use period::{shifted, window};
@@ -36,3 +36,5 @@ pub use subject::{Subject, Subscription, SubscriptionView};
 mod memory;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod openapi_check;

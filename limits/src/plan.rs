@@ -276,7 +276,7 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Invalid> {
 }
 
 /// The decimal text of a JSON string or number, as sent.
-pub(crate) fn decimal_text<'a>(raw: &'a RawValue) -> Option<&'a str> {
+pub(crate) fn decimal_text(raw: &RawValue) -> Option<&str> {
     let text = raw.get();
     if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
         return Some(inner);

@@ -54,6 +54,10 @@ pub struct Action {
     /// When the reservation was made: the metered event's time when the
     /// commit gives none, so a retried commit meters the same event.
     pub reserved_at_ms: i64,
+    /// Allowed while the store was unreachable, so never stored: its commit
+    /// meters without finding a record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
 }
 
 /// A reservation as a store keeps it.
@@ -243,6 +247,7 @@ mod tests {
             provider: None,
             environment: "production".into(),
             reserved_at_ms: 1,
+            degraded: false,
         };
         let id = new_id(&action);
         let (key, back) = parse_id(&id).expect("parses");

@@ -232,6 +232,7 @@ impl<S: LimitStore> Limits<S> {
             provider: name("provider", input.provider, MAX_NAME_BYTES, false)?,
             environment: name("environment", input.environment, MAX_NAME_BYTES, false)?.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned()),
             reserved_at_ms: now.timestamp_millis(),
+            degraded: false,
         };
         let idempotency_key = name("idempotency_key", input.idempotency_key, MAX_ID_BYTES, false)?;
         let ttl = input.ttl_secs.unwrap_or(self.config.default_ttl_secs);
@@ -245,7 +246,7 @@ impl<S: LimitStore> Limits<S> {
 
         let book = match self.bounded(self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref())).await {
             Ok(book) => book,
-            Err(e) => return Ok(self.degraded(tenant, &e, id, expires_at_ms)),
+            Err(e) => return Ok(self.degraded(tenant, &e, action, expires_at_ms)),
         };
         let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
         let touched = charges(&applied, &action.feature, &action.model, &action.environment, now, &amounts);
@@ -254,10 +255,10 @@ impl<S: LimitStore> Limits<S> {
             state: ReservationState::Held,
             created_at_ms: now_ms,
             expires_at_ms,
-            holds: touched
-                .iter()
-                .filter(|(_, c)| c.amount != 0)
-                .map(|(_, c)| Hold { counter: c.counter.key.clone(), amount: c.amount, keep_until: c.counter.keep_until })
+            holds: crate::book::distinct(touched.iter().map(|(_, c)| c.clone()))
+                .into_iter()
+                .filter(|c| c.amount != 0)
+                .map(|c| Hold { counter: c.counter.key, amount: c.amount, keep_until: c.counter.keep_until })
                 .collect(),
             counted: false,
             commit_fingerprint: None,
@@ -265,7 +266,7 @@ impl<S: LimitStore> Limits<S> {
         let admit = Admit { reservation, idempotency_key, checks: touched.iter().map(|(_, c)| c.clone()).collect(), now_ms };
         let admission = match self.bounded(self.store.admit(tenant, &admit)).await {
             Ok(a) => a,
-            Err(e) => return Ok(self.degraded(tenant, &e, id, expires_at_ms)),
+            Err(e) => return Ok(self.degraded(tenant, &e, action, expires_at_ms)),
         };
         let limits: Vec<LimitStatus> = touched.iter().zip(&admission.balances).map(|((i, _), b)| status(&applied[*i], *b, now)).collect();
         let answer = match admission.admitted {
@@ -301,7 +302,9 @@ impl<S: LimitStore> Limits<S> {
         Ok(answer)
     }
 
-    fn degraded(&self, tenant: &str, e: &LimitsError, id: String, expires_at_ms: i64) -> ReserveAnswer {
+    fn degraded(&self, tenant: &str, e: &LimitsError, mut action: Action, expires_at_ms: i64) -> ReserveAnswer {
+        action.degraded = true;
+        let id = new_id(&action);
         let policy = self.config.on_store_error(tenant);
         tracing::warn!(error = %e, %tenant, ?policy, "limits store unreachable; reservation answered by on_store_error");
         metrics::store_error("reserve");
@@ -329,6 +332,9 @@ impl<S: LimitStore> Limits<S> {
         let now_ms = now.timestamp_millis();
         let stored = self.bounded(self.store.reservation(tenant, id)).await;
         let known = match &stored {
+            // A reservation allowed while the store was down was never
+            // stored: its commit still meters (the id says what to meter).
+            Ok(None) if action.degraded => None,
             Ok(None) => return Err(refusal(Refusal::NotFound)),
             Ok(Some(r)) => Some(r.clone()),
             Err(_) => None,
@@ -350,6 +356,9 @@ impl<S: LimitStore> Limits<S> {
             row
         };
         metrics::commit();
+        if known.is_none() && stored.is_ok() {
+            return Ok(SettleAnswer { reservation_id: id.to_owned(), state: ReservationState::Committed, idempotency_key: Some(key), limits: Vec::new(), degraded: true });
+        }
         let settled = async {
             let book = self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref()).await?;
             let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
@@ -438,7 +447,7 @@ impl<S: LimitStore> Limits<S> {
     /// `GET /v1/users/{id}/limits` (with the customer's limits when
     /// `customer` is given) and `GET /v1/customers/{id}/limits`.
     pub async fn subject_limits(&self, tenant: &str, subject: &Subject, customer: Option<&str>) -> Result<SubjectLimits, ApiError> {
-        crate::plan::check_id(subject.scope.name(), &subject.id)?;
+        crate::plan::check_id(&format!("{}_id", subject.scope.name()), &subject.id)?;
         let now = self.now();
         let (user, cust) = match subject.scope {
             crate::plan::Scope::User => (Some(subject.id.as_str()), customer),

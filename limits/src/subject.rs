@@ -51,7 +51,7 @@ impl Subscription {
     /// Parses a subscription's body (`PUT .../subscription`) or its stored form.
     pub fn parse(body: &str) -> Result<Subscription, Invalid> {
         let view: SubscriptionView =
-            serde_json::from_str(body).map_err(|e| Invalid::new("plan", format!("the body is not a subscription: {e}")))?;
+            serde_json::from_str(body).map_err(|e| Invalid::new("body", format!("the body is not a subscription: {e}")))?;
         Subscription::from_view(&view)
     }
 
