@@ -25,6 +25,11 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Limits: with `redis_url` set, counted events are applied to the
+    /// limits' counters in Redis (`limits.rs`); the rest of the section is
+    /// the reservation-serving role's.
+    #[serde(default)]
+    pub limits: meterline_limits::LimitsConfig,
     /// Tenants: their prices and credit prices (keys are ignored here).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
@@ -156,13 +161,16 @@ impl Default for MetricsConfig {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, AggregatorError> {
-        let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe", "metrics", "alerts"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe", "metrics", "alerts", "limits"], vars)?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<(), AggregatorError> {
         let bad = |key: &str, message: &str| Err(AggregatorError::config(key, message));
+        if let Err(meterline_limits::LimitsError::Config { key, message }) = self.limits.validate() {
+            return bad(&key, &message);
+        }
         if self.kafka.brokers.trim().is_empty() {
             return bad("kafka.brokers", "must name at least one host:port");
         }

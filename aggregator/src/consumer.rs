@@ -119,9 +119,9 @@ impl std::fmt::Debug for Runner {
 }
 
 impl Runner {
-    pub fn new(config: Config, store: Store) -> Result<Runner, AggregatorError> {
+    pub async fn new(config: Config, store: Store) -> Result<Runner, AggregatorError> {
         let changes = Arc::new(Mutex::new(Vec::new()));
-        let state = Arc::new(tokio::sync::Mutex::new(Pipeline::new(config.clone(), store, changes.clone())?));
+        let state = Arc::new(tokio::sync::Mutex::new(Pipeline::new(config.clone(), store, changes.clone()).await?));
         let ctx = Ctx {
             topic: config.kafka.topic.clone(),
             changes,

@@ -13,6 +13,8 @@ pub enum AggregatorError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     ClickHouse(#[from] meterline_clickhouse::ClickHouseError),
+    #[error(transparent)]
+    Limits(#[from] meterline_limits::LimitsError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -116,6 +116,7 @@ mod decide;
 mod dedupe;
 mod error;
 mod flush;
+mod limits;
 pub mod metrics;
 mod partitions;
 mod pipeline;

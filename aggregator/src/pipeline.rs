@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::decide::{Flush, Inputs, decide};
 use crate::dedupe::PartitionDedupe;
 use crate::flush::Pending;
+use crate::limits::LimitsApplier;
 use crate::metrics;
 use crate::partitions::{Change, Partitions};
 
@@ -37,6 +38,8 @@ pub struct Pipeline {
     business: metrics::BusinessLabels,
     alerts: crate::alerts::Evaluator,
     last_evaluation: Instant,
+    /// Counts written events toward limits, when limits are configured.
+    limits: Option<LimitsApplier>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -48,9 +51,14 @@ impl std::fmt::Debug for Pipeline {
 impl Pipeline {
     /// The state of a consumer of `config.kafka.topic`, acting on the
     /// assignments its rebalance callbacks record in `changes`.
-    pub(crate) fn new(config: Config, store: Store, changes: Arc<Mutex<Vec<Change>>>) -> Result<Pipeline, AggregatorError> {
+    pub(crate) async fn new(config: Config, store: Store, changes: Arc<Mutex<Vec<Change>>>) -> Result<Pipeline, AggregatorError> {
         let now = Instant::now();
+        let limits = match &config.limits.redis_url {
+            Some(url) => Some(LimitsApplier::new(meterline_redis::RedisLimits::connect(url).await?, &config.kafka.topic)),
+            None => None,
+        };
         Ok(Pipeline {
+            limits,
             topic: config.kafka.topic.clone(),
             catalog: Catalog::builtin()?,
             tenants: KeyRing::from_config(&config.tenants)?,
@@ -92,6 +100,9 @@ impl Pipeline {
     pub(crate) fn revoke(&mut self, partitions: &[i32]) {
         for p in partitions {
             self.partitions.revoke(*p);
+            if let Some(limits) = self.limits.as_mut() {
+                limits.revoked(*p);
+            }
             if let Some(pending) = self.pending.as_mut() {
                 pending.strip(*p);
             }
@@ -195,6 +206,9 @@ impl Pipeline {
                 written_next = written_next.max(Some(last + 1));
             }
         }
+        if let Some(limits) = self.limits.as_mut() {
+            limits.assigned(partition, written_next.map(|next| next - 1));
+        }
         let now = Utc::now().timestamp();
         let mut dedupe = PartitionDedupe::new(&self.config.dedupe);
         let since = u32::try_from((now - self.config.dedupe.window_secs).max(0)).unwrap_or(0);
@@ -234,6 +248,11 @@ impl Pipeline {
         let idle = Duration::from_secs(self.config.alerts.interval_secs);
         if self.pending.is_none() && self.alerts.has_open() && self.last_evaluation.elapsed() >= idle {
             self.evaluate_alerts(&Default::default()).await;
+        }
+        if self.pending.is_none()
+            && let Some(limits) = self.limits.as_mut()
+        {
+            limits.catch_up(&self.store).await;
         }
     }
 
@@ -335,6 +354,9 @@ impl Pipeline {
         }
         let flush = &pending.flush;
         self.commit(consumer, flush);
+        if let Some(limits) = self.limits.as_mut() {
+            limits.flushed(&self.store, flush).await;
+        }
         self.business.record_all(flush.events.values().flatten());
         let mut per_tenant: HashMap<&str, (u64, u64)> = HashMap::new();
         for row in flush.events.values().flatten() {

@@ -39,7 +39,7 @@ pub async fn serve(
         return Ok(());
     };
     let _ = store_tx.send(Some(store.clone()));
-    let runner = Runner::new(config, store)?;
+    let runner = Runner::new(config, store).await?;
     let result = runner.run(stopped(stop_rx)).await;
     let _ = http.await;
     result

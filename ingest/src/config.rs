@@ -19,6 +19,10 @@ pub struct Config {
     pub events: TimeBounds,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Limits: with `redis_url` set, this service also serves plans,
+    /// subscriptions, reservations and balances over Redis.
+    #[serde(default)]
+    pub limits: meterline_limits::LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,7 +125,7 @@ impl KafkaConfig {
 impl Config {
     /// Parses TOML text and applies overrides from `vars`, then validates.
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, IngestError> {
-        let config: Config = load_toml_with_env(text, &["server", "kafka", "events"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "kafka", "events", "limits"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -130,6 +134,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), IngestError> {
         let bad = |key: &str, message: &str| Err(IngestError::config(key, message));
         self.server.validate()?;
+        if let Err(meterline_limits::LimitsError::Config { key, message }) = self.limits.validate() {
+            return bad(&key, &message);
+        }
         if self.kafka.brokers.trim().is_empty() {
             return bad("kafka.brokers", "must name at least one host:port");
         }

@@ -12,6 +12,8 @@ pub enum IngestError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("event log: {0}")]
     Log(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Limits(#[from] meterline_limits::LimitsError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

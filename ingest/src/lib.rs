@@ -12,5 +12,5 @@ mod server;
 
 pub use config::{Config, KafkaConfig, ServerConfig};
 pub use error::IngestError;
-pub use log::EventLog;
+pub use log::{EventLog, LogMeter};
 pub use server::{AppState, BatchResponse, EventError, RejectedEvent, api_routes, router, serve};

@@ -33,3 +33,13 @@ impl EventLog for EventProducer {
         Box::pin(EventProducer::ready(self))
     }
 }
+
+/// A commit's event goes through the same log as `POST /v1/events`.
+#[derive(Debug, Clone)]
+pub struct LogMeter(pub std::sync::Arc<dyn EventLog>);
+
+impl meterline_limits::Meter for LogMeter {
+    fn meter(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.append(events).await.map_err(|e| e.to_string()) })
+    }
+}

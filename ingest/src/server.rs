@@ -88,10 +88,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), IngestError> {
     let producer = EventProducer::new(&config.kafka)?;
-    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, Arc::new(producer.clone()))?);
+    let log: Arc<dyn EventLog> = Arc::new(producer.clone());
+    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, log.clone())?);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let keeper = tokio::spawn(keep_topic(producer.clone()));
-    let app = router(state);
+    let mut app = router(state);
+    if let Some(url) = &config.limits.redis_url {
+        // Limits are served here, beside ingest, because a commit meters its
+        // event through this same producer (durable in Kafka before the
+        // answer), and everything else they read is in Redis, not ClickHouse.
+        let redis = meterline_redis::RedisLimits::connect(url).await?;
+        let limits = meterline_limits::Limits::new(
+            redis,
+            Arc::new(crate::log::LogMeter(log)),
+            KeyRing::from_config(&config.tenants)?,
+            config.events,
+            config.limits.clone(),
+            Arc::new(Utc::now),
+        )?;
+        app = app.merge(meterline_limits::routes(Arc::new(limits)));
+    }
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     keeper.abort();
     let _ = tokio::task::spawn_blocking(move || producer.flush(grace)).await;

@@ -114,6 +114,7 @@ fn writer_statements() -> Vec<String> {
     let users: BTreeSet<String> = ["u-1", "it's-u-2"].map(str::to_owned).into_iter().collect();
     out.push(statements::user_sums(UserSum::Loss, "acme", 0, Some(&users)).render(""));
     out.push(statements::keys_since("topic", 3, 0).render(&fields::<KeyRow>()));
+    out.push(statements::events_between("topic", 3, -1, 42, 0, 50_000).render(&fields::<EventRow>()));
     let (a, b) = (["it's-a-key", "k2"], ["k3"]);
     out.push(statements::lookup([("acme", &a[..]), ("globex", &b[..])]).render(&fields::<LookupRow>()));
     out

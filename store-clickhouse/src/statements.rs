@@ -77,6 +77,18 @@ pub fn keys_since(topic: &str, partition: i32, since: u32) -> Sql {
     sql
 }
 
+/// Up to `limit` events of one partition in offset order, after `after` and
+/// at most `up_to`, whose event time is at or after `since` (Unix seconds):
+/// what the limits applier counts when it catches up.
+pub fn events_between(topic: &str, partition: i32, after: i64, up_to: i64, since: u32, limit: u64) -> Sql {
+    let mut sql = Sql::new(
+        "SELECT ?fields FROM events WHERE kafka_topic = ? AND kafka_partition = ? AND kafka_offset > ? AND kafka_offset <= ? \
+         AND event_time >= ? ORDER BY kafka_offset LIMIT 1 BY kafka_offset LIMIT ?",
+    );
+    sql.binds.extend([s(topic), i(i64::from(partition)), i(after), i(up_to), i(i64::from(since)), i(i64::try_from(limit).unwrap_or(i64::MAX))]);
+    sql
+}
+
 /// The exact look-up of keys, grouped by tenant.
 pub fn lookup<'a>(by_tenant: impl IntoIterator<Item = (&'a str, &'a [&'a str])>) -> Sql {
     let clauses = by_tenant.into_iter().map(|(tenant, keys)| {

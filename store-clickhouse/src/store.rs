@@ -250,6 +250,11 @@ impl Store {
         Ok(())
     }
 
+    /// Events of one partition in `(after, up_to]`; see [`statements::events_between`].
+    pub async fn events_between(&self, topic: &str, partition: i32, after: i64, up_to: i64, since: u32, limit: u64) -> Result<Vec<EventRow>, ClickHouseError> {
+        Ok(self.query(&statements::events_between(topic, partition, after, up_to, since, limit)).fetch_all::<EventRow>().await?)
+    }
+
     /// The fingerprints of those `keys` (tenant, idempotency key) already written.
     pub async fn lookup(&self, keys: &[(&str, &str)]) -> Result<HashMap<u128, u64>, ClickHouseError> {
         let mut found = HashMap::new();

@@ -1,0 +1,271 @@
+//! Limits in the distributed deployment, against real processes: two ingest
+//! services serving reservations over one Redis, the aggregator counting
+//! metered events into it, the broker and ClickHouse 18.16; through SIGKILLs
+//! of the aggregator and of a reservation server, and a Redis restart.
+
+use futures::future::join_all;
+use meterline_tests::stack::{ClickHouse, Process, Redis};
+use meterline_tests::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "acme-admin-key";
+const INGEST: &str = "acme-ingest-key";
+const READ: &str = "acme-read-key";
+
+fn brokers() -> String {
+    stack_var("METERLINE_TEST_KAFKA_BROKERS")
+}
+
+fn aggregator_toml(topic: &str, ch: &ClickHouse, database: &str, port: u16, redis: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 10\n\
+         [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
+         [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\nrequest_timeout_ms = 5000\n\
+         [flush]\ninterval_ms = 100\nmax_backoff_ms = 500\n[dedupe]\nexpected_keys_per_slice = 100000\n\
+         [limits]\nredis_url = \"{redis}\"\n{}",
+        brokers(),
+        ch.url,
+        tenants_toml()
+    )
+}
+
+fn ingest_toml(topic: &str, port: u16, redis: &str, limits: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 5\n\
+         [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\npartitions = 4\nproduce_timeout_ms = 3000\n\
+         [limits]\nredis_url = \"{redis}\"\n{limits}\n{}",
+        brokers(),
+        tenants_toml()
+    )
+}
+
+/// The whole distributed deployment of one test.
+struct Rig {
+    ch: ClickHouse,
+    database: String,
+    redis: Redis,
+    aggregator: Process,
+    servers: Vec<(Process, String)>,
+}
+
+impl Rig {
+    async fn start(name: &str, servers: usize, limits: &str) -> Rig {
+        let ch = ClickHouse::shared();
+        let topic = unique_topic(name);
+        let database = ch.database(&format!("l_{name}_{}", free_port())).await;
+        create_topic(&brokers(), &topic, 4).await;
+        let redis = Redis::private().await;
+        let aggregator = Process::start("meterline-aggregator", &aggregator_toml(&topic, &ch, &database, free_port(), &redis.url()));
+        let mut list = Vec::new();
+        for _ in 0..servers {
+            let port = free_port();
+            let process = Process::start("meterline-ingest", &ingest_toml(&topic, port, &redis.url(), limits));
+            list.push((process, format!("http://127.0.0.1:{port}")));
+        }
+        for (_, url) in &list {
+            poll_until(Duration::from_secs(30), "ingest to answer", || async {
+                reqwest::get(format!("{url}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+            })
+            .await;
+        }
+        Rig { ch, database, redis, aggregator, servers: list }
+    }
+
+    fn url(&self, i: usize) -> &str {
+        &self.servers[i % self.servers.len()].1
+    }
+
+    /// Events of one user metered in ClickHouse, by idempotency key.
+    async fn metered(&self, user: &str) -> BTreeMap<String, u64> {
+        let rows = self
+            .ch
+            .rows(&format!(
+                "SELECT idempotency_key, count() AS n FROM {}.events WHERE tenant = 'acme' AND user_id = '{user}' GROUP BY idempotency_key FORMAT JSONEachRow",
+                self.database
+            ))
+            .await;
+        rows.iter()
+            .map(|r| (r["idempotency_key"].as_str().unwrap_or_default().to_owned(), r["n"].as_str().and_then(|n| n.parse().ok()).or(r["n"].as_u64()).unwrap_or(0)))
+            .collect()
+    }
+}
+
+async fn call(method: reqwest::Method, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url).bearer_auth(key).timeout(Duration::from_secs(10));
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    match request.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(Value::Null))
+        }
+        // A killed server: no answer, the client would retry.
+        Err(_) => (0, Value::Null),
+    }
+}
+
+async fn put_plan(url: &str, plan: &str, limits: Value) {
+    let (status, body) = call(reqwest::Method::PUT, &format!("{url}/v1/plans/{plan}"), ADMIN, Some(json!({ "limits": limits }))).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn reserve(url: &str, user: &str, estimate: Value, ttl: u64) -> (u16, Value) {
+    call(
+        reqwest::Method::POST,
+        &format!("{url}/v1/reservations"),
+        INGEST,
+        Some(json!({"user_id": user, "feature": "chat", "model": "gpt-4o", "estimate": estimate, "ttl_secs": ttl})),
+    )
+    .await
+}
+
+async fn used(url: &str, user: &str, limit: &str) -> Option<String> {
+    let (status, body) = call(reqwest::Method::GET, &format!("{url}/v1/users/{user}/limits"), READ, None).await;
+    if status != 200 {
+        return None;
+    }
+    body["limits"].as_array()?.iter().find(|l| l["name"] == limit).map(|l| l["used"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn six_tabs_across_two_reservation_servers_get_exactly_ten() {
+    let rig = Rig::start("six_tabs", 2, "").await;
+    put_plan(rig.url(0), "default", json!([{"name": "daily-gens", "measure": "events", "period": "day", "amount": "10"}])).await;
+    let answers = join_all((0..200).map(|i| reserve(rig.url(i), "tabby", json!({}), 300))).await;
+    let allowed = answers.iter().filter(|(s, b)| *s == 200 && b["allowed"] == true).count();
+    let denied = answers.iter().filter(|(s, b)| *s == 200 && b["allowed"] == false).count();
+    assert_eq!((allowed, denied), (10, 190), "{:?}", answers.iter().find(|(s, _)| *s != 200));
+    let denial = answers.iter().find(|(_, b)| b["allowed"] == false).map(|(_, b)| b.clone()).unwrap_or_default();
+    assert_eq!(denial["denied_by"], json!(["daily-gens"]));
+    assert_eq!(denial["limits"][0]["reserved"], "10");
+    assert_eq!(denial["limits"][0]["remaining"], "0");
+}
+
+#[tokio::test]
+async fn plain_events_count_and_a_commit_meters_once_through_the_pipeline() {
+    let rig = Rig::start("plain_events", 1, "").await;
+    let url = rig.url(0);
+    put_plan(url, "default", json!([{"name": "daily-cost", "measure": "cost_usd", "period": "day", "amount": "1"}])).await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let events: Vec<Value> = (0..9)
+        .map(|n| json!({"idempotency_key": format!("plain-{n}"), "timestamp": now, "user_id": "spender", "feature": "chat", "model": "gpt-4o", "cost_usd": "0.1"}))
+        .collect();
+    let (status, body) = call(reqwest::Method::POST, &format!("{url}/v1/events"), INGEST, Some(json!(events))).await;
+    assert_eq!(status, 202, "{body}");
+    let started = Instant::now();
+    poll_until(Duration::from_secs(20), "the aggregator to count $0.90", || async {
+        (used(url, "spender", "daily-cost").await.as_deref() == Some("0.9")).then_some(())
+    })
+    .await;
+    println!("plain events counted toward the limit {} ms after their 202", started.elapsed().as_millis());
+    let (_, denied) = reserve(url, "spender", json!({"cost_usd": "0.2"}), 60).await;
+    assert_eq!(denied["allowed"], false, "{denied}");
+
+    // Estimate $0.05, actual $0.01: the hold is replaced, then counted.
+    let (_, held) = reserve(url, "saver", json!({"cost_usd": "0.05"}), 60).await;
+    assert_eq!(held["allowed"], true, "{held}");
+    assert_eq!(held["limits"][0]["reserved"], "0.05");
+    let id = held["reservation_id"].as_str().unwrap_or_default().to_owned();
+    let commit = format!("{url}/v1/reservations/{id}/commit");
+    let mut keys = BTreeSet::new();
+    for _ in 0..3 {
+        let (status, body) = call(reqwest::Method::POST, &commit, INGEST, Some(json!({"cost_usd": "0.01", "input_tokens": 12}))).await;
+        assert_eq!(status, 200, "{body}");
+        keys.insert(body["idempotency_key"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(keys.len(), 1, "every retry names the same metered event");
+    poll_until(Duration::from_secs(20), "the commit to be counted", || async {
+        let (_, body) = call(reqwest::Method::GET, &format!("{url}/v1/users/saver/limits"), READ, None).await;
+        let l = &body["limits"][0];
+        (l["used"] == "0.01" && l["reserved"] == "0").then_some(())
+    })
+    .await;
+    let metered = rig.metered("saver").await;
+    assert_eq!(metered.values().sum::<u64>(), 1, "three commits, one event: {metered:?}");
+    let (status, _) = call(reqwest::Method::POST, &format!("{url}/v1/reservations/{id}/release"), INGEST, None).await;
+    assert_eq!(status, 409, "a committed reservation cannot be released");
+}
+
+#[tokio::test]
+async fn sigkills_and_a_redis_restart_admit_nothing_past_the_limit_and_lose_no_commit() {
+    // Deny while Redis is down: the hard limit must hold through the restart.
+    let mut rig = Rig::start("limits_crash", 2, "on_store_error = \"deny\"\nstore_timeout_ms = 500").await;
+    put_plan(rig.url(0), "default", json!([{"name": "daily", "measure": "events", "period": "day", "amount": "40"}])).await;
+    let users = ["ann", "bob", "cat"];
+    let mut committed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut allowed: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut degraded = 0;
+    for round in 0..12 {
+        let urls: Vec<String> = rig.servers.iter().map(|(_, u)| u.clone()).collect();
+        let calls = users.iter().flat_map(|u| (0..5).map(move |i| (*u, i))).map(|(user, i)| {
+            let url = urls[(round + i) % urls.len()].clone();
+            let urls = urls.clone();
+            async move {
+                let (status, body) = reserve(&url, user, json!({}), 600).await;
+                let degraded = body["degraded"] == true;
+                        if status != 200 || body["allowed"] != true {
+                    return (user, None, degraded);
+                }
+                let id = body["reservation_id"].as_str().unwrap_or_default().to_owned();
+                // Retry the commit until it is answered, on either server:
+                // the client's job when its server died under it.
+                for attempt in 0..80 {
+                    let commit = format!("{}/v1/reservations/{id}/commit", urls[attempt % urls.len()]);
+                    let (s, b) = call(reqwest::Method::POST, &commit, INGEST, Some(json!({"output_tokens": 3}))).await;
+                    if s == 200 {
+                        return (user, Some(b["idempotency_key"].as_str().unwrap_or_default().to_owned()), degraded);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                panic!("a commit was never answered");
+            }
+        });
+        // The faults land while the round's calls are in flight.
+        let chaos = async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            match round {
+                3 => rig.aggregator.kill().await,
+                5 => rig.aggregator.restart(),
+                6 => rig.servers[0].0.kill().await,
+                7 => rig.redis.kill().await,
+                9 => rig.redis.restart().await,
+                10 => rig.servers[0].0.restart(),
+                _ => {}
+            }
+        };
+        let (answers, ()) = tokio::join!(join_all(calls), chaos);
+        for (user, key, was_degraded) in answers {
+            degraded += usize::from(was_degraded);
+            if let Some(key) = key {
+                *allowed.entry(user).or_default() += 1;
+                committed.entry(user).or_default().insert(key);
+            }
+        }
+    }
+    println!("admitted and committed per user: {allowed:?}; answered while Redis was down: {degraded}");
+    assert!(degraded > 0, "no reservation met the Redis outage; the test did not test it");
+    for user in users {
+        let n = allowed.get(user).copied().unwrap_or(0);
+        assert!(n <= 40, "{user}: {n} reservations admitted past a hard limit of 40");
+        assert!(n >= 20, "{user}: only {n} admitted; the test did not reach the limit");
+    }
+    // Every acknowledged commit is metered once, and the counters agree
+    // with ClickHouse once the aggregator caught up.
+    for user in users {
+        let want = committed.get(user).cloned().unwrap_or_default();
+        let metered = poll_until(Duration::from_secs(60), "every commit to be metered", || async {
+            let m = rig.metered(user).await;
+            want.iter().all(|k| m.contains_key(k)).then_some(m)
+        })
+        .await;
+        assert!(metered.values().all(|n| *n == 1), "{user}: an event metered twice: {metered:?}");
+        let total = metered.len().to_string();
+        poll_until(Duration::from_secs(60), "the counter to equal the metered events", || async {
+            (used(rig.url(1), user, "daily").await.as_deref() == Some(total.as_str())).then_some(())
+        })
+        .await;
+    }
+}
