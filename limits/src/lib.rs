@@ -13,6 +13,7 @@ mod error;
 pub mod metrics;
 mod period;
 mod plan;
+mod request;
 mod reservation;
 mod routes;
 mod service;

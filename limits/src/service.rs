@@ -1,26 +1,23 @@
-//! Reserve, commit, release and balances over any store: the requests' validation, pricing of estimates, metering of commits, and the answers.
+//! Reserve, commit, release and balances over any store: admission, metering of commits, store outages, and the answers.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use meterline_domain::{EventRow, Source, fingerprint, price};
 use meterline_http::{ApiError, HasKeys};
-use meterline_schemas::event::{DEFAULT_ENVIRONMENT, MAX_ID_BYTES, MAX_NAME_BYTES};
+use meterline_schemas::TimeBounds;
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
 use meterline_schemas::wire::Envelope;
-use meterline_schemas::{TimeBounds, UsageEvent, parse_event};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
-use std::collections::BTreeMap;
+use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::book::{Amounts, Book, charges, counts};
+use crate::book::{Book, charges, counts};
 use crate::config::{LimitsConfig, OnStoreError};
-use crate::error::{Invalid, LimitsError};
+use crate::error::LimitsError;
 use crate::metrics;
-use crate::plan::{LimitMeasure, decimal_text};
+use crate::request::{commit_event, estimate, parse_reserve, rfc3339_ms};
 use crate::reservation::{Action, Hold, Refusal, Reservation, ReservationState, new_id, parse_id};
 use crate::status::{Balance, LimitStatus, status};
 use crate::store::{Admit, Admitted, LimitStore};
@@ -99,39 +96,6 @@ pub struct SubjectLimits {
     pub limits: Vec<LimitStatus>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReserveIn<'a> {
-    user_id: Option<String>,
-    customer_id: Option<String>,
-    feature: Option<String>,
-    model: Option<String>,
-    provider: Option<String>,
-    environment: Option<String>,
-    #[serde(borrow)]
-    estimate: Option<BTreeMap<String, &'a RawValue>>,
-    ttl_secs: Option<u64>,
-    idempotency_key: Option<String>,
-}
-
-/// The event fields a commit may not set: they come from the reservation.
-const FROM_RESERVATION: [&str; 7] = ["idempotency_key", "user_id", "customer_id", "feature", "model", "provider", "environment"];
-
-fn rfc3339_ms(ms: i64) -> String {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn name(field: &str, value: Option<String>, max: usize, required: bool) -> Result<Option<String>, Invalid> {
-    match value {
-        None if required => Err(Invalid::new(field, "is required")),
-        None => Ok(None),
-        Some(v) if v.is_empty() || v.len() > max || v.chars().any(char::is_control) => {
-            Err(Invalid::new(field, format!("must be 1 to {max} bytes without control characters")))
-        }
-        Some(v) => Ok(Some(v)),
-    }
-}
-
 fn refusal(r: Refusal) -> ApiError {
     match r {
         Refusal::NotFound => ApiError::not_found_what("no reservation with this id for this tenant").with_field("reservation_id"),
@@ -173,73 +137,14 @@ impl<S: LimitStore> Limits<S> {
         ApiError::unavailable("the limits store is not reachable; retry")
     }
 
-    /// The estimate's amounts, priced: tokens without `cost_usd` are priced
-    /// as an event with those tokens would be.
-    fn estimate(&self, tenant: &str, action: &Action, raw: BTreeMap<String, &RawValue>) -> Result<Amounts, Invalid> {
-        let mut amounts = BTreeMap::new();
-        for (key, value) in raw {
-            let field = format!("estimate.{key}");
-            let measure = LimitMeasure::parse(&key).ok_or_else(|| {
-                let names: Vec<&str> = LimitMeasure::ALL.iter().map(|m| m.name()).collect();
-                Invalid::new(&field, format!("unknown measure `{key}`; one of {}", names.join(", ")))
-            })?;
-            let text = decimal_text(value).ok_or_else(|| Invalid::new(&field, "must be a decimal number (a string or a JSON number)"))?;
-            amounts.insert(measure, measure.parse_amount(text).map_err(|e| Invalid::new(&field, e))?);
-        }
-        let token_measures =
-            [LimitMeasure::InputTokens, LimitMeasure::OutputTokens, LimitMeasure::CachedInputTokens, LimitMeasure::ReasoningTokens];
-        if !amounts.contains_key(&LimitMeasure::TotalTokens) && token_measures.iter().any(|m| amounts.contains_key(m)) {
-            let total: i64 = token_measures.iter().map(|m| amounts.get(m).copied().unwrap_or(0)).sum();
-            amounts.insert(LimitMeasure::TotalTokens, total);
-        }
-        if !amounts.contains_key(&LimitMeasure::CostUsd) || (!amounts.contains_key(&LimitMeasure::RevenueUsd) && amounts.contains_key(&LimitMeasure::Credits)) {
-            let tokens = |m| u64::try_from(*amounts.get(&m).unwrap_or(&0)).unwrap_or(0);
-            let event = UsageEvent {
-                idempotency_key: String::new(),
-                timestamp: self.now(),
-                user_id: action.user_id.clone(),
-                customer_id: action.customer_id.clone(),
-                feature: action.feature.clone(),
-                model: action.model.clone(),
-                provider: action.provider.clone(),
-                input_tokens: tokens(LimitMeasure::InputTokens),
-                output_tokens: tokens(LimitMeasure::OutputTokens),
-                cached_input_tokens: tokens(LimitMeasure::CachedInputTokens),
-                reasoning_tokens: tokens(LimitMeasure::ReasoningTokens),
-                cost_usd: amounts.get(&LimitMeasure::CostUsd).map(|n| meterline_schemas::Nanos(*n)),
-                revenue_usd: amounts.get(&LimitMeasure::RevenueUsd).map(|n| meterline_schemas::Nanos(*n)),
-                credits: amounts.get(&LimitMeasure::Credits).map(|n| meterline_schemas::Nanos(*n)),
-                billable: true,
-                environment: action.environment.clone(),
-                metadata: None,
-            };
-            let priced = price(&event, self.keys.tenant(tenant), &self.catalog);
-            amounts.entry(LimitMeasure::CostUsd).or_insert(priced.cost.0);
-            amounts.entry(LimitMeasure::RevenueUsd).or_insert(priced.revenue.0);
-        }
-        Ok(Amounts(amounts))
-    }
-
     /// `POST /v1/reservations`.
     pub async fn reserve(&self, tenant: &str, body: &str) -> Result<ReserveAnswer, ApiError> {
-        let input: ReserveIn = serde_json::from_str(body).map_err(|e| Invalid::new("body", format!("not a reservation request: {e}")))?;
         let now = self.now();
-        let action = Action {
-            user_id: name("user_id", input.user_id, MAX_ID_BYTES, true)?.unwrap_or_default(),
-            customer_id: name("customer_id", input.customer_id, MAX_ID_BYTES, false)?,
-            feature: name("feature", input.feature, MAX_NAME_BYTES, true)?.unwrap_or_default(),
-            model: name("model", input.model, MAX_NAME_BYTES, true)?.unwrap_or_default(),
-            provider: name("provider", input.provider, MAX_NAME_BYTES, false)?,
-            environment: name("environment", input.environment, MAX_NAME_BYTES, false)?.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned()),
-            reserved_at_ms: now.timestamp_millis(),
-            degraded: false,
-        };
-        let idempotency_key = name("idempotency_key", input.idempotency_key, MAX_ID_BYTES, false)?;
-        let ttl = input.ttl_secs.unwrap_or(self.config.default_ttl_secs);
-        if ttl == 0 || ttl > self.config.max_ttl_secs {
-            return Err(Invalid::new("ttl_secs", format!("must be between 1 and {}", self.config.max_ttl_secs)).into());
-        }
-        let amounts = self.estimate(tenant, &action, input.estimate.unwrap_or_default())?;
+        let request = parse_reserve(body, now, &self.config)?;
+        let action = request.action;
+        let idempotency_key = request.idempotency_key;
+        let ttl = request.ttl_secs;
+        let amounts = estimate(&request.estimate, &action, self.keys.tenant(tenant), &self.catalog, now)?;
         let now_ms = now.timestamp_millis();
         let expires_at_ms = now_ms + i64::try_from(ttl).unwrap_or(i64::MAX / 2_000) * 1_000;
         let id = new_id(&action);
@@ -339,7 +244,7 @@ impl<S: LimitStore> Limits<S> {
             Ok(Some(r)) => Some(r.clone()),
             Err(_) => None,
         };
-        let event = self.commit_event(&key, &action, body, now)?;
+        let event = commit_event(&key, &action, body, &self.bounds, now)?;
         let fp = format!("{:016x}", fingerprint(tenant, &event));
         if let Some(r) = &known {
             // Refuse before metering what the store would refuse after.
@@ -379,41 +284,6 @@ impl<S: LimitStore> Limits<S> {
                 Ok(SettleAnswer { reservation_id: id.to_owned(), state: ReservationState::Committed, idempotency_key: Some(key), limits: Vec::new(), degraded: true })
             }
         }
-    }
-
-    /// The commit's body made into the metered event: the reservation gives
-    /// its identity, the body its usage; the contract's rules apply.
-    fn commit_event(&self, key: &str, action: &Action, body: &str, now: DateTime<Utc>) -> Result<UsageEvent, ApiError> {
-        let mut object: serde_json::Map<String, serde_json::Value> = if body.trim().is_empty() {
-            serde_json::Map::new()
-        } else {
-            serde_json::from_str(body).map_err(|e| Invalid::new("body", format!("must be a JSON object of the call's usage: {e}")))?
-        };
-        for field in FROM_RESERVATION {
-            if object.contains_key(field) {
-                return Err(Invalid::new(field, "comes from the reservation; a commit gives only usage, money, billable, metadata and timestamp").into());
-            }
-        }
-        object.insert("idempotency_key".into(), key.into());
-        object.insert("user_id".into(), action.user_id.clone().into());
-        if let Some(c) = &action.customer_id {
-            object.insert("customer_id".into(), c.clone().into());
-        }
-        object.insert("feature".into(), action.feature.clone().into());
-        object.insert("model".into(), action.model.clone().into());
-        if let Some(p) = &action.provider {
-            object.insert("provider".into(), p.clone().into());
-        }
-        object.insert("environment".into(), action.environment.clone().into());
-        object.entry("timestamp").or_insert_with(|| rfc3339_ms(action.reserved_at_ms).into());
-        let text = serde_json::Value::Object(object).to_string();
-        parse_event(&text, &self.bounds, now).map_err(|rejection| {
-            let first = rejection.errors.into_iter().next();
-            match first {
-                Some(e) => ApiError::bad_request(e.code.as_str(), e.message).with_field(&e.field),
-                None => ApiError::bad_request("invalid", "the commit is not a valid usage event"),
-            }
-        })
     }
 
     /// `POST /v1/reservations/{id}/release`.
