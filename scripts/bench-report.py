@@ -19,7 +19,7 @@ import subprocess
 import urllib.request
 
 # In the order the suite runs them; the table's rows follow the issue's numbering.
-BENCHES = ["ingest", "aggregator", "sink", "query", "memory", "embedded"]
+BENCHES = ["ingest", "aggregator", "sink", "query", "memory", "embedded", "limits"]
 
 
 def read(path, default=None):
@@ -228,7 +228,48 @@ def rows(b):
     else:
         out.append({"n": "7", "metric": "Embedded mode: sustained events/s and top-spenders p99 at its claimed scale",
                     "meterline": "—", "raw": "—", "ratio": "—", "goal": "its stated scale", "met": e.get("error", "not run")})
+    limit_rows(b["limits"], out)
     return out
+
+
+def limit_rows(b, out):
+    """Rows 8a-8c: limits in the distributed mode per concurrency, beside the
+    raw store's admit rate and judged on the limits issue's goals; 8d: the
+    embedded mode's numbers at the same levels."""
+    r = b.get("result")
+    if not r:
+        out.append({"n": "8", "metric": "Limits: reserve-then-commit p50/p99 and pairs/s at 1, 16, 64 clients vs redis-benchmark",
+                    "meterline": "—", "raw": "—", "ratio": "—", "goal": "reserve p99 ≤ 5 ms (16) / 10 ms (64), commit p99 ≤ 50 ms, pairs/s ≥ 0.25 × raw",
+                    "met": "not run: " + b.get("error", "no result")})
+        return
+    g = r["goals"]
+
+    def latencies(m):
+        return (f"{num(m['pairs_per_s'])} pairs/s; reserve p50 {num(m['reserve_p50_ms'], 1)} ms, p99 {num(m['reserve_p99_ms'], 1)} ms; "
+                f"commit p50 {num(m['commit_p50_ms'], 1)} ms, p99 {num(m['commit_p99_ms'], 1)} ms"
+                + (f"; {m['denied']} denied, {m['errors']} errors" if m["denied"] or m["errors"] else ""))
+
+    for i, lv in enumerate(r["levels"]):
+        c, d, raw, ok = lv["clients"], lv["distributed"], lv["raw"], lv["goals"]
+        reserve_goal = {16: g["reserve_p99_ms_at_16"], 64: g["reserve_p99_ms_at_64"]}.get(c)
+        goal = (f"reserve p99 ≤ {num(reserve_goal)} ms, " if reserve_goal is not None else "") + \
+            f"commit p99 ≤ {num(g['commit_p99_ms'])} ms, pairs/s ≥ {g['min_ratio']} × raw"
+        failed = [name for name, key in (("reserve p99", "reserve_p99"), ("commit p99", "commit_p99"), ("ratio", "ratio"))
+                  if ok.get(key) is False]
+        if d["errors"]:
+            failed.append(f"{d['errors']} errors")
+        out.append({"n": f"8{'abcdefgh'[i]}",
+                    "metric": f"Limits, distributed: reserve-then-commit pairs, {c} concurrent client{'s' if c != 1 else ''} "
+                              f"(one ingest process, Redis with an fsync per write, {r['users']:,} users, {r['seconds_per_level']} s)",
+                    "meterline": latencies(d),
+                    "raw": f"{num(raw['admits_per_s'])} admits/s, p99 {num(raw['p99_ms'], 1)} ms (redis-benchmark EVALSHA, admit-sized script)",
+                    "ratio": num(lv["ratio"], 2), "goal": goal,
+                    "met": verdict(not failed) + (f" ({', '.join(failed)})" if failed else "")})
+    out.append({"n": f"8{'abcdefgh'[len(r['levels'])]}",
+                "metric": "Limits, embedded mode (all-in-one over SQLite): reserve-then-commit pairs, "
+                          + ", ".join(str(lv["clients"]) for lv in r["levels"]) + " concurrent clients",
+                "meterline": " / ".join(f"{lv['clients']}: {latencies(lv['embedded'])}" for lv in r["levels"]),
+                "raw": "—", "ratio": "—", "goal": "its own numbers (no goal set)", "met": "n/a"})
 
 
 def markdown(data):
