@@ -30,7 +30,7 @@ pub use reservation::{Action, Hold, KEY_PREFIX, Refusal, Reservation, Reservatio
 pub use routes::{PATHS, routes};
 pub use service::{Clock, Limits, Meter, ReserveAnswer, SettleAnswer, SubjectLimits};
 pub use status::{Balance, LimitStatus, status};
-pub use store::{Admission, Admit, Admitted, KEEP_AFTER_EXPIRY_MS, LimitStore};
+pub use store::{Admission, Admit, Admitted, KEEP_AFTER_EXPIRY_MS, LimitStore, book_of};
 pub use subject::{Subject, Subscription, SubscriptionView};
 
 #[cfg(test)]

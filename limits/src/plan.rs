@@ -232,10 +232,33 @@ impl Plan {
     }
 
     /// The stored form back into a plan. Stored plans were validated when
-    /// put, so a failure here means the store holds something else.
+    /// put, so a failure here means the store holds something else. Direct,
+    /// not through JSON: every reservation reads its plans.
     pub fn from_view(view: &PlanView) -> Result<Plan, Invalid> {
-        let json = serde_json::to_string(&serde_json::json!({ "limits": view.limits })).map_err(|e| Invalid::new("limits", e.to_string()))?;
-        parse_plan(&json)
+        let limits = view
+            .limits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let amount = l.measure.parse_amount(&l.amount).map_err(|e| Invalid::new(format!("limits[{i}].amount"), e))?;
+                let notify_at = l
+                    .notify_at
+                    .iter()
+                    .map(|r| Nanos::parse_non_negative(r).map(|n| n.0).map_err(|e| Invalid::new(format!("limits[{i}].notify_at"), e.to_string())))
+                    .collect::<Result<Vec<i64>, Invalid>>()?;
+                Ok(Limit {
+                    name: l.name.clone(),
+                    measure: l.measure,
+                    scope: l.scope,
+                    period: l.period,
+                    amount,
+                    hard: l.hard,
+                    filter: l.filter.clone(),
+                    notify_at,
+                })
+            })
+            .collect::<Result<Vec<Limit>, Invalid>>()?;
+        Ok(Plan { limits })
     }
 }
 

@@ -90,22 +90,31 @@ pub trait LimitStore: Send + Sync + 'static {
     /// The tenant's plans and the subscriptions of `user` and `customer`.
     fn book(&self, tenant: &str, user: Option<&str>, customer: Option<&str>) -> impl Future<Output = Result<Book>> + Send {
         async move {
-            let mut book = Book::default();
-            for view in self.plans(tenant).await? {
-                let plan = Plan::from_view(&view).map_err(|e| LimitsError::Corrupt { key: format!("plan {}", view.plan_id), message: e.to_string() })?;
-                book.plans.insert(view.plan_id, plan);
-            }
-            let parse = |v: Option<SubscriptionView>, who: &str| {
-                v.map(|v| Subscription::from_view(&v).map_err(|e| LimitsError::Corrupt { key: format!("subscription of {who}"), message: e.to_string() }))
-                    .transpose()
+            let plans = self.plans(tenant).await?;
+            let user_sub = match user {
+                Some(user) => self.subscription(tenant, &Subject::user(user)).await?,
+                None => None,
             };
-            if let Some(user) = user {
-                book.user = parse(self.subscription(tenant, &Subject::user(user)).await?, user)?;
-            }
-            if let Some(customer) = customer.filter(|c| !c.is_empty()) {
-                book.customer = parse(self.subscription(tenant, &Subject::customer(customer)).await?, customer)?;
-            }
-            Ok(book)
+            let customer_sub = match customer.filter(|c| !c.is_empty()) {
+                Some(customer) => self.subscription(tenant, &Subject::customer(customer)).await?,
+                None => None,
+            };
+            book_of(plans, user_sub, customer_sub)
         }
     }
+}
+
+/// A book from what a store keeps: for stores that read it in one round trip.
+pub fn book_of(plans: Vec<PlanView>, user: Option<SubscriptionView>, customer: Option<SubscriptionView>) -> Result<Book> {
+    let mut book = Book::default();
+    for view in plans {
+        let plan = Plan::from_view(&view).map_err(|e| LimitsError::Corrupt { key: format!("plan {}", view.plan_id), message: e.to_string() })?;
+        book.plans.insert(view.plan_id, plan);
+    }
+    let parse = |v: Option<SubscriptionView>, who: &str| {
+        v.map(|v| Subscription::from_view(&v).map_err(|e| LimitsError::Corrupt { key: format!("subscription of {who}"), message: e.to_string() })).transpose()
+    };
+    book.user = parse(user, "the user")?;
+    book.customer = parse(customer, "the customer")?;
+    Ok(book)
 }

@@ -61,6 +61,12 @@ impl RedisLimits {
         bounded(cmd.query_async(&mut con)).await
     }
 
+    /// Runs a pipeline of commands (of one tenant's keys) in one round trip.
+    pub(crate) async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        let mut con = self.con.clone();
+        bounded(pipe.query_async(&mut con)).await
+    }
+
     /// Runs a script; `key` (one of the tenant's keys) routes it to the tenant's slot.
     pub(crate) async fn script<T: FromRedisValue>(&self, script: &Script, key: &str, args: &[String]) -> Result<T> {
         let mut con = self.con.clone();

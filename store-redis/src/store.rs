@@ -1,7 +1,8 @@
 //! `LimitStore` over Redis: plans and subscriptions as hashes, and each reservation step one script.
 
 use meterline_limits::{
-    Admission, Admit, Admitted, Balance, Hold, KEEP_AFTER_EXPIRY_MS, LimitStore, LimitsError, PlanView, Refusal, Reservation, Subject, SubscriptionView,
+    Admission, Admit, Admitted, Balance, Book, Hold, KEEP_AFTER_EXPIRY_MS, LimitStore, LimitsError, PlanView, Refusal, Reservation, Subject,
+    SubscriptionView, book_of,
 };
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -83,6 +84,25 @@ impl LimitStore for RedisLimits {
     async fn delete_subscription(&self, tenant: &str, subject: &Subject) -> Result<bool> {
         let n: i64 = self.query(redis::cmd("HDEL").arg(keys::key(tenant, "subs")).arg(subject.key())).await?;
         Ok(n > 0)
+    }
+
+    /// Plans and both subscriptions in one round trip: every reservation and
+    /// commit reads them.
+    async fn book(&self, tenant: &str, user: Option<&str>, customer: Option<&str>) -> Result<Book> {
+        let (plans_key, subs_key) = (keys::key(tenant, "plans"), keys::key(tenant, "subs"));
+        let customer = customer.filter(|c| !c.is_empty());
+        let fields = [user.map(|u| Subject::user(u).key()).unwrap_or_default(), customer.map(|c| Subject::customer(c).key()).unwrap_or_default()];
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(&plans_key).cmd("HMGET").arg(&subs_key).arg(&fields[..]);
+        let (plans, subs): (BTreeMap<String, String>, Vec<Option<String>>) = self.pipeline(&pipe).await?;
+        let plans = plans.into_iter().map(|(id, text)| json(&format!("{plans_key} {id}"), &text)).collect::<Result<Vec<PlanView>>>()?;
+        let sub = |i: usize, wanted: bool| -> Result<Option<SubscriptionView>> {
+            match subs.get(i).cloned().flatten() {
+                Some(text) if wanted => json(&format!("{subs_key} {}", fields[i]), &text).map(Some),
+                _ => Ok(None),
+            }
+        };
+        book_of(plans, sub(0, user.is_some())?, sub(1, customer.is_some())?)
     }
 
     async fn balances(&self, tenant: &str, counters: &[String], now_ms: i64) -> Result<Vec<Balance>> {
