@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body;
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, KafkaConfig, ServerConfig};
 use meterline_http::{ApiError, authenticate, with_operations};
 use crate::metrics;
 use crate::log::EventLog;
@@ -89,18 +89,23 @@ pub async fn serve(
 ) -> Result<(), IngestError> {
     let producer = EventProducer::new(&config.kafka)?;
     let log: Arc<dyn EventLog> = Arc::new(producer.clone());
-    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, log.clone())?);
+    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, log)?);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let keeper = tokio::spawn(keep_topic(producer.clone()));
     let mut app = router(state);
+    let mut commits = None;
     if let Some(url) = &config.limits.redis_url {
         // Limits are served here, beside ingest, because a commit meters its
-        // event through this same producer (durable in Kafka before the
-        // answer), and everything else they read is in Redis, not ClickHouse.
+        // event into the same topic (durable in Kafka before the answer), and
+        // everything else they read is in Redis, not ClickHouse. A commit is
+        // one event its caller waits on: its own producer sends at once,
+        // where batches of events wait up to `linger_ms` to fill.
+        let producer = EventProducer::new(&KafkaConfig { linger_ms: 0, ..config.kafka.clone() })?;
+        commits = Some(producer.clone());
         let redis = meterline_redis::RedisLimits::connect(url).await?;
         let limits = meterline_limits::Limits::new(
             redis,
-            Arc::new(crate::log::LogMeter(log)),
+            Arc::new(crate::log::LogMeter(Arc::new(producer))),
             KeyRing::from_config(&config.tenants)?,
             config.events,
             config.limits.clone(),
@@ -110,7 +115,13 @@ pub async fn serve(
     }
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     keeper.abort();
-    let _ = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        producer.flush(grace);
+        if let Some(commits) = commits {
+            commits.flush(grace);
+        }
+    })
+    .await;
     Ok(())
 }
 
