@@ -11,6 +11,7 @@ pub mod demo;
 pub mod devconfig;
 pub mod error;
 pub mod query;
+pub mod reconcile;
 pub mod server;
 pub mod store;
 

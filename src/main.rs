@@ -8,6 +8,7 @@
 //! meterline query-api  --config FILE     # distributed: HTTP over ClickHouse
 //! meterline config check FILE [--role ROLE]
 //! meterline keys new --tenant T --scopes ingest,read [--name NAME]
+//! meterline limits reconcile [--config FILE] [--data-dir DIR] [--role all-in-one|aggregator] [--tenant T] [--json]
 //! ```
 
 use anyhow::Context;
@@ -48,6 +49,9 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Limits operations.
+    #[command(subcommand)]
+    Limits(LimitsCommand),
 }
 
 /// The all-in-one mode's flags.
@@ -112,6 +116,43 @@ enum KeysCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum LimitsCommand {
+    /// Check every limits counter of a closed period against the sum of its
+    /// metered events (billable, same subject, measure and filter) and print
+    /// each counter's verdict: match, mismatch, open_period or
+    /// unknown_definition. Exits non-zero if any closed-period counter differs.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReconcileArgs {
+    /// The deployment's config: the all-in-one's (default DIR/meterline.toml),
+    /// or an aggregator's with [clickhouse] and [limits] redis_url.
+    #[arg(long, value_name = "FILE", env = "METERLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The all-in-one's data directory (with --role all-in-one).
+    #[arg(long, value_name = "DIR", env = "METERLINE_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Which deployment: the embedded store, or Redis and ClickHouse.
+    #[arg(long, value_enum, default_value_t = ReconcileRole::AllInOne)]
+    role: ReconcileRole,
+    /// Only this tenant [default: every tenant of the config].
+    #[arg(long, value_name = "T")]
+    tenant: Option<String>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReconcileRole {
+    /// The all-in-one binary's SQLite store (read only; the server may run).
+    AllInOne,
+    /// Redis counters against ClickHouse events, from an aggregator config.
+    Aggregator,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Role {
     /// The all-in-one binary (`meterline run`).
@@ -168,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::QueryApi(args)) => runtime()?.block_on(role(Role::QueryApi, &args.config)),
         Some(Command::Config(ConfigCommand::Check { file, role })) => config_check(&file, role),
         Some(Command::Keys(KeysCommand::New { tenant, scopes, name })) => keys_new(&tenant, &scopes, name),
+        Some(Command::Limits(LimitsCommand::Reconcile(args))) => runtime()?.block_on(reconcile(args)),
     }
 }
 
@@ -239,6 +281,47 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding server.listen {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     Ok(listener)
+}
+
+/// `meterline limits reconcile`: the report, and an error (exit 1) if any closed-period counter differs.
+async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
+    let path = match (&args.config, args.role) {
+        (Some(p), _) => p.clone(),
+        (None, ReconcileRole::AllInOne) => args.data_dir.join(meterline::devconfig::CONFIG_FILE),
+        (None, ReconcileRole::Aggregator) => anyhow::bail!("--role aggregator needs --config FILE (the aggregator's config)"),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+    let context = || format!("config {}", path.display());
+    let pick = |tenants: &[TenantConfig]| -> anyhow::Result<Vec<String>> {
+        let all: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
+        match &args.tenant {
+            Some(t) if all.contains(t) => Ok(vec![t.clone()]),
+            Some(t) => anyhow::bail!("--tenant {t:?} is not a tenant of {}", path.display()),
+            None => Ok(all),
+        }
+    };
+    let now = chrono::Utc::now();
+    let report = match args.role {
+        ReconcileRole::AllInOne => {
+            let config = meterline::Config::load(&text, std::env::vars()).with_context(context)?;
+            meterline::reconcile::embedded(&args.data_dir, &pick(&config.tenants)?, now)?
+        }
+        ReconcileRole::Aggregator => {
+            let config = meterline_aggregator::Config::load(&text, std::env::vars()).with_context(context)?;
+            let url = config.limits.redis_url.as_deref().context("limits.redis_url is not set: the aggregator config counts no limits")?;
+            let redis = meterline_redis::RedisLimits::connect(url).await?;
+            let clickhouse = meterline_clickhouse::connect(&config.clickhouse).await.context("connecting to ClickHouse")?;
+            meterline::reconcile::distributed(&redis, &clickhouse, &pick(&config.tenants)?, now).await?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", meterline::reconcile::table(&report));
+    }
+    let differ = report.count(meterline_limits::ReconcileStatus::Mismatch);
+    anyhow::ensure!(differ == 0, "{differ} closed-period counter(s) differ from their metered events");
+    Ok(())
 }
 
 /// Replaces secrets in a config before it is printed.
@@ -345,7 +428,7 @@ fn keys_new(tenant: &str, scopes: &[ScopeArg], name: Option<String>) -> anyhow::
     let key = format!("mlk_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
     let config = KeyConfig { name: name.clone(), sha256: hash_key(&key), scopes: unique.iter().map(|s| s.scope().0).collect() };
     // The same validation a service applies at startup (tenant id, hash, scopes).
-    let tenant_config = TenantConfig { id: tenant.to_owned(), keys: vec![config.clone()], credit_price_usd: None, prices: BTreeMap::new() };
+    let tenant_config = TenantConfig { id: tenant.to_owned(), keys: vec![config.clone()], credit_price_usd: None, prices: BTreeMap::new(), webhook_secret: None };
     let ring = KeyRing::from_config(std::slice::from_ref(&tenant_config)).map_err(|e| anyhow::anyhow!("--tenant {tenant:?}: {e}"))?;
     anyhow::ensure!(ring.authenticate(&key).is_some(), "the generated key does not authenticate against its own hash");
     let quoted = |s: &str| toml::Value::String(s.to_owned()).to_string();

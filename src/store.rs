@@ -27,8 +27,9 @@
 //! group-commit thread), `jobs` (what its queue carries), `events` (the
 //! dedupe record and inserts), `rollups` (per-commit sums and their
 //! upserts), `alerts` (evaluation and the stored alerts), `ledger` (the
-//! limits tables' steps), `counting` (events against limits, housekeeping)
-//! and `limits` (the `LimitStore` over all that); this file is the handle the
+//! limits tables' steps), `counting` (events against limits, housekeeping),
+//! `limits` (the `LimitStore` over all that) and `reconcile` (counters
+//! against their events, read in one snapshot); this file is the handle the
 //! server and queries hold.
 
 mod alerts;
@@ -37,6 +38,7 @@ mod events;
 mod jobs;
 mod ledger;
 mod limits;
+mod reconcile;
 mod rollups;
 mod schema;
 mod writer;
@@ -58,6 +60,7 @@ use writer::Writer;
 
 pub use alerts::{ALERT_COLUMNS, alert_row};
 pub use limits::EmbeddedLimits;
+pub use reconcile::{open_read_only, reconcile};
 pub use schema::DAILY_TABLE;
 
 /// The database file inside the data directory.

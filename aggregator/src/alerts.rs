@@ -15,20 +15,37 @@
 use chrono::Utc;
 use meterline_clickhouse::write::{UserSum, user_sums};
 use meterline_clickhouse::{ClickHouseError, Store};
-use meterline_domain::{AlertBook, AlertRow, AlertsConfig, Notice, Periods, Spend, Transition};
+use meterline_domain::{AlertBook, AlertRow, AlertsConfig, Notice, Periods, Rule, Spend, Transition};
+use meterline_limits::notify::{LimitAlert, SIGNATURE_HEADER, signature};
 use meterline_schemas::Nanos;
+use meterline_schemas::tenants::TenantConfig;
 use serde::Serialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::metrics;
 
 /// Records stored transitions in the book, and tells the log, the metrics
-/// and the webhook. Shared by every store's alerts.
+/// and the webhook. Shared by every store's alerts, runaway and limit alike:
+/// each body is signed with its tenant's `webhook_secret`, when it has one
+/// ([`SIGNATURE_HEADER`], Stripe's scheme; a tenant without one is sent unsigned).
 #[derive(Debug, Clone)]
 pub struct Notifier {
     client: reqwest::Client,
     webhook_url: Option<String>,
     retries: u32,
+    /// Webhook secrets by tenant; never logged (no `Debug` of their text).
+    secrets: Arc<Secrets>,
+}
+
+/// The tenants' webhook secrets.
+#[derive(Default)]
+struct Secrets(HashMap<String, Vec<u8>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// The webhook's body.
@@ -46,7 +63,14 @@ struct WebhookBody {
 
 impl Notifier {
     pub fn new(config: &AlertsConfig) -> Notifier {
-        Notifier { client: reqwest::Client::new(), webhook_url: config.webhook_url.clone(), retries: config.webhook_retries }
+        Notifier { client: reqwest::Client::new(), webhook_url: config.webhook_url.clone(), retries: config.webhook_retries, secrets: Arc::default() }
+    }
+
+    /// Signs each tenant's webhooks with its configured `webhook_secret`.
+    pub fn with_secrets(mut self, tenants: &[TenantConfig]) -> Notifier {
+        let secrets = tenants.iter().filter_map(|t| t.webhook_secret.as_ref().map(|s| (t.id.clone(), s.as_bytes().to_vec()))).collect();
+        self.secrets = Arc::new(Secrets(secrets));
+        self
     }
 
     /// Applies stored `transitions` to `book` and notifies the opened and resolved ones.
@@ -61,25 +85,57 @@ impl Notifier {
         metrics::alerts_open(&book.open_counts());
     }
 
-    /// Sends the webhook in the background, retrying with backoff.
+    /// Sends a runaway transition to the webhook.
     fn notify(&self, notice: Notice, alert: AlertRow) {
+        let body = WebhookBody {
+            event: notice.as_str(),
+            observed_usd: Nanos(alert.observed_nanos).to_string(),
+            threshold_usd: Nanos(alert.threshold_nanos).to_string(),
+            window_secs: alert.window_secs,
+            opened_at: alert.opened_at,
+            tenant: alert.tenant,
+            user_id: alert.user_id,
+            rule: alert.rule,
+        };
+        self.send(&body.tenant, &body);
+    }
+
+    /// Tells the log, the metrics and the webhook of a stored limit crossing.
+    pub fn limit_crossed(&self, alert: &LimitAlert) {
+        metrics::alert_opened(&alert.tenant, Rule::Limit.as_str());
+        tracing::info!(tenant = %alert.tenant, scope = alert.scope.name(), subject = %alert.subject_id, limit = %alert.limit, ratio = %alert.ratio, used = %alert.used, "limit alert");
+        self.send(&alert.tenant, alert);
+    }
+
+    /// Sends `body` in the background, signed for `tenant`, retrying with
+    /// backoff. Each attempt is signed at its own time, so a receiver's
+    /// replay window holds for retries too. Needs a Tokio runtime.
+    fn send(&self, tenant: &str, body: &impl Serialize) {
         let Some(url) = self.webhook_url.clone() else { return };
+        let bytes = match serde_json::to_vec(body) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "alert webhook body does not serialize");
+                metrics::webhook_failed();
+                return;
+            }
+        };
         let client = self.client.clone();
         let retries = self.retries;
+        let secrets = self.secrets.clone();
+        let tenant = tenant.to_owned();
         tokio::spawn(async move {
-            let body = WebhookBody {
-                event: notice.as_str(),
-                observed_usd: Nanos(alert.observed_nanos).to_string(),
-                threshold_usd: Nanos(alert.threshold_nanos).to_string(),
-                window_secs: alert.window_secs,
-                opened_at: alert.opened_at,
-                tenant: alert.tenant,
-                user_id: alert.user_id,
-                rule: alert.rule,
-            };
             let mut pause = std::time::Duration::from_millis(200);
             for attempt in 0..=retries {
-                match client.post(&url).json(&body).timeout(std::time::Duration::from_secs(5)).send().await {
+                let mut request = client
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(bytes.clone())
+                    .timeout(std::time::Duration::from_secs(5));
+                if let Some(secret) = secrets.0.get(&tenant) {
+                    request = request.header(SIGNATURE_HEADER, signature(secret, Utc::now().timestamp(), &bytes));
+                }
+                match request.send().await {
                     Ok(r) if r.status().is_success() => return,
                     Ok(r) => tracing::warn!(status = %r.status(), attempt, "alert webhook refused"),
                     Err(e) => tracing::warn!(error = %e, attempt, "alert webhook failed"),
@@ -100,8 +156,9 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    pub fn new(config: AlertsConfig) -> Evaluator {
-        Evaluator { notifier: Notifier::new(&config), book: AlertBook::new(config) }
+    /// `tenants` for their webhook secrets.
+    pub fn new(config: AlertsConfig, tenants: &[TenantConfig]) -> Evaluator {
+        Evaluator { notifier: Notifier::new(&config).with_secrets(tenants), book: AlertBook::new(config) }
     }
 
     pub fn enabled(&self) -> bool {

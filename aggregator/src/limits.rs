@@ -20,14 +20,28 @@
 //! - **Never in the way.** A Redis failure never holds up the ClickHouse
 //!   write or the offset commit: metering goes on, limits catch up when Redis
 //!   is back (retried at most once a second).
+//!
+//! Threshold crossings ([`notify`](meterline_limits::notify)) are read off
+//! the used amounts the apply script returns: a counter moving from
+//! `used - delta` to `used` over the batch crosses what lies between. Only an
+//! apply that was done reports amounts, so a re-applied batch crosses
+//! nothing; each crossing's fired-marker in Redis (set if absent, expiring
+//! with its counter) makes it fire once per subject, limit and period
+//! whatever else happens. A fired crossing is stored in ClickHouse's
+//! `alerts` and sent to the webhook. At most once: a crash (or a Redis
+//! error) between the counts and the markers loses that crossing's alert,
+//! never the count. Limit alerts whose period has reset are marked resolved
+//! here, at most once a minute.
 
 use meterline_clickhouse::Store;
-use meterline_domain::EventRow;
+use meterline_domain::{AlertRow, AlertState, EventRow, Rule};
+use meterline_limits::notify::{Crossing, Watch, watches};
 use meterline_limits::{KEY_PREFIX, LimitStore, Plan, Subject, Subscription, applicable, counts, metrics as limit_metrics};
 use meterline_redis::{Applied, RedisLimits};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use crate::alerts::Notifier;
 use crate::decide::Flush;
 
 /// Events read back from ClickHouse per catch-up query.
@@ -38,6 +52,11 @@ const CATCH_UP_DAYS: i64 = 62;
 /// One apply round trip may take this long before the partition falls behind.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often limit alerts whose period has reset are marked resolved.
+const RESOLVE_EVERY: Duration = Duration::from_secs(60);
+
+/// The crossings of one apply, by tenant.
+type Crossings = Vec<(String, Vec<Crossing>)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sync {
@@ -54,11 +73,14 @@ pub(crate) struct LimitsApplier {
     topic: String,
     partitions: BTreeMap<i32, Sync>,
     last_retry: Option<Instant>,
+    notifier: Notifier,
+    last_resolve: Option<Instant>,
 }
 
 impl LimitsApplier {
-    pub(crate) fn new(redis: RedisLimits, topic: &str) -> LimitsApplier {
-        LimitsApplier { redis, topic: topic.to_owned(), partitions: BTreeMap::new(), last_retry: None }
+    /// `notifier` sends limit crossings to the alert webhook.
+    pub(crate) fn new(redis: RedisLimits, topic: &str, notifier: Notifier) -> LimitsApplier {
+        LimitsApplier { redis, topic: topic.to_owned(), partitions: BTreeMap::new(), last_retry: None, notifier, last_resolve: None }
     }
 
     fn source(&self, partition: i32) -> String {
@@ -86,7 +108,9 @@ impl LimitsApplier {
                 Sync::InSync => {
                     let rows = flush.events.get(p).map_or(&[][..], Vec::as_slice);
                     let done = tokio::time::timeout(CALL_TIMEOUT, self.apply(*p, rows, range.up_to)).await;
-                    if !matches!(done, Ok(Ok(true))) {
+                    if let Ok(Ok(Some(crossings))) = done {
+                        self.fire(store, crossings).await;
+                    } else {
                         if let Ok(Err(e)) = &done {
                             tracing::warn!(partition = p, error = %e, "cannot count events toward limits; catching up from ClickHouse later");
                         }
@@ -101,6 +125,7 @@ impl LimitsApplier {
 
     /// Catches up the partitions that are behind, at most once a second.
     pub(crate) async fn catch_up(&mut self, store: &Store) {
+        self.resolve_due(store).await;
         if self.last_retry.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
             return;
         }
@@ -140,34 +165,104 @@ impl LimitsApplier {
             let rows = store.events_between(&self.topic, p, after, written, since, CATCH_UP_ROWS).await.map_err(|e| e.to_string())?;
             let up_to = if (rows.len() as u64) < CATCH_UP_ROWS { written } else { rows.last().map_or(written, |r| r.kafka_offset) };
             let applied = tokio::time::timeout(CALL_TIMEOUT * 5, self.apply(p, &rows, up_to)).await.map_err(|_| "timed out".to_owned())?;
-            if !applied.map_err(|e| e.to_string())? {
+            let Some(crossings) = applied.map_err(|e| e.to_string())? else {
                 return Err("a tenant's marker kept moving".to_owned());
-            }
+            };
+            self.fire(store, crossings).await;
             after = up_to;
         }
         Ok(())
     }
 
     /// Applies `rows` (offset order) of partition `p` as every event up to
-    /// `up_to`, tenant by tenant, then records the partition's progress.
-    /// False when a tenant's marker moved under it twice.
-    async fn apply(&self, p: i32, rows: &[EventRow], up_to: i64) -> Result<bool, meterline_limits::LimitsError> {
+    /// `up_to`, tenant by tenant, then records the partition's progress; the
+    /// crossings it made. `None` when a tenant's marker moved under it twice.
+    async fn apply(&self, p: i32, rows: &[EventRow], up_to: i64) -> Result<Option<Crossings>, meterline_limits::LimitsError> {
         let source = self.source(p);
         let mut by_tenant: BTreeMap<&str, Vec<&EventRow>> = BTreeMap::new();
         for row in rows {
             by_tenant.entry(row.tenant.as_str()).or_default().push(row);
         }
+        let mut crossings = Vec::new();
         for (tenant, rows) in by_tenant {
-            if !self.apply_tenant(tenant, &source, &rows, up_to).await? {
-                return Ok(false);
+            match self.apply_tenant(tenant, &source, &rows, up_to).await? {
+                Some(c) if !c.is_empty() => crossings.push((tenant.to_owned(), c)),
+                Some(_) => {}
+                None => return Ok(None),
             }
         }
         self.redis.set_progress(&source, up_to).await?;
         limit_metrics::applied("applied");
-        Ok(true)
+        Ok(Some(crossings))
     }
 
-    async fn apply_tenant(&self, tenant: &str, source: &str, rows: &[&EventRow], up_to: i64) -> Result<bool, meterline_limits::LimitsError> {
+    /// Stores and notifies the crossings that fire (their markers were not
+    /// set yet). A failure is logged: the counts stand, the alert is lost.
+    async fn fire(&self, store: &Store, crossings: Crossings) {
+        let now = chrono::Utc::now();
+        let version = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+        for (tenant, crossings) in crossings {
+            let times = match tokio::time::timeout(CALL_TIMEOUT, self.redis.fire(&tenant, &crossings, now.timestamp())).await {
+                Ok(Ok(times)) => times,
+                Ok(Err(e)) => {
+                    tracing::warn!(%tenant, error = %e, "cannot mark limit crossings; their alerts are lost");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(%tenant, "marking limit crossings timed out; their alerts are lost");
+                    continue;
+                }
+            };
+            let fired: Vec<(&Crossing, i64)> = crossings.iter().zip(times).filter_map(|(c, t)| t.map(|t| (c, t))).collect();
+            if fired.is_empty() {
+                continue;
+            }
+            let rows: Vec<AlertRow> = fired.iter().map(|(c, at)| c.alert_row(&tenant, *at, version)).collect();
+            if let Err(e) = store.insert_alerts(&rows).await {
+                // The webhook still hears of it: the marker is set, so nothing would retry the row.
+                tracing::warn!(%tenant, error = %e, "cannot store limit alerts");
+            }
+            for (c, _) in fired {
+                self.notifier.limit_crossed(&c.body(&tenant));
+            }
+        }
+    }
+
+    /// Marks resolved the open limit alerts whose period has reset (their
+    /// `resolved_at`), at most once a minute. Every aggregator may do it:
+    /// they write the same rows.
+    async fn resolve_due(&mut self, store: &Store) {
+        if self.last_resolve.is_some_and(|t| t.elapsed() < RESOLVE_EVERY) {
+            return;
+        }
+        self.last_resolve = Some(Instant::now());
+        let now = u32::try_from(chrono::Utc::now().timestamp().max(0)).unwrap_or(u32::MAX);
+        let open = match store.open_alerts().await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read open limit alerts; resolving them later");
+                return;
+            }
+        };
+        let due: Vec<AlertRow> = open
+            .into_iter()
+            .filter(|a| a.rule == Rule::Limit.as_str() && a.resolved_at > 0 && a.resolved_at <= now)
+            .map(|mut a| {
+                a.state = AlertState::Resolved.as_str().to_owned();
+                a.updated_at = a.resolved_at;
+                a.version += 1;
+                a
+            })
+            .collect();
+        if !due.is_empty()
+            && let Err(e) = store.insert_alerts(&due).await
+        {
+            tracing::warn!(error = %e, "cannot resolve limit alerts; retrying later");
+        }
+    }
+
+    /// Applies one tenant's rows; the crossings, or `None` when its marker moved under it twice.
+    async fn apply_tenant(&self, tenant: &str, source: &str, rows: &[&EventRow], up_to: i64) -> Result<Option<Vec<Crossing>>, meterline_limits::LimitsError> {
         let mut plans = BTreeMap::new();
         for view in self.redis.plans(tenant).await? {
             if let Ok(plan) = Plan::from_view(&view) {
@@ -177,39 +272,56 @@ impl LimitsApplier {
         let reserved = rows.iter().any(|r| r.idempotency_key.starts_with(KEY_PREFIX));
         if plans.is_empty() && !reserved {
             // Nothing to count or free: no marker to move either.
-            return Ok(true);
+            return Ok(Some(Vec::new()));
         }
         let subs = self.subscriptions(tenant, rows, &plans).await?;
         let mut expected = self.redis.marker(tenant, source).await?;
         for _ in 0..2 {
             let fresh: Vec<&EventRow> = rows.iter().copied().filter(|r| expected.is_none_or(|m| r.kafka_offset > m)).collect();
             let mut totals: HashMap<String, (i64, i64)> = HashMap::new();
+            // The limits watching each counter, once each.
+            let mut watching: HashMap<String, Vec<Watch>> = HashMap::new();
             let mut settle = Vec::new();
             for row in &fresh {
                 let user = subs.get(&Subject::user(&row.user_id));
                 let customer = subs.get(&Subject::customer(&row.customer_id));
                 let customer_id = (!row.customer_id.is_empty()).then_some(row.customer_id.as_str());
-                for charge in counts(&applicable(&plans, &row.user_id, user, customer_id, customer), row) {
+                let applied = applicable(&plans, &row.user_id, user, customer_id, customer);
+                for charge in counts(&applied, row) {
                     let e = totals.entry(charge.counter.key).or_insert((0, charge.counter.keep_until));
                     e.0 += charge.amount;
+                }
+                for w in watches(&applied, row) {
+                    let list = watching.entry(w.counter.key.clone()).or_default();
+                    if !list.contains(&w) {
+                        list.push(w);
+                    }
                 }
                 if row.idempotency_key.starts_with(KEY_PREFIX) {
                     settle.push(row.idempotency_key.clone());
                 }
             }
             let counts: Vec<(String, i64, i64)> = totals.into_iter().map(|(k, (d, keep))| (k, d, keep)).collect();
-            match self.redis.apply(tenant, source, expected, up_to, &counts, &settle).await? {
-                Applied::Done => return Ok(true),
-                Applied::Stale(now) => {
+            match self.redis.apply_counted(tenant, source, expected, up_to, &counts, &settle).await? {
+                (Applied::Done, used) => {
+                    let mut crossings = Vec::new();
+                    for ((counter, delta, _), after) in counts.iter().zip(used) {
+                        for w in watching.get(counter).into_iter().flatten() {
+                            crossings.extend(w.crossings(after.saturating_sub(*delta), after));
+                        }
+                    }
+                    return Ok(Some(crossings));
+                }
+                (Applied::Stale(now), _) => {
                     limit_metrics::applied("already");
                     if now.is_some_and(|m| m >= up_to) {
-                        return Ok(true);
+                        return Ok(Some(Vec::new()));
                     }
                     expected = now;
                 }
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// The subscriptions of the rows' users and customers that name a plan.

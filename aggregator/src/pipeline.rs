@@ -54,7 +54,11 @@ impl Pipeline {
     pub(crate) async fn new(config: Config, store: Store, changes: Arc<Mutex<Vec<Change>>>) -> Result<Pipeline, AggregatorError> {
         let now = Instant::now();
         let limits = match &config.limits.redis_url {
-            Some(url) => Some(LimitsApplier::new(meterline_redis::RedisLimits::connect(url).await?, &config.kafka.topic)),
+            Some(url) => Some(LimitsApplier::new(
+                meterline_redis::RedisLimits::connect(url).await?,
+                &config.kafka.topic,
+                crate::alerts::Notifier::new(&config.alerts).with_secrets(&config.tenants),
+            )),
             None => None,
         };
         Ok(Pipeline {
@@ -70,7 +74,7 @@ impl Pipeline {
             next_attempt: now,
             next_load: now,
             business: metrics::BusinessLabels::new(config.metrics.max_label_values),
-            alerts: crate::alerts::Evaluator::new(config.alerts.clone()),
+            alerts: crate::alerts::Evaluator::new(config.alerts.clone(), &config.tenants),
             last_evaluation: now,
             config,
         })

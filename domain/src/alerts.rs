@@ -10,6 +10,12 @@
 //!   per window over the last 7 days, and above a floor;
 //! - `margin`: this calendar month the user's cost exceeds their revenue by
 //!   more than a threshold.
+//!
+//! A fifth rule, `limit`, is not evaluated here: a plan's limit crossing a
+//! `notify_at` threshold (or a hard limit being reached) is detected where
+//! events are counted and stored with the same row ([`Rule::Limit`]). Those
+//! rows never enter the [`AlertBook`]: they have no runaway verdict to
+//! resolve them.
 
 use chrono::{Datelike, TimeZone, Utc};
 use meterline_schemas::Nanos;
@@ -37,7 +43,7 @@ pub struct AlertRow {
     pub version: u64,
 }
 
-/// A runaway rule.
+/// An alert's rule: the four runaway rules, and a plan limit's threshold crossing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Rule {
     Absolute,
@@ -45,10 +51,13 @@ pub enum Rule {
     /// Named `self` in configuration, storage and the API.
     OwnHistory,
     Margin,
+    /// A limit's `notify_at` threshold crossed, or a hard limit reached
+    /// (stored by the limits counting, not decided by [`AlertBook`]).
+    Limit,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 4] = [Rule::Absolute, Rule::Peers, Rule::OwnHistory, Rule::Margin];
+    pub const ALL: [Rule; 5] = [Rule::Absolute, Rule::Peers, Rule::OwnHistory, Rule::Margin, Rule::Limit];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,6 +65,7 @@ impl Rule {
             Rule::Peers => "peers",
             Rule::OwnHistory => "self",
             Rule::Margin => "margin",
+            Rule::Limit => "limit",
         }
     }
 
@@ -66,6 +76,14 @@ impl Rule {
     /// The names, for messages: `absolute, peers, self, margin`.
     pub fn names() -> String {
         Rule::ALL.map(Rule::as_str).join(", ")
+    }
+
+    /// True for the rules the [`AlertBook`] evaluates (not `limit`).
+    pub fn is_runaway(self) -> bool {
+        match self {
+            Rule::Absolute | Rule::Peers | Rule::OwnHistory | Rule::Margin => true,
+            Rule::Limit => false,
+        }
     }
 }
 
@@ -110,7 +128,10 @@ pub struct AlertsConfig {
     pub rules: AlertRules,
     /// Rules for particular tenants, replacing the defaults as a whole.
     pub tenants: BTreeMap<String, AlertRules>,
-    /// Receives `{"event": "opened"|"resolved", ...}` for each transition.
+    /// Receives `{"event": "opened"|"resolved", ...}` for each runaway
+    /// transition and `{"kind": "limit", ...}` for each limit crossing,
+    /// signed with the tenant's `webhook_secret` when it has one
+    /// (`Meterline-Signature: t=<unix secs>,v1=<hex HMAC-SHA256 of "<t>.<body>">`).
     pub webhook_url: Option<String>,
     pub webhook_retries: u32,
     /// How often open alerts are re-evaluated when no events arrive.
@@ -250,9 +271,10 @@ impl AlertBook {
         self.loaded
     }
 
-    /// Takes the open alerts as stored (after a restart).
+    /// Takes the open alerts as stored (after a restart). Rows of other
+    /// rules (`limit`) are left out: nothing here would ever resolve them.
     pub fn load(&mut self, rows: Vec<AlertRow>) {
-        for r in rows {
+        for r in rows.into_iter().filter(|r| Rule::parse(&r.rule).is_some_and(Rule::is_runaway)) {
             self.open.insert((r.tenant.clone(), r.user_id.clone(), r.rule.clone()), r);
         }
         self.loaded = true;
@@ -435,7 +457,30 @@ mod tests {
             assert_eq!(Rule::parse(r.as_str()), Some(r));
         }
         assert_eq!(Rule::parse("selfish"), None);
-        assert_eq!(Rule::names(), "absolute, peers, self, margin");
+        assert_eq!(Rule::names(), "absolute, peers, self, margin, limit");
+        assert!(Rule::ALL.iter().filter(|r| !r.is_runaway()).eq([Rule::Limit].iter()));
+    }
+
+    #[test]
+    fn stored_limit_alerts_stay_out_of_the_book() {
+        let mut book = AlertBook::new(AlertsConfig::default());
+        let row = |rule: &str| AlertRow {
+            tenant: "t".into(),
+            user_id: "u".into(),
+            rule: rule.into(),
+            opened_at: 1,
+            state: "open".into(),
+            observed_nanos: 1,
+            threshold_nanos: 1,
+            window_secs: 60,
+            updated_at: 1,
+            resolved_at: 0,
+            version: 1,
+        };
+        book.load(vec![row("limit")]);
+        assert!(!book.has_open(), "a limit alert is no runaway alert to re-evaluate");
+        book.load(vec![row("peers")]);
+        assert!(book.has_open());
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl Counter {
 }
 
 /// A hash of what a limit counts: measure, period and filter.
-fn definition(limit: &Limit) -> u64 {
+pub(crate) fn definition(limit: &Limit) -> u64 {
     let f = &limit.filter;
     let text = format!(
         "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",

@@ -134,6 +134,7 @@ fn keys() -> KeyRing {
         keys: vec![key("admin", ADMIN, KeyScope::Admin), key("ingest", INGEST, KeyScope::Ingest), key("read", READ, KeyScope::Read)],
         credit_price_usd: Some("0.01".into()),
         prices: BTreeMap::new(),
+        webhook_secret: None,
     }])
     .expect("keys")
 }

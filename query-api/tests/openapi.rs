@@ -109,6 +109,7 @@ async fn serve() -> String {
         keys: vec![KeyConfig { name: "read".into(), sha256: hash_key(READ_KEY), scopes: vec![KeyScope::Read] }],
         credit_price_usd: None,
         prices: Default::default(),
+        webhook_secret: None,
     }];
     let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -49,6 +49,12 @@ pub struct TenantConfig {
     /// Prices that replace or add to the catalog for this tenant, by model name.
     #[serde(default)]
     pub prices: BTreeMap<String, PriceText>,
+    /// The key the alert webhook's `Meterline-Signature` header is an
+    /// HMAC-SHA256 with, for this tenant's alerts; without one they are sent
+    /// unsigned. (Env overrides address sections, not `[[tenants]]` entries:
+    /// it is set in the file.)
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
 }
 
 /// A tenant after validation: prices parsed.
@@ -174,6 +180,7 @@ mod tests {
             keys: vec![KeyConfig { name: format!("{id}-key"), sha256: hash_key(key), scopes }],
             credit_price_usd: Some("0.001".into()),
             prices: BTreeMap::new(),
+            webhook_secret: None,
         }
     }
 

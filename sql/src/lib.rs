@@ -5,11 +5,13 @@
 //! the rollup [`Plan`]) are written once here. Pure: no I/O.
 
 mod builder;
+mod metered;
 mod rollups;
 mod scope;
 mod statements;
 
 pub use builder::{Sql, Value, i, quote, repeat, s};
+pub use metered::{MeteredSum, metered_sum};
 pub use rollups::{BY_BUCKET, BY_MARGIN, DIMENSIONS, NEGATIVE_ONLY, Plan, dims, group_keys, metric_order, plan, resums, sums, sums_as};
 pub use scope::{Dialect, Scope};
 pub use statements::{AlertsQuery, Cursor, alerts, events};

@@ -3,10 +3,19 @@
 //! reservation's commit metered frees that reservation's holds; plus the
 //! bounded housekeeping of the limits tables that rides on commits.
 //!
+//! Threshold crossings ([`notify`](meterline_limits::notify)) are found here
+//! too: each counter an event moves is read back, and a move from below a
+//! watching limit's threshold to at or above it fires, once, guarded by a
+//! row in `limit_alerts_fired` (per counter, limit name and ratio). The
+//! alert row is written in the same transaction as the count, and the
+//! webhook is sent after the commit. Retried events are not counted, so they
+//! cross nothing.
+//!
 //! Plans and subscriptions are read once per commit and tenant; a tenant
 //! without plans (the common case) costs one indexed lookup per commit.
 
-use meterline_domain::EventRow;
+use meterline_domain::{AlertRow, EventRow, Rule};
+use meterline_limits::notify::{LimitAlert, watches};
 use meterline_limits::{KEY_PREFIX, Plan, PlanView, Subject, Subscription, SubscriptionView, applicable, counts};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
@@ -37,8 +46,9 @@ impl Counting {
         self.subscriptions.clear();
     }
 
-    /// Counts one new event row.
-    pub(super) fn count(&mut self, conn: &Connection, row: &EventRow, now_ms: i64) -> Result<(), rusqlite::Error> {
+    /// Counts one new event row; the limit alerts it fired (stored) are
+    /// added to `fired`, for the webhook after the commit.
+    pub(super) fn count(&mut self, conn: &Connection, row: &EventRow, now_ms: i64, fired: &mut Vec<LimitAlert>) -> Result<(), rusqlite::Error> {
         if let Some(plans) = self.plans_of(conn, &row.tenant)? {
             let user = self.subscription(conn, &row.tenant, &Subject::user(&row.user_id))?;
             let customer = match row.customer_id.as_str() {
@@ -46,8 +56,27 @@ impl Counting {
                 id => self.subscription(conn, &row.tenant, &Subject::customer(id))?,
             };
             let applied = applicable(&plans, &row.user_id, user.as_ref(), Some(&row.customer_id), customer.as_ref());
+            let watching = watches(&applied, row);
             for charge in counts(&applied, row) {
                 ledger::add_used(conn, &row.tenant, &charge.counter.key, charge.amount, charge.counter.keep_until)?;
+                let mut watchers = watching.iter().filter(|w| w.counter.key == charge.counter.key).peekable();
+                if watchers.peek().is_none() {
+                    continue;
+                }
+                let after: i64 = conn
+                    .prepare_cached("SELECT used FROM limit_counters WHERE tenant = ?1 AND counter = ?2")?
+                    .query_row(params![row.tenant, charge.counter.key], |r| r.get(0))?;
+                for crossing in watchers.flat_map(|w| w.crossings(after.saturating_sub(charge.amount), after)) {
+                    let marked = conn
+                        .prepare_cached("INSERT OR IGNORE INTO limit_alerts_fired (tenant, counter, limit_name, ratio, keep_until) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                        .execute(params![row.tenant, crossing.watch.counter.key, crossing.watch.limit.name, crossing.ratio, crossing.watch.counter.keep_until])?;
+                    if marked == 0 {
+                        continue;
+                    }
+                    let at = opened_at(conn, &row.tenant, &crossing.watch.subject.id, now_ms / 1_000)?;
+                    store_alert(conn, &crossing.alert_row(&row.tenant, at, u64::try_from(now_ms).unwrap_or(0)))?;
+                    fired.push(crossing.body(&row.tenant));
+                }
             }
         }
         // Checked whatever the plans: a reservation admitted with no limits still waits for its event.
@@ -104,6 +133,57 @@ impl Counting {
     }
 }
 
+/// The time of a new limit alert of `subject`: `now`, or a second past its
+/// latest one, so no two share the alerts table's key (tenant, user, rule,
+/// opened_at) when several cross in one second.
+fn opened_at(conn: &Connection, tenant: &str, subject: &str, now: i64) -> Result<i64, rusqlite::Error> {
+    let last: Option<i64> = conn
+        .prepare_cached("SELECT MAX(opened_at) FROM alerts WHERE tenant = ?1 AND user_id = ?2 AND rule = ?3")?
+        .query_row(params![tenant, subject, Rule::Limit.as_str()], |r| r.get(0))?;
+    Ok(last.map_or(now, |l| now.max(l + 1)))
+}
+
+fn store_alert(conn: &Connection, a: &AlertRow) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO alerts (tenant, user_id, rule, opened_at, state, observed_nanos, threshold_nanos, \
+         window_secs, updated_at, resolved_at, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        a.tenant,
+        a.user_id,
+        a.rule,
+        a.opened_at,
+        a.state,
+        a.observed_nanos,
+        a.threshold_nanos,
+        a.window_secs,
+        a.updated_at,
+        a.resolved_at,
+        i64::try_from(a.version).unwrap_or(i64::MAX)
+    ])?;
+    Ok(())
+}
+
+/// Marks resolved the open limit alerts whose period has reset (the
+/// `resolved_at` they hold), and drops fired-markers of counters gone; bounded.
+fn limit_alerts_housekeeping(conn: &Connection, now_ms: i64, limit: i64) -> Result<usize, rusqlite::Error> {
+    let now = now_ms / 1_000;
+    let resolved = conn
+        .prepare_cached(
+            "UPDATE alerts SET state = 'resolved', updated_at = resolved_at, version = version + 1 \
+             WHERE (tenant, user_id, rule, opened_at) IN (SELECT tenant, user_id, rule, opened_at FROM alerts \
+             WHERE rule = ?1 AND state = 'open' AND resolved_at <= ?2 LIMIT ?3)",
+        )?
+        .execute(params![Rule::Limit.as_str(), now, limit])?;
+    let purged = conn
+        .prepare_cached(
+            "DELETE FROM limit_alerts_fired WHERE (tenant, counter, limit_name, ratio) IN \
+             (SELECT tenant, counter, limit_name, ratio FROM limit_alerts_fired WHERE keep_until < ?1 LIMIT ?2)",
+        )?
+        .execute(params![now, limit])?;
+    Ok(resolved + purged)
+}
+
 /// When the limits tables were last swept and purged.
 #[derive(Debug)]
 pub(super) struct Housekeeping {
@@ -123,7 +203,7 @@ impl Housekeeping {
             return Ok(());
         }
         let swept = ledger::sweep(conn, now_ms, HOUSEKEEPING_ROWS)?;
-        let purged = ledger::purge(conn, now_ms, HOUSEKEEPING_ROWS)?;
+        let purged = ledger::purge(conn, now_ms, HOUSEKEEPING_ROWS)? + limit_alerts_housekeeping(conn, now_ms, HOUSEKEEPING_ROWS)?;
         if swept + purged > 0 {
             tracing::debug!(swept, purged, "limits housekeeping");
         }

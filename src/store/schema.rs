@@ -81,6 +81,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX limit_reservations_by_idempotency_key ON limit_reservations (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
      CREATE INDEX limit_reservations_to_sweep ON limit_reservations (sweep_at_ms) WHERE sweep_at_ms IS NOT NULL;
      CREATE INDEX limit_reservations_to_purge ON limit_reservations (purge_at_ms);",
+    // 4: limit alerts. A fired-marker per (counter, limit name, ratio) makes a
+    // threshold crossing fire once per subject, limit and period; it goes
+    // with its counter (`keep_until`). Open limit alerts hold their period's
+    // reset in `resolved_at`; the index finds those due to resolve.
+    "CREATE TABLE limit_alerts_fired (
+        tenant TEXT NOT NULL, counter TEXT NOT NULL, limit_name TEXT NOT NULL, ratio INTEGER NOT NULL, keep_until INTEGER NOT NULL,
+        PRIMARY KEY (tenant, counter, limit_name, ratio)) WITHOUT ROWID;
+     CREATE INDEX limit_alerts_fired_by_keep ON limit_alerts_fired (keep_until);
+     CREATE INDEX alerts_limit_due ON alerts (rule, state, resolved_at);",
 ];
 
 /// The minute rollups: every dimension's sums per UTC minute.

@@ -8,6 +8,7 @@ use chrono::Utc;
 use meterline_aggregator::Notifier;
 use meterline_aggregator::metrics::{self as agg_metrics, BusinessLabels};
 use meterline_domain::{AlertBook as Evaluator, CostSource, Decision, EventRow, Source, Transition, datetime_secs, fingerprint, price};
+use meterline_limits::notify::LimitAlert;
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
 use rusqlite::Connection;
@@ -29,6 +30,8 @@ struct Written {
     rows: Vec<EventRow>,
     duplicates: Vec<&'static str>,
     transitions: Vec<Transition>,
+    /// Limit crossings stored by this commit, for the webhook.
+    limit_alerts: Vec<LimitAlert>,
     evaluated: bool,
     eval_cost: Duration,
 }
@@ -63,7 +66,7 @@ impl Writer {
             conn,
             catalog: Catalog::builtin()?,
             keys: KeyRing::from_config(&config.tenants)?,
-            notifier: Notifier::new(&config.alerts),
+            notifier: Notifier::new(&config.alerts).with_secrets(&config.tenants),
             evaluator,
             business: BusinessLabels::new(config.metrics.max_label_values),
             max_commit_events: config.storage.max_commit_events,
@@ -172,7 +175,7 @@ impl Writer {
                             let priced = price(&env.event, self.keys.tenant(&env.tenant), &self.catalog);
                             let row = EventRow::new(env, fp, priced, Source::Embedded, written_at);
                             events.insert(&row)?;
-                            counting.count(&tx, &row, now_ms)?;
+                            counting.count(&tx, &row, now_ms, &mut out.limit_alerts)?;
                             rollups.add(&row);
                             touched.push((row.tenant.clone(), row.user_id.clone()));
                             out.rows.push(row);
@@ -218,6 +221,13 @@ impl Writer {
             agg_metrics::duplicate(reason);
         }
         agg_metrics::flushed(started.elapsed().as_secs_f64(), written.rows.len());
+        if !written.limit_alerts.is_empty() {
+            // Stored with the counts they crossed; the webhook is spawned on the runtime.
+            let _guard = runtime.enter();
+            for alert in &written.limit_alerts {
+                self.notifier.limit_crossed(alert);
+            }
+        }
         if written.evaluated {
             self.touched.clear();
             self.last_eval = Instant::now();

@@ -163,6 +163,19 @@ fn reader_statements() -> Vec<String> {
     out.push(meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", &alerts(Some(AlertState::Open), Some("u-1"), Some(Rule::Peers))).render(&alert_fields));
     out.push(meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", &alerts(None, None, None)).render(&alert_fields));
     out.push(meterline_sql::events(Dialect::ClickHouse, "?fields", &events_scope, Some(&(1_800_000_000, 5, "it's".to_owned())), 100).render(&event_fields));
+    // Limits reconciliation: events counted, and a filtered money sum over nanosecond edges.
+    let metered = |columns: &'static [&'static str], filters: Vec<(&'static str, String)>| meterline_sql::MeteredSum {
+        tenant: "acme".into(),
+        subject_column: "user_id",
+        subject: "it's-u-1".into(),
+        columns,
+        filters,
+        from: (1_799_999_940, 500_000_000),
+        to: (1_800_002_532, 0),
+    };
+    for q in [metered(&[], vec![]), metered(&["input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"], vec![("feature", "chat".into()), ("model", "gpt-4o".into()), ("environment", "production".into())])] {
+        out.extend(statements::metered_sum(&q).map(|sql| sql.render("")));
+    }
     out
 }
 
@@ -179,6 +192,6 @@ mod tests {
     fn every_placeholder_is_bound() {
         let all = super::compat_statements();
         assert!(all.iter().all(|s| !s.contains('?')), "every placeholder bound");
-        assert_eq!(all.len(), 56);
+        assert_eq!(all.len(), 59);
     }
 }

@@ -27,3 +27,8 @@ pub mod query {
 pub mod write {
     pub use crate::statements::{UserSum, user_sums};
 }
+
+/// The limits reconciliation's statement.
+pub mod reconcile {
+    pub use crate::statements::metered_sum;
+}

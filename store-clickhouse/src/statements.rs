@@ -2,7 +2,7 @@
 //! binds ([`Sql`]): the order of values travels with the text.
 
 use meterline_domain::{Measure, SPAN_DAYS, Unit};
-use meterline_sql::{Sql, Value, i, repeat, s};
+use meterline_sql::{Dialect, MeteredSum, Sql, Value, i, repeat, s};
 use std::collections::BTreeSet;
 
 pub const SERVER_VERSION: &str = "SELECT version()";
@@ -229,4 +229,10 @@ pub fn markers_present(rollup: Rollup, topic: &str, ranges: &[Range]) -> Sql {
     sql.append(repeat(ranges, " OR ", "(source_partition = ? AND source_offset = ?)", |r| vec![i(i64::from(r.partition)), i(r.up_to)]));
     sql.push(")", []);
     sql
+}
+
+/// The metered sum a limits counter is reconciled against (see
+/// [`meterline_sql::metered_sum`]); `None` if it names a column outside the whitelist.
+pub fn metered_sum(q: &MeteredSum) -> Option<Sql> {
+    meterline_sql::metered_sum(Dialect::ClickHouse, q)
 }

@@ -276,6 +276,11 @@ impl Store {
         Ok(self.client.query(statements::OPEN_ALERTS).fetch_all().await?)
     }
 
+    /// A reconciliation's metered sum: one `total` (see [`statements::metered_sum`]).
+    pub async fn metered_sum(&self, sql: &Sql) -> Result<i64, ClickHouseError> {
+        Ok(self.query(sql).fetch_one::<i64>().await?)
+    }
+
     /// Per-user sums for the runaway rules (see [`statements::user_sums`]).
     pub async fn user_sums(&self, sql: &Sql) -> Result<HashMap<String, i64>, ClickHouseError> {
         let rows: Vec<UserSumRow> = self.query(sql).fetch_all().await?;

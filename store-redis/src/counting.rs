@@ -1,6 +1,9 @@
 //! What the aggregator calls: counted usage applied once per log position, settled reservations, and its progress.
 
+use meterline_limits::notify::Crossing;
 use meterline_limits::{KEEP_AFTER_EXPIRY_MS, LimitsError, Subject, SubscriptionView};
+use redis::Script;
+use std::sync::LazyLock;
 
 use crate::client::{APPLY, RedisLimits};
 use crate::keys::{self, PROGRESS, prefix};
@@ -8,6 +11,9 @@ use crate::record::check_counter;
 use crate::store::json;
 
 type Result<T> = std::result::Result<T, LimitsError>;
+
+/// Sets crossings' fired-markers and gives the new ones their alert times.
+static FIRE: LazyLock<Script> = LazyLock::new(|| Script::new(concat!(include_str!("scripts/common.lua"), "\n", include_str!("scripts/fire.lua"))));
 
 /// What [`RedisLimits::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,21 @@ impl RedisLimits {
     /// idempotency keys of counted events that came from reservations; ones
     /// the store no longer holds are skipped) and sets the marker to `marker`.
     pub async fn apply(&self, tenant: &str, source: &str, expected: Option<i64>, marker: i64, counts: &[(String, i64, i64)], settle: &[String]) -> Result<Applied> {
+        self.apply_counted(tenant, source, expected, marker, counts, settle).await.map(|(applied, _)| applied)
+    }
+
+    /// [`apply`](Self::apply), and when it was done each count's counter's
+    /// used amount after it, in the order of `counts` (empty when stale: a
+    /// batch applied again moves nothing, so it crosses nothing).
+    pub async fn apply_counted(
+        &self,
+        tenant: &str,
+        source: &str,
+        expected: Option<i64>,
+        marker: i64,
+        counts: &[(String, i64, i64)],
+        settle: &[String],
+    ) -> Result<(Applied, Vec<i64>)> {
         let mut args = vec![
             prefix(tenant),
             source.to_owned(),
@@ -47,11 +68,38 @@ impl RedisLimits {
         }
         args.extend(settle.iter().map(|k| keys::reservation(k).to_owned()));
         let key = keys::key(tenant, "applied");
-        let (kind, current): (String, Option<String>) = self.script(&APPLY, &key, &args).await?;
-        match kind.as_str() {
-            "done" => Ok(Applied::Done),
-            _ => Ok(Applied::Stale(self::marker(&key, current)?)),
+        let reply: Vec<String> = self.script(&APPLY, &key, &args).await?;
+        let mut reply = reply.into_iter();
+        let (kind, current) = (reply.next().unwrap_or_default(), reply.next());
+        if kind != "done" {
+            return Ok((Applied::Stale(self::marker(&key, current)?), Vec::new()));
         }
+        let used = reply
+            .zip(counts)
+            .map(|(text, (counter, _, _))| {
+                text.parse().map_err(|e| LimitsError::Corrupt { key: keys::key(tenant, &format!("u:{counter}")), message: format!("used {text:?}: {e}") })
+            })
+            .collect::<Result<Vec<i64>>>()?;
+        Ok((Applied::Done, used))
+    }
+
+    /// Sets each crossing's fired-marker unless it is set (it expires with
+    /// the crossing's counter), atomically: per crossing, the alert's time
+    /// (Unix secs; `now`, or a second past the subject's previous limit
+    /// alert, so no two share the alerts table's key) when this call fired
+    /// it, `None` when it had fired before.
+    pub async fn fire(&self, tenant: &str, crossings: &[Crossing], now: i64) -> Result<Vec<Option<i64>>> {
+        if crossings.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec![prefix(tenant), now.to_string(), crossings.len().to_string()];
+        for c in crossings {
+            check_counter(&c.marker())?;
+            args.extend([c.marker(), c.watch.subject.key(), c.watch.counter.keep_until.to_string()]);
+        }
+        let key = keys::key(tenant, "applied");
+        let reply: Vec<String> = self.script(&FIRE, &key, &args).await?;
+        Ok(reply.into_iter().map(|t| t.parse().ok()).collect())
     }
 
     /// The tenant's marker for `source`: the last position applied.

@@ -13,6 +13,8 @@
 //! | `{ml:T}:r:<key>` | hash | a reservation, `<key>` its id before the first `.` (`rsv_<32 hex>`, the metered event's idempotency key); kept until `expires_at + KEEP_AFTER_EXPIRY_MS`, without expiry while committed and not yet counted, and `KEEP_AFTER_EXPIRY_MS` after it is counted |
 //! | `{ml:T}:exp` | sorted set | keys of held reservations by `expires_at_ms`: the sweep's index |
 //! | `{ml:T}:idem:<idempotency key>` | string | a reserve's idempotency key -> reservation key; the record's expiry |
+//! | `{ml:T}:n:<counter>:<ratio>:<limit name>` | string | a limit threshold's fired-marker; expires with the counter |
+//! | `{ml:T}:la:<subject key>` | string | the time (Unix secs) of the subject's latest limit alert, so the next is later |
 //! | `{ml:T}:applied` | hash | log source (`topic/partition`) -> the last counted position's marker |
 //! | `{ml}:progress` | hash | log source -> offset, across tenants (not in a tenant's slot) |
 //!
@@ -54,6 +56,7 @@
 mod client;
 mod counting;
 mod keys;
+mod reconcile;
 mod record;
 mod store;
 

@@ -269,3 +269,112 @@ async fn sigkills_and_a_redis_restart_admit_nothing_past_the_limit_and_lose_no_c
         .await;
     }
 }
+
+/// Limit alerts through the aggregator: events metered through ingest and
+/// counted into Redis cross the plan's thresholds once each, the webhook
+/// hears of them signed with the tenant's secret, and ClickHouse's `alerts`
+/// holds them with rule `limit`; retried events fire nothing again.
+#[tokio::test]
+async fn limit_crossings_fire_once_through_the_aggregator() {
+    use std::sync::{Arc, Mutex};
+    const SECRET: &str = "whsec_distributed";
+    // Each request's signature header and raw body.
+    type Requests = Vec<(Option<String>, Vec<u8>)>;
+    let received: Arc<Mutex<Requests>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let sig = headers.get(meterline_limits::notify::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                sink.lock().expect("lock").push((sig, body.to_vec()));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let limit_bodies = || -> Vec<(Value, Option<String>, Vec<u8>)> {
+        let all = received.lock().expect("lock").clone();
+        all.into_iter()
+            .filter_map(|(sig, raw)| serde_json::from_slice::<Value>(&raw).ok().filter(|b| b["kind"] == "limit").map(|b| (b, sig, raw)))
+            .collect()
+    };
+
+    let hooked = format!(
+        "[[tenants]]\nid = \"hooked\"\nwebhook_secret = \"{SECRET}\"\n\
+         [[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
+         [[tenants.keys]]\nname = \"admin\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
+        meterline_schemas::tenants::hash_key("hooked-ingest"),
+        meterline_schemas::tenants::hash_key("hooked-admin"),
+    );
+    let ch = ClickHouse::shared();
+    let topic = unique_topic("limit_alerts");
+    let database = ch.database(&format!("l_limit_alerts_{}", free_port())).await;
+    create_topic(&brokers(), &topic, 4).await;
+    let redis = Redis::private().await;
+    let agg_config = aggregator_toml(&topic, &ch, &database, free_port(), &redis.url())
+        .replacen("[limits]\n", &format!("[alerts]\nwebhook_url = \"{hook}\"\nwebhook_retries = 1\n[limits]\n"), 1);
+    let mut aggregator = Process::start("meterline-aggregator", &format!("{agg_config}\n{hooked}"));
+    let port = free_port();
+    let mut ingest = Process::start("meterline-ingest", &format!("{}\n{hooked}", ingest_toml(&topic, port, &redis.url(), "")));
+    let url = format!("http://127.0.0.1:{port}");
+    poll_until(Duration::from_secs(30), "ingest to answer", || async {
+        reqwest::get(format!("{url}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+    })
+    .await;
+    let plan = json!({"limits": [{"name": "daily", "measure": "events", "period": "day", "amount": "10", "notify_at": ["0.5", "1"]}]});
+    let (status, body) = call(reqwest::Method::PUT, &format!("{url}/v1/plans/default"), "hooked-admin", Some(plan)).await;
+    assert_eq!(status, 200, "{body}");
+    let post = |ns: std::ops::Range<usize>| {
+        let url = url.clone();
+        async move {
+            let events: Vec<Value> = ns.map(|n| event("d1", n)).collect();
+            let (status, body) = call(reqwest::Method::POST, &format!("{url}/v1/events"), "hooked-ingest", Some(json!(events))).await;
+            assert_eq!(status, 202, "{body}");
+        }
+    };
+    let verify = |header: Option<&str>, raw: &[u8]| {
+        let header = header.expect("signed");
+        let t: i64 = header.strip_prefix("t=").and_then(|r| r.split(',').next()).and_then(|t| t.parse().ok()).expect("t=");
+        assert_eq!(header, meterline_limits::notify::signature(SECRET.as_bytes(), t, raw));
+    };
+
+    post(0..6).await;
+    let first = poll_until(Duration::from_secs(60), "the 0.5 crossing at the webhook", || async {
+        let got = limit_bodies();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    let (body, sig, raw) = &first[0];
+    verify(sig.as_deref(), raw);
+    assert_eq!((&body["tenant"], &body["subject_id"], &body["ratio"], &body["threshold"]), (&json!("hooked"), &json!("d1"), &json!("0.5"), &json!("5")), "{body}");
+    // Counted per flush: the move may jump past the threshold.
+    assert!(body["used"].as_str().and_then(|u| u.parse::<i64>().ok()).is_some_and(|u| (5..=6).contains(&u)), "{body}");
+
+    post(0..6).await;
+    post(6..12).await;
+    let both = poll_until(Duration::from_secs(60), "the 1.0 crossing at the webhook", || async {
+        let got = limit_bodies();
+        (got.len() >= 2).then_some(got)
+    })
+    .await;
+    verify(both[1].1.as_deref(), &both[1].2);
+    assert_eq!((&both[1].0["event"], &both[1].0["ratio"]), (&json!("reached"), &json!("1")), "{}", both[1].0);
+    post(0..12).await;
+    post(12..14).await;
+    let stored = poll_until(Duration::from_secs(30), "both alerts in ClickHouse", || async {
+        let rows = ch
+            .rows(&format!("SELECT user_id, state, threshold_nanos FROM {database}.alerts FINAL WHERE tenant = 'hooked' AND rule = 'limit' FORMAT JSONEachRow"))
+            .await;
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    assert!(stored.iter().all(|r| r["user_id"] == "d1" && r["state"] == "open"), "{stored:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(limit_bodies().len(), 2, "each threshold fired exactly once");
+    ingest.stop().await;
+    aggregator.stop().await;
+}
