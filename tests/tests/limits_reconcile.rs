@@ -141,3 +141,93 @@ async fn embedded_counters_reconcile_and_a_corrupted_one_is_reported() {
     assert_eq!(old["status"], "unknown_definition");
     server.stop().await;
 }
+
+/// The distributed reconcile: counters in Redis (applied by the aggregator)
+/// against the events in ClickHouse.
+#[tokio::test]
+async fn distributed_counters_reconcile_against_clickhouse_and_a_corrupted_one_is_reported() {
+    use meterline_tests::stack::{ClickHouse, Process, Redis};
+    let ch = ClickHouse::shared();
+    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+    let topic = unique_topic("limits_reconcile_d");
+    let database = ch.database(&format!("lr_{}", free_port())).await;
+    create_topic(&brokers, &topic, 4).await;
+    let redis = Redis::private().await;
+    let aggregator_toml = format!(
+        "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
+         [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 100\n[limits]\nredis_url = \"{}\"\n{}",
+        free_port(),
+        ch.url,
+        redis.url(),
+        tenants_toml()
+    );
+    let _aggregator = Process::start("meterline-aggregator", &aggregator_toml);
+    let port = free_port();
+    let _ingest = Process::start(
+        "meterline-ingest",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\npartitions = 4\n[limits]\nredis_url = \"{}\"\n{}",
+            redis.url(),
+            tenants_toml()
+        ),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    poll_until(std::time::Duration::from_secs(30), "ingest to answer", || async {
+        reqwest::get(format!("{url}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let (status, body) = send(&client, reqwest::Method::PUT, format!("{url}/v1/plans/default"), ACME_ADMIN, plan("chat")).await;
+    assert_eq!(status, 200, "{body}");
+    let now = Utc::now();
+    let minute = DateTime::from_timestamp(now.timestamp() - 600 - now.timestamp().rem_euclid(60), 0).expect("minute");
+    let batch: Vec<Value> = (0..6)
+        .map(|n| {
+            json!({"idempotency_key": format!("d{n}"), "timestamp": at(minute + Duration::seconds(n)), "user_id": format!("u-{}", n % 2),
+                   "customer_id": "c-1", "feature": "chat", "model": "gpt-4o", "input_tokens": 10 + n, "cost_usd": "0.25"})
+        })
+        .collect();
+    let (status, body) = send(&client, reqwest::Method::POST, format!("{url}/v1/events"), ACME_INGEST, json!(batch)).await;
+    assert_eq!(status, 202, "{body}");
+
+    let dir = temp_dir("limits_reconcile_d");
+    let config = dir.join("aggregator.toml");
+    std::fs::write(&config, &aggregator_toml).expect("config");
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(service_binary("meterline"));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("METERLINE_") {
+                command.env_remove(name);
+            }
+        }
+        command.args(["limits", "reconcile", "--role", "aggregator", "--config"]).arg(&config).args(["--tenant", "acme"]);
+        if json {
+            command.arg("--json");
+        }
+        command.env("RUST_BACKTRACE", "0").output().expect("run meterline")
+    };
+    // The aggregator counts after ClickHouse holds the events: poll until
+    // every counter (2 users x tokens and calls, the customer's spend) matches.
+    let first = poll_until(std::time::Duration::from_secs(30), "every counter to reconcile", || async {
+        let out = run(true);
+        let report: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let statuses: Vec<String> = rows(&report).iter().filter_map(|r| r["status"].as_str().map(str::to_owned)).collect();
+        (out.status.success() && statuses.len() == 5 && statuses.iter().all(|s| s == "match")).then_some(report)
+    })
+    .await;
+    let spend = rows(&first).iter().find(|r| r["definition"]["measure"] == "cost_usd").cloned().expect("spend");
+    assert_eq!((spend["counter_value"].as_str(), spend["metered_sum"].as_str()), (Some("1.5"), Some("1.5")), "{spend}");
+
+    // One counter off by 7 in Redis: reported, and the command fails.
+    let counter = spend["counter"].as_str().expect("counter");
+    let cli = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "INCRBY", &format!("{{ml:acme}}:u:{counter}"), "7"])
+        .output()
+        .expect("redis-cli");
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    let out = run(true);
+    assert!(!out.status.success(), "a mismatch exits non-zero");
+    let second: Value = serde_json::from_slice(&out.stdout).expect("report");
+    let bad = rows(&second).iter().find(|r| r["counter"] == counter).cloned().expect("the counter");
+    assert_eq!((bad["status"].as_str(), bad["difference"].as_str()), (Some("mismatch"), Some("0.000000007")), "{bad}");
+}
