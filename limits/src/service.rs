@@ -235,7 +235,11 @@ impl<S: LimitStore> Limits<S> {
         let (key, action) = parse_id(id).map_err(|_| refusal(Refusal::NotFound))?;
         let now = self.now();
         let now_ms = now.timestamp_millis();
-        let stored = self.bounded(self.store.reservation(tenant, id)).await;
+        let context = self.bounded(self.store.reservation_and_book(tenant, id, &action.user_id, action.customer_id.as_deref())).await;
+        let (stored, book) = match context {
+            Ok((r, book)) => (Ok(r), Some(book)),
+            Err(e) => (Err(e), None),
+        };
         let known = match &stored {
             // A reservation allowed while the store was down was never
             // stored: its commit still meters (the id says what to meter).
@@ -265,7 +269,10 @@ impl<S: LimitStore> Limits<S> {
             return Ok(SettleAnswer { reservation_id: id.to_owned(), state: ReservationState::Committed, idempotency_key: Some(key), limits: Vec::new(), degraded: true });
         }
         let settled = async {
-            let book = self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref()).await?;
+            let book = match book {
+                Some(book) => book,
+                None => self.store.book(tenant, Some(&action.user_id), action.customer_id.as_deref()).await?,
+            };
             let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
             let holds: Vec<Hold> =
                 counts(&applied, &row).into_iter().map(|c| Hold { counter: c.counter.key, amount: c.amount, keep_until: c.counter.keep_until }).collect();

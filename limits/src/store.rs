@@ -87,6 +87,18 @@ pub trait LimitStore: Send + Sync + 'static {
     /// Applies [`reservation::release`](crate::reservation::release) and frees its holds, atomically.
     fn release(&self, tenant: &str, id: &str, now_ms: i64) -> impl Future<Output = Result<std::result::Result<Reservation, Refusal>>> + Send;
 
+    /// A reservation and the book of its user and customer: what a commit
+    /// reads before it meters, in one round trip where the store can.
+    fn reservation_and_book(
+        &self,
+        tenant: &str,
+        id: &str,
+        user: &str,
+        customer: Option<&str>,
+    ) -> impl Future<Output = Result<(Option<Reservation>, Book)>> + Send {
+        async move { Ok((self.reservation(tenant, id).await?, self.book(tenant, Some(user), customer).await?)) }
+    }
+
     /// The tenant's plans and the subscriptions of `user` and `customer`.
     fn book(&self, tenant: &str, user: Option<&str>, customer: Option<&str>) -> impl Future<Output = Result<Book>> + Send {
         async move {

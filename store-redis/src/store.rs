@@ -55,6 +55,51 @@ fn settled(tenant: &str, key: &str, (kind, body): (String, Vec<String>)) -> Resu
     }
 }
 
+/// A stored record's fields as a reservation, if it is the one `id` names.
+fn found(key: &str, id: &str, flat: Vec<String>) -> Result<Option<Reservation>> {
+    if flat.is_empty() {
+        return Ok(None);
+    }
+    let r = record::parse(key, flat)?;
+    // Same nonce, another action: not this reservation.
+    Ok((r.id == id).then_some(r))
+}
+
+/// The reads a book needs (the plans, and the two subscriptions), queued on a pipeline.
+struct BookReads {
+    plans_key: String,
+    subs_key: String,
+    fields: [String; 2],
+    wanted: [bool; 2],
+}
+
+impl BookReads {
+    fn new(tenant: &str, user: Option<&str>, customer: Option<&str>) -> BookReads {
+        let customer = customer.filter(|c| !c.is_empty());
+        BookReads {
+            plans_key: keys::key(tenant, "plans"),
+            subs_key: keys::key(tenant, "subs"),
+            fields: [user.map(|u| Subject::user(u).key()).unwrap_or_default(), customer.map(|c| Subject::customer(c).key()).unwrap_or_default()],
+            wanted: [user.is_some(), customer.is_some()],
+        }
+    }
+
+    fn queue(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("HGETALL").arg(&self.plans_key).cmd("HMGET").arg(&self.subs_key).arg(&self.fields[..]);
+    }
+
+    fn book(&self, plans: BTreeMap<String, String>, subs: Vec<Option<String>>) -> Result<Book> {
+        let plans = plans.into_iter().map(|(id, text)| json(&format!("{} {id}", self.plans_key), &text)).collect::<Result<Vec<PlanView>>>()?;
+        let sub = |i: usize| -> Result<Option<SubscriptionView>> {
+            match subs.get(i).cloned().flatten() {
+                Some(text) if self.wanted[i] => json(&format!("{} {}", self.subs_key, self.fields[i]), &text).map(Some),
+                _ => Ok(None),
+            }
+        };
+        book_of(plans, sub(0)?, sub(1)?)
+    }
+}
+
 impl LimitStore for RedisLimits {
     async fn put_plan(&self, tenant: &str, plan: &PlanView) -> Result<()> {
         self.query(redis::cmd("HSET").arg(keys::key(tenant, "plans")).arg(&plan.plan_id).arg(to_json(plan))).await
@@ -86,23 +131,25 @@ impl LimitStore for RedisLimits {
         Ok(n > 0)
     }
 
-    /// Plans and both subscriptions in one round trip: every reservation and
-    /// commit reads them.
+    /// Plans and both subscriptions in one round trip: every reservation
+    /// reads them.
     async fn book(&self, tenant: &str, user: Option<&str>, customer: Option<&str>) -> Result<Book> {
-        let (plans_key, subs_key) = (keys::key(tenant, "plans"), keys::key(tenant, "subs"));
-        let customer = customer.filter(|c| !c.is_empty());
-        let fields = [user.map(|u| Subject::user(u).key()).unwrap_or_default(), customer.map(|c| Subject::customer(c).key()).unwrap_or_default()];
         let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(&plans_key).cmd("HMGET").arg(&subs_key).arg(&fields[..]);
+        let reads = BookReads::new(tenant, user, customer);
+        reads.queue(&mut pipe);
         let (plans, subs): (BTreeMap<String, String>, Vec<Option<String>>) = self.pipeline(&pipe).await?;
-        let plans = plans.into_iter().map(|(id, text)| json(&format!("{plans_key} {id}"), &text)).collect::<Result<Vec<PlanView>>>()?;
-        let sub = |i: usize, wanted: bool| -> Result<Option<SubscriptionView>> {
-            match subs.get(i).cloned().flatten() {
-                Some(text) if wanted => json(&format!("{subs_key} {}", fields[i]), &text).map(Some),
-                _ => Ok(None),
-            }
-        };
-        book_of(plans, sub(0, user.is_some())?, sub(1, customer.is_some())?)
+        reads.book(plans, subs)
+    }
+
+    /// The reservation with the book, in one round trip: every commit reads both.
+    async fn reservation_and_book(&self, tenant: &str, id: &str, user: &str, customer: Option<&str>) -> Result<(Option<Reservation>, Book)> {
+        let rkey = keys::key(tenant, &format!("r:{}", keys::reservation(id)));
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(&rkey);
+        let reads = BookReads::new(tenant, Some(user), customer);
+        reads.queue(&mut pipe);
+        let (flat, plans, subs): (Vec<String>, BTreeMap<String, String>, Vec<Option<String>>) = self.pipeline(&pipe).await?;
+        Ok((found(&rkey, id, flat)?, reads.book(plans, subs)?))
     }
 
     async fn balances(&self, tenant: &str, counters: &[String], now_ms: i64) -> Result<Vec<Balance>> {
@@ -155,12 +202,7 @@ impl LimitStore for RedisLimits {
     async fn reservation(&self, tenant: &str, id: &str) -> Result<Option<Reservation>> {
         let key = keys::key(tenant, &format!("r:{}", keys::reservation(id)));
         let flat: Vec<String> = self.query(redis::cmd("HGETALL").arg(&key)).await?;
-        if flat.is_empty() {
-            return Ok(None);
-        }
-        let r = record::parse(&key, flat)?;
-        // Same nonce, another action: not this reservation.
-        Ok((r.id == id).then_some(r))
+        found(&key, id, flat)
     }
 
     async fn commit(&self, tenant: &str, id: &str, holds: &[Hold], fingerprint: &str, now_ms: i64) -> Result<std::result::Result<Reservation, Refusal>> {
