@@ -19,7 +19,8 @@
 //!   to what this aggregator wrote.
 //! - **Never in the way.** A Redis failure never holds up the ClickHouse
 //!   write or the offset commit: metering goes on, limits catch up when Redis
-//!   is back (retried at most once a second).
+//!   is back (retried after 1 s, backing off to 30 s while it stays down,
+//!   and one failure stops the round so no flush waits on every partition).
 //!
 //! Threshold crossings ([`notify`](meterline_limits::notify)) are read off
 //! the used amounts the apply script returns: a counter moving from
@@ -51,7 +52,11 @@ const CATCH_UP_ROWS: u64 = 50_000;
 const CATCH_UP_DAYS: i64 = 62;
 /// One apply round trip may take this long before the partition falls behind.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Catch-up is retried this often at first, doubling while Redis keeps
+/// failing up to `MAX_RETRY_EVERY`: an unreachable Redis (whose calls may
+/// each wait the whole timeout) must not slow the flushes down.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+const MAX_RETRY_EVERY: Duration = Duration::from_secs(30);
 /// How often limit alerts whose period has reset are marked resolved.
 const RESOLVE_EVERY: Duration = Duration::from_secs(60);
 
@@ -73,6 +78,7 @@ pub(crate) struct LimitsApplier {
     topic: String,
     partitions: BTreeMap<i32, Sync>,
     last_retry: Option<Instant>,
+    retry_every: Duration,
     notifier: Notifier,
     last_resolve: Option<Instant>,
 }
@@ -80,7 +86,15 @@ pub(crate) struct LimitsApplier {
 impl LimitsApplier {
     /// `notifier` sends limit crossings to the alert webhook.
     pub(crate) fn new(redis: RedisLimits, topic: &str, notifier: Notifier) -> LimitsApplier {
-        LimitsApplier { redis, topic: topic.to_owned(), partitions: BTreeMap::new(), last_retry: None, notifier, last_resolve: None }
+        LimitsApplier {
+            redis,
+            topic: topic.to_owned(),
+            partitions: BTreeMap::new(),
+            last_retry: None,
+            retry_every: RETRY_EVERY,
+            notifier,
+            last_resolve: None,
+        }
     }
 
     fn source(&self, partition: i32) -> String {
@@ -99,9 +113,15 @@ impl LimitsApplier {
 
     /// After `flush` is durable in ClickHouse.
     pub(crate) async fn flushed(&mut self, store: &Store, flush: &Flush) {
+        // After one failure in this flush the others are not tried: each
+        // could wait the whole timeout. They catch up together later.
+        let mut failed = false;
         for (p, range) in &flush.ranges {
             let Some(state) = self.partitions.get(p).copied() else { continue };
             match state {
+                Sync::InSync if failed => {
+                    self.partitions.insert(*p, Sync::Behind(range.up_to));
+                }
                 Sync::Behind(_) => {
                     self.partitions.insert(*p, Sync::Behind(range.up_to));
                 }
@@ -116,6 +136,7 @@ impl LimitsApplier {
                         }
                         limit_metrics::store_error("apply");
                         self.partitions.insert(*p, Sync::Behind(range.up_to));
+                        failed = true;
                     }
                 }
             }
@@ -123,10 +144,11 @@ impl LimitsApplier {
         self.catch_up(store).await;
     }
 
-    /// Catches up the partitions that are behind, at most once a second.
+    /// Catches up the partitions that are behind: at most once a second,
+    /// backing off while Redis fails.
     pub(crate) async fn catch_up(&mut self, store: &Store) {
         self.resolve_due(store).await;
-        if self.last_retry.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
+        if self.last_retry.is_some_and(|t| t.elapsed() < self.retry_every) {
             return;
         }
         let behind: Vec<(i32, i64)> =
@@ -147,10 +169,14 @@ impl LimitsApplier {
                 }
                 Err(e) => {
                     limit_metrics::store_error("catch_up");
-                    tracing::warn!(partition = p, error = %e, "limits catch-up failed; retrying");
+                    self.retry_every = (self.retry_every * 2).min(MAX_RETRY_EVERY);
+                    tracing::warn!(partition = p, error = %e, retry_in_ms = self.retry_every.as_millis() as u64, "limits catch-up failed; retrying");
+                    // The rest would most likely fail the same way, each after its own wait.
+                    return;
                 }
             }
         }
+        self.retry_every = RETRY_EVERY;
     }
 
     async fn catch_up_one(&self, store: &Store, p: i32, written: i64) -> Result<(), String> {
