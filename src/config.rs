@@ -36,6 +36,12 @@ pub struct Config {
     /// counters and reservations live in the embedded store.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Stripe meter sync: the meters and mappings `meterline stripe-sync` pushes.
+    #[serde(default)]
+    pub billing: meterline_billing::BillingConfig,
+    /// How `POST /api/v1/events` maps CloudEvents: the same as ingest's `[cloudevents]`.
+    #[serde(default)]
+    pub cloudevents: meterline_schemas::cloudevents::CloudEventsConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
 }
@@ -74,7 +80,7 @@ impl Default for QueryConfig {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, EmbeddedError> {
-        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics", "limits"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics", "limits", "billing", "cloudevents"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -83,6 +89,7 @@ impl Config {
         let bad = |key: &str, message: &str| Err(EmbeddedError::config(key, message));
         self.server.validate()?;
         self.events.validate()?;
+        self.cloudevents.validate()?;
         if !(1..=1_000_000).contains(&self.storage.max_commit_events) {
             return bad("storage.max_commit_events", "must be between 1 and 1000000");
         }
@@ -107,6 +114,11 @@ impl Config {
             return bad("tenants", "configure at least one tenant with keys");
         }
         KeyRing::from_config(&self.tenants)?;
+        let ids: Vec<String> = self.tenants.iter().map(|t| t.id.clone()).collect();
+        self.billing.validate(&ids).map_err(|e| match e {
+            meterline_billing::BillingError::Config { key, message } => EmbeddedError::config(key, message),
+            other => EmbeddedError::config("billing", other.to_string()),
+        })?;
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod devconfig;
 pub mod error;
+pub mod export;
 pub mod query;
 pub mod reconcile;
 pub mod server;

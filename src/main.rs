@@ -8,7 +8,9 @@
 //! meterline query-api  --config FILE     # distributed: HTTP over ClickHouse
 //! meterline config check FILE [--role ROLE]
 //! meterline keys new --tenant T --scopes ingest,read [--name NAME]
+//! meterline stripe-sync [--config FILE] [--data-dir DIR]   # push billable usage to Stripe meters
 //! meterline limits reconcile [--config FILE] [--data-dir DIR] [--role all-in-one|aggregator] [--tenant T] [--json]
+//! meterline export --tenant T --from TIME --to TIME [--by customer|user] [--measures M,..] [--format csv|json] [--role all-in-one|query-api] [--config FILE] [--data-dir DIR]
 //! ```
 
 use anyhow::Context;
@@ -52,6 +54,75 @@ enum Command {
     /// Limits operations.
     #[command(subcommand)]
     Limits(LimitsCommand),
+    /// Push each mapped customer's billable usage to Stripe's meters in hourly
+    /// windows, as deltas (one process per data directory; the secret key
+    /// comes from METERLINE_STRIPE_SECRET_KEY).
+    StripeSync(StripeSyncArgs),
+    /// Billable totals per customer or user per billing period (each
+    /// subject's subscription cycle, else the calendar month), exact, as CSV
+    /// or JSON on stdout: the same answer as GET /v1/billing/export.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// The tenant to export.
+    #[arg(long, value_name = "T")]
+    tenant: String,
+    /// Start, RFC 3339, inclusive.
+    #[arg(long, value_name = "TIME")]
+    from: String,
+    /// End, RFC 3339, exclusive.
+    #[arg(long, value_name = "TIME")]
+    to: String,
+    /// Whose usage each row sums.
+    #[arg(long, value_enum, default_value_t = ExportBy::Customer)]
+    by: ExportBy,
+    /// Comma-separated measures, in column order [default: all nine].
+    #[arg(long, value_name = "M,..")]
+    measures: Option<String>,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+    format: ExportFormat,
+    /// Which deployment: the embedded store, or ClickHouse (and the limits'
+    /// Redis for cycle anchors) from a query API config.
+    #[arg(long, value_enum, default_value_t = ExportRole::AllInOne)]
+    role: ExportRole,
+    /// The deployment's config: the all-in-one's (default DIR/meterline.toml), or the query API's.
+    #[arg(long, value_name = "FILE", env = "METERLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The all-in-one's data directory (with --role all-in-one).
+    #[arg(long, value_name = "DIR", env = "METERLINE_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportBy {
+    Customer,
+    User,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportRole {
+    /// The all-in-one binary's SQLite store (read only; the server may run).
+    AllInOne,
+    /// ClickHouse's events, and subscriptions from [limits] redis_url if set.
+    QueryApi,
+}
+
+#[derive(Debug, Args)]
+struct StripeSyncArgs {
+    /// The all-in-one's config, with [billing] (default DIR/meterline.toml).
+    #[arg(long, value_name = "FILE", env = "METERLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The all-in-one's data directory, whose database holds the usage and the pushed state.
+    #[arg(long, value_name = "DIR", env = "METERLINE_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
 }
 
 /// The all-in-one mode's flags.
@@ -210,6 +281,8 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Config(ConfigCommand::Check { file, role })) => config_check(&file, role),
         Some(Command::Keys(KeysCommand::New { tenant, scopes, name })) => keys_new(&tenant, &scopes, name),
         Some(Command::Limits(LimitsCommand::Reconcile(args))) => runtime()?.block_on(reconcile(args)),
+        Some(Command::StripeSync(args)) => runtime()?.block_on(stripe_sync(args)),
+        Some(Command::Export(args)) => runtime()?.block_on(export(args)),
     }
 }
 
@@ -321,6 +394,82 @@ async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
     }
     let differ = report.count(meterline_limits::ReconcileStatus::Mismatch);
     anyhow::ensure!(differ == 0, "{differ} closed-period counter(s) differ from their metered events");
+    Ok(())
+}
+
+/// `meterline export`: the billing export on stdout.
+async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    use meterline_query_api::export::{ClickHouseExport, ExportAnswer, ExportRequest, ExportSource, csv, parse_measures};
+    let path = match (&args.config, args.role) {
+        (Some(p), _) => p.clone(),
+        (None, ExportRole::AllInOne) => args.data_dir.join(meterline::devconfig::CONFIG_FILE),
+        (None, ExportRole::QueryApi) => anyhow::bail!("--role query-api needs --config FILE (the query API's config)"),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+    let context = || format!("config {}", path.display());
+    let time = |name: &str, v: &str| {
+        chrono::DateTime::parse_from_rfc3339(v).map(|t| t.with_timezone(&chrono::Utc)).with_context(|| format!("--{name} must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"))
+    };
+    let (from, to) = (time("from", &args.from)?, time("to", &args.to)?);
+    anyhow::ensure!(from < to, "--to must be after --from");
+    let measures = match &args.measures {
+        Some(text) => parse_measures(text).map_err(|e| anyhow::anyhow!("--measures: {e}"))?,
+        None => meterline_limits::LimitMeasure::ALL.to_vec(),
+    };
+    let by = match args.by {
+        ExportBy::Customer => meterline_limits::Scope::Customer,
+        ExportBy::User => meterline_limits::Scope::User,
+    };
+    let (tenants, source): (Vec<TenantConfig>, Box<dyn ExportSource>) = match args.role {
+        ExportRole::AllInOne => {
+            let config = meterline::Config::load(&text, std::env::vars()).with_context(context)?;
+            (config.tenants, Box::new(meterline::export::ReadOnlyExport::open(&args.data_dir)?))
+        }
+        ExportRole::QueryApi => {
+            let config = meterline_query_api::Config::load(&text, std::env::vars()).with_context(context)?;
+            let store = meterline_clickhouse::connect(&config.clickhouse).await.context("connecting to ClickHouse")?;
+            let redis = match &config.limits.redis_url {
+                Some(url) => Some(meterline_redis::RedisLimits::connect(url).await?),
+                None => None,
+            };
+            (config.tenants, Box::new(ClickHouseExport { store, redis }))
+        }
+    };
+    anyhow::ensure!(tenants.iter().any(|t| t.id == args.tenant), "--tenant {:?} is not a tenant of {}", args.tenant, path.display());
+    let req = ExportRequest { tenant: args.tenant, from, to, by, measures };
+    let billed = meterline_query_api::export::export(source.as_ref(), &req).await?;
+    match args.format {
+        ExportFormat::Csv => print!("{}", csv(&req, &billed)),
+        ExportFormat::Json => println!("{}", serde_json::to_string(&ExportAnswer::of(&req, &billed))?),
+    }
+    Ok(())
+}
+
+/// `meterline stripe-sync`: the sync worker over the embedded store until SIGTERM.
+async fn stripe_sync(args: StripeSyncArgs) -> anyhow::Result<()> {
+    let path = args.config.clone().unwrap_or_else(|| args.data_dir.join(meterline::devconfig::CONFIG_FILE));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+    let config = meterline::Config::load(&text, std::env::vars()).with_context(|| format!("config {}", path.display()))?;
+    let key = std::env::var(meterline_billing::SECRET_KEY_VAR).ok().filter(|k| !k.is_empty());
+    let key = key.with_context(|| format!("{} is not set: the Stripe secret key comes from the environment only", meterline_billing::SECRET_KEY_VAR))?;
+    // One sync per data directory: two would compute the same windows'
+    // deltas and race to push them.
+    let lock_path = args.data_dir.join("stripe-sync.lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| anyhow::anyhow!("another stripe-sync holds {}", lock_path.display()))?;
+    let ledger = meterline::store::SqliteLedger::open(&args.data_dir)?;
+    let b = &config.billing;
+    let stripe = meterline_billing::StripeClient::new(
+        &b.stripe_base_url,
+        key,
+        std::time::Duration::from_millis(b.timeout_ms),
+        b.max_attempts,
+        std::time::Duration::from_millis(b.backoff_ms),
+    )?;
+    tracing::info!(base_url = %b.stripe_base_url, tenants = b.tenants.len(), interval_secs = b.interval_secs, "stripe sync started");
+    meterline_billing::Worker::new(ledger, stripe, config.billing.clone()).run(meterline_http::shutdown_signal()).await;
+    drop(lock);
+    tracing::info!("stripe sync stopped");
     Ok(())
 }
 

@@ -58,7 +58,7 @@ fn bucket(granularity: Granularity) -> &'static str {
     }
 }
 
-fn sum_row(r: &rusqlite::Row<'_>) -> Result<SumRow, rusqlite::Error> {
+pub(crate) fn sum_row(r: &rusqlite::Row<'_>) -> Result<SumRow, rusqlite::Error> {
     let u = |i: usize| -> Result<u64, rusqlite::Error> { Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0)) };
     Ok(SumRow {
         g_bucket: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(0),

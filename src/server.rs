@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::query::EmbeddedQueries;
-use crate::store::{Embedded, EmbeddedLimits};
+use crate::store::{Embedded, EmbeddedBilling, EmbeddedLimits};
 use crate::EmbeddedError;
 
 /// Ingest's event log, made durable by the embedded writer's group commit.
@@ -53,7 +53,7 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     let _ = meterline_aggregator::metrics::handle();
     let _ = meterline_query_api::metrics::handle();
     let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog(store.clone()));
-    let ingest = meterline_ingest::AppState::new(&config.tenants, config.events, &config.server, log)?;
+    let ingest = meterline_ingest::AppState::new(&config.tenants, config.events, &config.server, log)?.with_cloudevents(&config.cloudevents)?;
     let limits = Limits::new(
         EmbeddedLimits(store.clone()),
         Arc::new(EmbeddedLog(store.clone())),
@@ -66,8 +66,10 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
         LimitsError::Config { key, message } => EmbeddedError::config(key, message),
         other => EmbeddedError::config("limits", other.to_string()),
     })?;
+    let export = Arc::new(crate::export::EmbeddedExport(store.clone()));
+    let billing = meterline_billing::BillingApi::new(EmbeddedBilling(store.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
     let queries = Arc::new(EmbeddedQueries(store));
-    let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?;
+    let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?.with_export(export);
     let ready = move || {
         let queries = queries.clone();
         async move { queries.ping().await }
@@ -76,7 +78,8 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     // metrics stay on its routes (by matched path), the limits' on none.
     let api = meterline_ingest::api_routes(Arc::new(ingest))
         .merge(meterline_query_api::api_routes(Arc::new(query)))
-        .merge(meterline_limits::routes(Arc::new(limits)));
+        .merge(meterline_limits::routes(Arc::new(limits)))
+        .merge(meterline_billing::routes(Arc::new(billing)));
     Ok(meterline_http::with_operations(api, handle, ready, "the embedded store is not answering"))
 }
 

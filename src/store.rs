@@ -28,11 +28,13 @@
 //! dedupe record and inserts), `rollups` (per-commit sums and their
 //! upserts), `alerts` (evaluation and the stored alerts), `ledger` (the
 //! limits tables' steps), `counting` (events against limits, housekeeping),
-//! `limits` (the `LimitStore` over all that) and `reconcile` (counters
-//! against their events, read in one snapshot); this file is the handle the
+//! `limits` (the `LimitStore` over all that), `reconcile` (counters
+//! against their events, read in one snapshot) and `billing` (the Stripe
+//! sync's mappings and pushed state); this file is the handle the
 //! server and queries hold.
 
 mod alerts;
+mod billing;
 mod counting;
 mod events;
 mod jobs;
@@ -59,6 +61,7 @@ use schema::{connect, migrate};
 use writer::Writer;
 
 pub use alerts::{ALERT_COLUMNS, alert_row};
+pub use billing::{EmbeddedBilling, SqliteLedger};
 pub use limits::EmbeddedLimits;
 pub use reconcile::{open_read_only, reconcile};
 pub use schema::DAILY_TABLE;

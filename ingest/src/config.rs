@@ -23,6 +23,9 @@ pub struct Config {
     /// subscriptions, reservations and balances over Redis.
     #[serde(default)]
     pub limits: meterline_limits::LimitsConfig,
+    /// How `POST /api/v1/events` maps CloudEvents to usage events.
+    #[serde(default)]
+    pub cloudevents: meterline_schemas::cloudevents::CloudEventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,7 +128,7 @@ impl KafkaConfig {
 impl Config {
     /// Parses TOML text and applies overrides from `vars`, then validates.
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, IngestError> {
-        let config: Config = load_toml_with_env(text, &["server", "kafka", "events", "limits"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "kafka", "events", "limits", "cloudevents"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -153,6 +156,7 @@ impl Config {
             return bad("kafka.compression", "must be one of none, gzip, lz4, zstd, snappy");
         }
         self.events.validate()?;
+        self.cloudevents.validate()?;
         if self.tenants.is_empty() {
             return bad("tenants", "configure at least one tenant with a key");
         }

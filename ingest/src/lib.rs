@@ -3,6 +3,8 @@
 //! to Kafka. A 2xx means the broker acked every event reported accepted.
 
 mod body;
+mod cloudevents;
+mod problem;
 mod config;
 mod error;
 mod log;

@@ -1,7 +1,8 @@
 //! Every metric ingest exports, named `meterline_ingest_*`, in one place.
 //!
 //! Labels are bounded: `tenant` comes from configuration (not from requests),
-//! `reason` from the closed set of validation codes, `status` from HTTP codes.
+//! `reason` from the closed set of validation codes, `status` from HTTP codes,
+//! `field` from the two money fields.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -15,6 +16,7 @@ pub const EVENTS_UNPRICED: &str = "meterline_ingest_events_unpriced_total";
 pub const BATCH_SIZE: &str = "meterline_ingest_batch_size_events";
 pub const PRODUCE_DURATION: &str = "meterline_ingest_produce_duration_seconds";
 pub const PRODUCE_FAILURES: &str = "meterline_ingest_produce_failures_total";
+pub const CLOUDEVENTS_ROUNDED: &str = "meterline_ingest_cloudevents_rounded_total";
 
 /// Bucket bounds of ingest's histograms other than `*_seconds`.
 pub const BUCKETS: &[(&str, &[f64])] = &[(BATCH_SIZE, &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0])];
@@ -38,6 +40,10 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Events per request body.");
     describe_histogram!(PRODUCE_DURATION, metrics::Unit::Seconds, "Time from first send to last broker ack, per request.");
     describe_counter!(PRODUCE_FAILURES, "Requests answered 503 because the broker did not ack.");
+    describe_counter!(
+        CLOUDEVENTS_ROUNDED,
+        "Amounts of accepted CloudEvents rounded half to even to the nano, by tenant and field (cost_usd, revenue_usd)."
+    );
 }
 
 pub fn request(status: u16, seconds: f64) {
@@ -69,4 +75,9 @@ pub fn produced(seconds: f64, ok: bool) {
     if !ok {
         counter!(PRODUCE_FAILURES).increment(1);
     }
+}
+
+/// `field` is `cost_usd` or `revenue_usd`: a closed set, from the mapping.
+pub fn cloudevents_rounded(tenant: &str, field: &'static str, n: u64) {
+    counter!(CLOUDEVENTS_ROUNDED, "tenant" => tenant.to_owned(), "field" => field).increment(n);
 }

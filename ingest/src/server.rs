@@ -1,4 +1,5 @@
-//! The HTTP server: `POST /v1/events`, health, readiness and metrics.
+//! The HTTP server: `POST /v1/events`, health, readiness and metrics (and
+//! the route to `POST /api/v1/events`, handled in `cloudevents.rs`).
 
 use axum::Router;
 use axum::body::Body;
@@ -7,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use chrono::Utc;
+use meterline_schemas::cloudevents::{CloudEventsConfig, Mappings};
 use meterline_schemas::prices::{Catalog, PriceBook};
 use meterline_schemas::tenants::{KeyRing, Scope, TenantConfig};
 use meterline_schemas::wire::Envelope;
@@ -29,13 +31,15 @@ use crate::IngestError;
 /// Everything a request needs, shared by all requests.
 #[derive(Debug)]
 pub struct AppState {
-    keys: KeyRing,
-    catalog: Catalog,
-    bounds: TimeBounds,
-    log: Arc<dyn EventLog>,
-    permits: Semaphore,
-    max_body_bytes: usize,
-    max_events: usize,
+    pub(crate) keys: KeyRing,
+    pub(crate) catalog: Catalog,
+    pub(crate) bounds: TimeBounds,
+    pub(crate) log: Arc<dyn EventLog>,
+    pub(crate) permits: Semaphore,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_events: usize,
+    /// How `POST /api/v1/events` maps CloudEvents, per tenant.
+    pub(crate) cloudevents: Mappings,
 }
 
 impl AppState {
@@ -55,7 +59,14 @@ impl AppState {
             permits: Semaphore::new(server.max_in_flight_requests),
             max_body_bytes: server.max_body_bytes,
             max_events: server.max_events_per_request,
+            cloudevents: Mappings::default(),
         })
+    }
+
+    /// Maps CloudEvents with `config` (the built-in paths until called).
+    pub fn with_cloudevents(mut self, config: &CloudEventsConfig) -> Result<AppState, IngestError> {
+        self.cloudevents = config.resolve()?;
+        Ok(self)
     }
 }
 
@@ -89,7 +100,7 @@ pub async fn serve(
 ) -> Result<(), IngestError> {
     let producer = EventProducer::new(&config.kafka)?;
     let log: Arc<dyn EventLog> = Arc::new(producer.clone());
-    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, log)?);
+    let state = Arc::new(AppState::new(&config.tenants, config.events, &config.server, log)?.with_cloudevents(&config.cloudevents)?);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let keeper = tokio::spawn(keep_topic(producer.clone()));
     let mut app = router(state);
@@ -146,7 +157,11 @@ async fn keep_topic(producer: EventProducer) {
 
 /// The API routes alone, for a process that serves them beside others.
 pub fn api_routes(state: Arc<AppState>) -> Router {
-    Router::new().route("/v1/events", post(post_events)).with_state(state)
+    Router::new()
+        .route("/v1/events", post(post_events))
+        // OpenMeter's ingest path, for its SDKs and LiteLLM's callback.
+        .route("/api/v1/events", post(crate::cloudevents::post))
+        .with_state(state)
 }
 
 /// The ingest service's whole router: the API, health, readiness, metrics.

@@ -14,6 +14,11 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     pub clickhouse: ClickHouseConfig,
+    /// Only `redis_url` is read: the limits' Redis, where the billing export
+    /// finds subscriptions' cycle anchors. Without it, every subject is
+    /// exported by calendar month.
+    #[serde(default)]
+    pub limits: meterline_limits::LimitsConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
 }
@@ -38,7 +43,7 @@ impl Default for ServerConfig {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, QueryError> {
-        let config: Config = load_toml_with_env(text, &["server", "clickhouse"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "clickhouse", "limits"], vars)?;
         if config.server.max_range_days < 1 {
             return Err(QueryError::config("server.max_range_days", "must be at least 1"));
         }

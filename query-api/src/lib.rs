@@ -10,6 +10,7 @@ mod answers;
 mod cached;
 mod config;
 mod error;
+pub mod export;
 pub mod metrics;
 mod params;
 mod ranking;

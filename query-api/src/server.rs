@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::answers::{Alert, AlertsAnswer, Event, EventsAnswer, MarginsAnswer, Range, Ranked, Row, TopSpendersAnswer, UsageAnswer, UserUsageAnswer, WithMargin, ratio};
 use crate::config::Config;
+use crate::export::{ClickHouseExport, ExportSource};
 use crate::params::Params;
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
 use crate::{QueryError, metrics};
@@ -30,13 +31,28 @@ pub struct AppState {
     keys: KeyRing,
     store: Arc<dyn QueryStore>,
     max_days: i64,
+    /// Where `/v1/billing/export` reads; without one it answers 503.
+    export: Option<Arc<dyn ExportSource>>,
 }
 
 impl AppState {
     /// The query API's state over any store: the all-in-one binary passes its
     /// embedded store, the query service ClickHouse.
     pub fn new(tenants: &[TenantConfig], store: Arc<dyn QueryStore>, max_range_days: i64) -> Result<AppState, QueryError> {
-        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days })
+        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None })
+    }
+
+    /// The state with the billing export reading from `source`.
+    pub fn with_export(self, source: Arc<dyn ExportSource>) -> AppState {
+        AppState { export: Some(source), ..self }
+    }
+
+    pub(crate) fn export_source(&self) -> Option<&Arc<dyn ExportSource>> {
+        self.export.as_ref()
+    }
+
+    pub(crate) fn max_days(&self) -> i64 {
+        self.max_days
     }
 }
 
@@ -51,8 +67,16 @@ type Raw = Query<HashMap<String, String>>;
 
 /// Connects to ClickHouse and serves until `shutdown`, then drains.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
-    let store = ClickHouseStore::new(meterline_clickhouse::connect(&config.clickhouse).await?, config.server.ranking_cache_groups);
-    let state = Arc::new(AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?);
+    let clickhouse = meterline_clickhouse::connect(&config.clickhouse).await?;
+    // Subscriptions (cycle anchors) live with the limits in Redis; without
+    // it every subject is exported by calendar month.
+    let redis = match &config.limits.redis_url {
+        Some(url) => Some(meterline_redis::RedisLimits::connect(url).await.map_err(|e| QueryError::config("limits.redis_url", e.to_string()))?),
+        None => None,
+    };
+    let export = ClickHouseExport { store: clickhouse.clone(), redis };
+    let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups);
+    let state = Arc::new(AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export)));
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -67,6 +91,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
         ("/v1/users/{user_id}/usage", get(user_usage)),
         ("/v1/events", get(events)),
         ("/v1/alerts", get(alerts)),
+        ("/v1/billing/export", get(crate::export::handler)),
     ]
 }
 

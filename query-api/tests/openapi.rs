@@ -102,16 +102,37 @@ impl QueryStore for Fake {
 }
 
 const READ_KEY: &str = "read-key-for-the-openapi-test";
+const ADMIN_KEY: &str = "admin-key-for-the-openapi-test";
+
+/// An export source with a cycle-anchored customer and one summed segment each.
+#[derive(Debug)]
+struct FakeExport;
+
+impl meterline_query_api::export::ExportSource for FakeExport {
+    fn anchors<'a>(
+        &'a self,
+        _: &'a str,
+        _: meterline_limits::Scope,
+    ) -> BoxFuture<'a, Result<std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>, QueryError>> {
+        Box::pin(async { Ok([("c".to_owned(), chrono::DateTime::from_timestamp(1_800_000_000, 5).expect("time"))].into()) })
+    }
+    fn sums<'a>(&'a self, _: &'a meterline_sql::BillingSums) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        Box::pin(async { Ok(vec![row("u1", "c", 0), row("u2", "d", 0)]) })
+    }
+}
 
 async fn serve() -> String {
     let tenants = vec![TenantConfig {
         id: "acme".into(),
-        keys: vec![KeyConfig { name: "read".into(), sha256: hash_key(READ_KEY), scopes: vec![KeyScope::Read] }],
+        keys: vec![
+            KeyConfig { name: "read".into(), sha256: hash_key(READ_KEY), scopes: vec![KeyScope::Read] },
+            KeyConfig { name: "admin".into(), sha256: hash_key(ADMIN_KEY), scopes: vec![KeyScope::Admin] },
+        ],
         credit_price_usd: None,
         prices: Default::default(),
         webhook_secret: None,
     }];
-    let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state"));
+    let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, meterline_query_api::router(state)).await });
@@ -156,11 +177,18 @@ async fn every_documented_answer_validates_against_the_running_server() {
         ("/v1/users/{user_id}/usage", "/v1/users/u/usage", "/v1/users/u/usage?user_id=v"),
         ("/v1/events", "/v1/events?user_id=u&limit=2", "/v1/events?user_id=u&cursor=zz"),
         ("/v1/alerts", "/v1/alerts?state=all", "/v1/alerts?rule=selfish"),
+        ("/v1/billing/export", "/v1/billing/export?from=2026-01-01T00:00:00Z&to=2027-02-01T00:00:00Z&measures=events,total_tokens,cost_usd,credits", "/v1/billing/export?from=2026-01-01T00:00:00Z"),
     ];
     let mut seen = std::collections::BTreeSet::new();
     for (path, ok, bad) in asks {
         seen.insert(path);
-        for (query, key, status) in [(ok, Some(READ_KEY), 200), (bad, Some(READ_KEY), 400), (ok, None, 401)] {
+        // The export takes an admin key; a read key is refused (403).
+        let key = if path == "/v1/billing/export" { ADMIN_KEY } else { READ_KEY };
+        let mut cases = vec![(ok, Some(key), 200), (bad, Some(key), 400), (ok, None, 401)];
+        if key == ADMIN_KEY {
+            cases.push((ok, Some(READ_KEY), 403));
+        }
+        for (query, key, status) in cases {
             let mut request = client.get(format!("{url}{query}"));
             if let Some(key) = key {
                 request = request.bearer_auth(key);

@@ -5,6 +5,7 @@
 //! agrees on the contract by linking the same functions.
 
 pub mod batch;
+pub mod cloudevents;
 pub mod config;
 pub mod duration;
 pub mod event;

@@ -4,14 +4,18 @@
 //! and WHERE clauses, the summed measures, grouping keys, ranking orders and
 //! the rollup [`Plan`]) are written once here. Pure: no I/O.
 
+mod billing;
 mod builder;
 mod metered;
+mod meter_sync;
 mod rollups;
 mod scope;
 mod statements;
 
+pub use billing::{BillingSums, MAX_BOUNDARIES, billing_sums, boundary_runs};
 pub use builder::{Sql, Value, i, quote, repeat, s};
 pub use metered::{MeteredSum, metered_sum};
+pub use meter_sync::{HourlySums, hourly_sums};
 pub use rollups::{BY_BUCKET, BY_MARGIN, DIMENSIONS, NEGATIVE_ONLY, Plan, dims, group_keys, metric_order, plan, resums, sums, sums_as};
 pub use scope::{Dialect, Scope};
 pub use statements::{AlertsQuery, Cursor, alerts, events};

@@ -90,6 +90,19 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, counter, limit_name, ratio)) WITHOUT ROWID;
      CREATE INDEX limit_alerts_fired_by_keep ON limit_alerts_fired (keep_until);
      CREATE INDEX alerts_limit_due ON alerts (rule, state, resolved_at);",
+    // 5: Stripe meter sync. The API's customer mappings; per (meter, subject,
+    // hour) what Stripe took (`pushed`), the identifier sequence, a value
+    // written down before it is sent (`pending`, NULL when none), a delta
+    // too old for Stripe (`refused`), the last error, and the Stripe
+    // customer the pending (or last) event went to.
+    "CREATE TABLE billing_customers (
+        tenant TEXT NOT NULL, subject TEXT NOT NULL, stripe_customer_id TEXT NOT NULL, updated_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, subject)) WITHOUT ROWID;
+     CREATE TABLE billing_windows (
+        tenant TEXT NOT NULL, meter TEXT NOT NULL, subject TEXT NOT NULL, window_start INTEGER NOT NULL,
+        stripe_customer_id TEXT NOT NULL, pushed INTEGER NOT NULL, seq INTEGER NOT NULL, pending INTEGER,
+        refused INTEGER NOT NULL, error TEXT, updated_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, meter, window_start, subject)) WITHOUT ROWID;",
 ];
 
 /// The minute rollups: every dimension's sums per UTC minute.

@@ -176,6 +176,11 @@ fn reader_statements() -> Vec<String> {
     for q in [metered(&[], vec![]), metered(&["input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"], vec![("feature", "chat".into()), ("model", "gpt-4o".into()), ("environment", "production".into())])] {
         out.extend(statements::metered_sum(&q).map(|sql| sql.render("")));
     }
+    // The billing export: per-customer sums over one segment, and per-user sums cut at sub-second boundaries.
+    for (subject_column, boundaries) in [("customer_id", vec![(1_799_999_940, 0), (1_800_002_532, 0)]), ("user_id", vec![(1_799_999_940, 5), (1_800_000_015, 500_000_000), (1_800_002_532, 0)])] {
+        let q = meterline_sql::BillingSums { tenant: "it's".into(), subject_column, boundaries };
+        out.extend(meterline_sql::billing_sums(Dialect::ClickHouse, &q).map(|sql| sql.render("")));
+    }
     out
 }
 
@@ -192,6 +197,6 @@ mod tests {
     fn every_placeholder_is_bound() {
         let all = super::compat_statements();
         assert!(all.iter().all(|s| !s.contains('?')), "every placeholder bound");
-        assert_eq!(all.len(), 59);
+        assert_eq!(all.len(), 61);
     }
 }

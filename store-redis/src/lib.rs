@@ -59,6 +59,7 @@ mod keys;
 mod reconcile;
 mod record;
 mod store;
+mod subscriptions;
 
 pub use client::RedisLimits;
 pub use counting::Applied;

@@ -283,6 +283,8 @@ pub struct Process {
     cwd: Option<PathBuf>,
     log: PathBuf,
     child: Option<tokio::process::Child>,
+    /// Extra environment for every start (a secret a test hands the process).
+    env: Vec<(String, String)>,
 }
 
 impl Process {
@@ -305,7 +307,18 @@ impl Process {
         let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
         let log = std::env::temp_dir().join(format!("{tag}.log"));
         let args = args.iter().map(|a| a.to_os_string()).collect();
-        let mut p = Process { name: binary.to_owned(), args, cwd: cwd.map(Path::to_owned), log, child: None };
+        let mut p = Process { name: binary.to_owned(), args, cwd: cwd.map(Path::to_owned), log, child: None, env: Vec::new() };
+        p.restart();
+        p
+    }
+
+    /// Starts `binary` with `args` and the extra environment `env` (kept for restarts).
+    pub fn start_env(binary: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Process {
+        let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
+        let log = std::env::temp_dir().join(format!("{tag}.log"));
+        let args = args.iter().map(|a| a.to_os_string()).collect();
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut p = Process { name: binary.to_owned(), args, cwd: None, log, child: None, env };
         p.restart();
         p
     }
@@ -319,6 +332,7 @@ impl Process {
         let child = command
             .args(&self.args)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)

@@ -35,6 +35,7 @@ fn help_lists_the_subcommands_and_flags() {
         (&["ingest", "--help"][..], &["--config", "METERLINE_CONFIG"][..]),
         (&["config", "check", "--help"], &["FILE", "--role", "all-in-one", "query-api"]),
         (&["keys", "new", "--help"], &["--tenant", "--scopes", "--name", "admin"]),
+        (&["stripe-sync", "--help"], &["--config", "--data-dir", "METERLINE_STRIPE_SECRET_KEY"]),
     ] {
         let out = meterline(args, &[]);
         let (help, stderr) = text(&out);

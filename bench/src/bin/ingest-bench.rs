@@ -1,9 +1,11 @@
 //! Ingest throughput beside the broker's raw limit, on this machine.
 //!
-//! Sends the same events two ways to the stack's broker and prints events/s
-//! and the ratio: (1) a plain rdkafka producer sending the already-encoded
+//! Sends the same events three ways to the stack's broker and prints events/s
+//! and the ratios: (1) a plain rdkafka producer sending the already-encoded
 //! wire records (the broker's own limit for this client and these settings),
-//! (2) `POST /v1/events` on an in-process ingest server, in JSON batches.
+//! (2) `POST /v1/events` on an in-process ingest server, in JSON batches,
+//! (3) the same events as CloudEvents batches to `POST /api/v1/events` (the
+//! OpenMeter-compatible path), at the same batch size.
 //!
 //! `cargo run --release -p meterline-bench --bin ingest-bench -- [EVENTS] [BATCH] [CONCURRENCY] [ROUNDS]`
 //! with the stack up (`eval "$(scripts/stack up)"`).
@@ -38,19 +40,23 @@ async fn main() -> anyhow::Result<()> {
 
     let payloads: Vec<String> = bodies.chunks(batch).map(|c| serde_json::Value::from(c.to_vec()).to_string()).collect();
     let avg_body = payloads.iter().map(String::len).sum::<usize>() / payloads.len().max(1);
+    let cloud: Vec<serde_json::Value> = bodies.iter().map(cloudevent).collect();
+    let cloud_payloads: Vec<String> = cloud.chunks(batch).map(|c| serde_json::Value::from(c.to_vec()).to_string()).collect();
 
     // Rounds alternate which path goes first, and each path's median counts:
     // one path takes a second or two, and a burst of other work on this
     // shared machine should move one round, not the ratio.
-    let (mut raw_times, mut ingest_times, mut latencies) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw_times, mut ingest_times, mut cloud_times, mut latencies) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        for path in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-            if path == 0 {
-                raw_times.push(raw_round(&brokers, &records).await?);
-            } else {
-                let (secs, mut l) = ingest_round(&brokers, &payloads, concurrency).await?;
-                ingest_times.push(secs);
-                latencies.append(&mut l);
+        for path in [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3] {
+            match path {
+                0 => raw_times.push(raw_round(&brokers, &records).await?),
+                1 => {
+                    let (secs, mut l) = ingest_round(&brokers, &payloads, concurrency, NATIVE).await?;
+                    ingest_times.push(secs);
+                    latencies.append(&mut l);
+                }
+                _ => cloud_times.push(ingest_round(&brokers, &cloud_payloads, concurrency, CLOUDEVENTS).await?.0),
             }
         }
     }
@@ -58,13 +64,14 @@ async fn main() -> anyhow::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (raw_secs, ingest_secs) = (median(&mut raw_times), median(&mut ingest_times));
-    println!("rounds, seconds (sorted): raw {raw_times:.2?}, ingest {ingest_times:.2?}");
+    let (raw_secs, ingest_secs, cloud_secs) = (median(&mut raw_times), median(&mut ingest_times), median(&mut cloud_times));
+    println!("rounds, seconds (sorted): raw {raw_times:.2?}, ingest {ingest_times:.2?}, cloudevents {cloud_times:.2?}");
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
     let raw_rate = events as f64 / raw_secs;
     // The warm-up batch is excluded from both count and time.
     let ingest_rate = (events as f64) / ingest_secs;
+    let cloud_rate = (events as f64) / cloud_secs;
 
     println!(
         "ingest-bench: {events} events, batches of {batch}, concurrency {concurrency}, median of {rounds} rounds, {} cores",
@@ -75,7 +82,8 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|");
     println!("| raw rdkafka producer (acks=all, idempotent, lz4) | {raw_rate:.0} | {raw_secs:.2} |");
     println!("| POST /v1/events via ingest | {ingest_rate:.0} | {ingest_secs:.2} |");
-    println!("ratio ingest/raw: {:.2}", ingest_rate / raw_rate);
+    println!("| POST /api/v1/events (CloudEvents batches) via ingest | {cloud_rate:.0} | {cloud_secs:.2} |");
+    println!("ratio ingest/raw: {:.2}; CloudEvents / native: {:.2}", ingest_rate / raw_rate, cloud_rate / ingest_rate);
     println!("request latency ms: p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}", pct(0.5), pct(0.9), pct(0.99), pct(1.0));
     // One line for scripts/bench to collect.
     println!(
@@ -91,6 +99,9 @@ async fn main() -> anyhow::Result<()> {
             "ingest_events_per_s": ingest_rate,
             "ingest_secs": ingest_secs,
             "ratio": ingest_rate / raw_rate,
+            "cloudevents_events_per_s": cloud_rate,
+            "cloudevents_secs": cloud_secs,
+            "cloudevents_ratio": cloud_rate / ingest_rate,
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
         })
     );
@@ -121,9 +132,39 @@ async fn raw_round(brokers: &str, records: &[(Vec<u8>, Vec<u8>)]) -> anyhow::Res
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Seconds for `POST /v1/events` on a fresh in-process ingest server to take
+/// An ingest path: its route, content type and success status.
+#[derive(Debug, Clone, Copy)]
+struct Path {
+    route: &'static str,
+    content_type: &'static str,
+    ok: u16,
+}
+
+const NATIVE: Path = Path { route: "/v1/events", content_type: "application/json", ok: 202 };
+const CLOUDEVENTS: Path = Path { route: "/api/v1/events", content_type: "application/cloudevents-batch+json", ok: 204 };
+
+/// One event as the CloudEvent LiteLLM's `openmeter` callback would send for it.
+fn cloudevent(e: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "specversion": "1.0",
+        "id": e["idempotency_key"],
+        "source": "bench",
+        "type": e["feature"],
+        "subject": e["user_id"],
+        "time": e["timestamp"],
+        "data": {
+            "model": e["model"],
+            "prompt_tokens": e["input_tokens"],
+            "completion_tokens": e["output_tokens"],
+            "cost": e["cost_usd"],
+            "customer_id": e["customer_id"],
+        },
+    })
+}
+
+/// Seconds for `path` on a fresh in-process ingest server to take
 /// `payloads`, `concurrency` requests at a time, and each request's latency.
-async fn ingest_round(brokers: &str, payloads: &[String], concurrency: usize) -> anyhow::Result<(f64, Vec<Duration>)> {
+async fn ingest_round(brokers: &str, payloads: &[String], concurrency: usize, path: Path) -> anyhow::Result<(f64, Vec<Duration>)> {
     let topic = unique_topic("bench-ingest");
     meterline_tests::create_topic(brokers, &topic, 8).await;
     let ingest = Ingest::start(ingest_config(brokers, &topic, "")).await;
@@ -132,13 +173,14 @@ async fn ingest_round(brokers: &str, payloads: &[String], concurrency: usize) ->
         let (client, url) = (client.clone(), ingest.url.clone());
         async move {
             let r = client
-                .post(format!("{url}/v1/events"))
+                .post(format!("{url}{}", path.route))
                 .bearer_auth("acme-ingest-key")
-                .header("content-type", "application/json")
+                .header("content-type", path.content_type)
                 .body(body)
                 .send()
                 .await?;
-            anyhow::ensure!(r.status() == 202, "status {}", r.status());
+            let status = r.status().as_u16();
+            anyhow::ensure!(status == path.ok, "status {status}: {}", r.text().await.unwrap_or_default());
             Ok::<_, anyhow::Error>(())
         }
     };
