@@ -57,26 +57,28 @@ pub fn alert_row(r: &rusqlite::Row<'_>) -> Result<AlertRow, rusqlite::Error> {
 
 /// Stores decided transitions: each replaces its alert's row.
 pub(super) fn store(tx: &Transaction<'_>, transitions: &[Transition]) -> Result<(), rusqlite::Error> {
-    let mut store = tx.prepare_cached(
+    transitions.iter().try_for_each(|t| store_row(tx, &t.row))
+}
+
+/// Stores one alert, replacing its row (runaway transitions, limit crossings).
+pub(super) fn store_row(conn: &Connection, a: &AlertRow) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(
         "INSERT OR REPLACE INTO alerts (tenant, user_id, rule, opened_at, state, observed_nanos, threshold_nanos, \
          window_secs, updated_at, resolved_at, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?;
-    for t in transitions {
-        let a = &t.row;
-        store.execute(params![
-            a.tenant,
-            a.user_id,
-            a.rule,
-            a.opened_at,
-            a.state,
-            a.observed_nanos,
-            a.threshold_nanos,
-            a.window_secs,
-            a.updated_at,
-            a.resolved_at,
-            i64::try_from(a.version).unwrap_or(i64::MAX)
-        ])?;
-    }
+    )?
+    .execute(params![
+        a.tenant,
+        a.user_id,
+        a.rule,
+        a.opened_at,
+        a.state,
+        a.observed_nanos,
+        a.threshold_nanos,
+        a.window_secs,
+        a.updated_at,
+        a.resolved_at,
+        i64::try_from(a.version).unwrap_or(i64::MAX)
+    ])?;
     Ok(())
 }
 

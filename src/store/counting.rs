@@ -14,7 +14,7 @@
 //! Plans and subscriptions are read once per commit and tenant; a tenant
 //! without plans (the common case) costs one indexed lookup per commit.
 
-use meterline_domain::{AlertRow, EventRow, Rule};
+use meterline_domain::{EventRow, Rule};
 use meterline_limits::notify::{LimitAlert, watches};
 use meterline_limits::{KEY_PREFIX, Plan, PlanView, Subject, Subscription, SubscriptionView, applicable, counts};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -74,7 +74,7 @@ impl Counting {
                         continue;
                     }
                     let at = opened_at(conn, &row.tenant, &crossing.watch.subject.id, now_ms / 1_000)?;
-                    store_alert(conn, &crossing.alert_row(&row.tenant, at, u64::try_from(now_ms).unwrap_or(0)))?;
+                    super::alerts::store_row(conn, &crossing.alert_row(&row.tenant, at, u64::try_from(now_ms).unwrap_or(0)))?;
                     fired.push(crossing.body(&row.tenant));
                 }
             }
@@ -141,27 +141,6 @@ fn opened_at(conn: &Connection, tenant: &str, subject: &str, now: i64) -> Result
         .prepare_cached("SELECT MAX(opened_at) FROM alerts WHERE tenant = ?1 AND user_id = ?2 AND rule = ?3")?
         .query_row(params![tenant, subject, Rule::Limit.as_str()], |r| r.get(0))?;
     Ok(last.map_or(now, |l| now.max(l + 1)))
-}
-
-fn store_alert(conn: &Connection, a: &AlertRow) -> Result<(), rusqlite::Error> {
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO alerts (tenant, user_id, rule, opened_at, state, observed_nanos, threshold_nanos, \
-         window_secs, updated_at, resolved_at, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?
-    .execute(params![
-        a.tenant,
-        a.user_id,
-        a.rule,
-        a.opened_at,
-        a.state,
-        a.observed_nanos,
-        a.threshold_nanos,
-        a.window_secs,
-        a.updated_at,
-        a.resolved_at,
-        i64::try_from(a.version).unwrap_or(i64::MAX)
-    ])?;
-    Ok(())
 }
 
 /// Marks resolved the open limit alerts whose period has reset (the
