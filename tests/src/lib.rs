@@ -5,6 +5,7 @@
 //! needs them and finds them unset fails with instructions; it never passes
 //! without having run.
 
+pub mod limits;
 pub mod load;
 pub mod stack;
 pub mod workload;

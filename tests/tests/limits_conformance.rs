@@ -3,7 +3,7 @@
 //! counting into it) give identical limit answers; a customer's limit is
 //! shared by its users.
 
-use meterline_tests::stack::{ClickHouse, Process, Redis};
+use meterline_tests::limits::{Distributed, call};
 use meterline_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -12,15 +12,6 @@ const ADMIN: &str = "acme-admin-key";
 const INGEST: &str = "acme-ingest-key";
 const READ: &str = "acme-read-key";
 
-async fn call(method: reqwest::Method, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url).bearer_auth(key).timeout(Duration::from_secs(10));
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 async fn ok(method: reqwest::Method, url: String, key: &str, body: Value) -> Value {
     let (status, answer) = call(method, &url, key, Some(body)).await;
@@ -149,37 +140,8 @@ async fn both_modes_answer_the_same_plans_and_workload_identically() {
     assert_eq!(embedded_allowed, vec![true, false, true, false, false, true, true, false]);
 
     // The distributed deployment.
-    let ch = ClickHouse::shared();
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let topic = unique_topic("limits_conformance");
-    let database = ch.database(&format!("lc_{}", free_port())).await;
-    create_topic(&brokers, &topic, 4).await;
-    let redis = Redis::private().await;
-    let _aggregator = Process::start(
-        "meterline-aggregator",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
-             [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 100\n[limits]\nredis_url = \"{}\"\n{}",
-            free_port(),
-            ch.url,
-            redis.url(),
-            tenants_toml()
-        ),
-    );
-    let port = free_port();
-    let _ingest = Process::start(
-        "meterline-ingest",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\npartitions = 4\n[limits]\nredis_url = \"{}\"\n{}",
-            redis.url(),
-            tenants_toml()
-        ),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    poll_until(Duration::from_secs(30), "ingest to answer", || async {
-        reqwest::get(format!("{url}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
-    })
-    .await;
+    let deployment = Distributed::start("limits_conformance", 1, "").await;
+    let url = deployment.url(0).to_owned();
     // Plain events are counted after the aggregator writes them (in the
     // all-in-one binary, in the same commit): let them land before
     // reserving, so both modes decide on the same counts.

@@ -4,6 +4,7 @@
 //! of the aggregator and of a reservation server, and a Redis restart.
 
 use futures::future::join_all;
+use meterline_tests::limits::{Distributed, aggregator_toml, call, ingest_toml};
 use meterline_tests::stack::{ClickHouse, Process, Redis};
 use meterline_tests::*;
 use serde_json::{Value, json};
@@ -14,67 +15,25 @@ const ADMIN: &str = "acme-admin-key";
 const INGEST: &str = "acme-ingest-key";
 const READ: &str = "acme-read-key";
 
-fn brokers() -> String {
-    stack_var("METERLINE_TEST_KAFKA_BROKERS")
+/// The deployment, and what these tests read of it.
+struct Rig(Distributed);
+
+impl std::ops::Deref for Rig {
+    type Target = Distributed;
+    fn deref(&self) -> &Distributed {
+        &self.0
+    }
 }
 
-fn aggregator_toml(topic: &str, ch: &ClickHouse, database: &str, port: u16, redis: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 10\n\
-         [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
-         [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\nrequest_timeout_ms = 5000\n\
-         [flush]\ninterval_ms = 100\nmax_backoff_ms = 500\n[dedupe]\nexpected_keys_per_slice = 100000\n\
-         [limits]\nredis_url = \"{redis}\"\n{}",
-        brokers(),
-        ch.url,
-        tenants_toml()
-    )
-}
-
-fn ingest_toml(topic: &str, port: u16, redis: &str, limits: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 5\n\
-         [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\npartitions = 4\nproduce_timeout_ms = 3000\n\
-         [limits]\nredis_url = \"{redis}\"\n{limits}\n{}",
-        brokers(),
-        tenants_toml()
-    )
-}
-
-/// The whole distributed deployment of one test.
-struct Rig {
-    ch: ClickHouse,
-    database: String,
-    redis: Redis,
-    aggregator: Process,
-    servers: Vec<(Process, String)>,
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Distributed {
+        &mut self.0
+    }
 }
 
 impl Rig {
     async fn start(name: &str, servers: usize, limits: &str) -> Rig {
-        let ch = ClickHouse::shared();
-        let topic = unique_topic(name);
-        let database = ch.database(&format!("l_{name}_{}", free_port())).await;
-        create_topic(&brokers(), &topic, 4).await;
-        let redis = Redis::private().await;
-        let aggregator = Process::start("meterline-aggregator", &aggregator_toml(&topic, &ch, &database, free_port(), &redis.url()));
-        let mut list = Vec::new();
-        for _ in 0..servers {
-            let port = free_port();
-            let process = Process::start("meterline-ingest", &ingest_toml(&topic, port, &redis.url(), limits));
-            list.push((process, format!("http://127.0.0.1:{port}")));
-        }
-        for (_, url) in &list {
-            poll_until(Duration::from_secs(30), "ingest to answer", || async {
-                reqwest::get(format!("{url}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
-            })
-            .await;
-        }
-        Rig { ch, database, redis, aggregator, servers: list }
-    }
-
-    fn url(&self, i: usize) -> &str {
-        &self.servers[i % self.servers.len()].1
+        Rig(Distributed::start(name, servers, limits).await)
     }
 
     /// Events of one user metered in ClickHouse, by idempotency key.
@@ -92,20 +51,6 @@ impl Rig {
     }
 }
 
-async fn call(method: reqwest::Method, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url).bearer_auth(key).timeout(Duration::from_secs(10));
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    match request.send().await {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        // A killed server: no answer, the client would retry.
-        Err(_) => (0, Value::Null),
-    }
-}
 
 async fn put_plan(url: &str, plan: &str, limits: Value) {
     let (status, body) = call(reqwest::Method::PUT, &format!("{url}/v1/plans/{plan}"), ADMIN, Some(json!({ "limits": limits }))).await;
@@ -313,7 +258,7 @@ async fn limit_crossings_fire_once_through_the_aggregator() {
     let ch = ClickHouse::shared();
     let topic = unique_topic("limit_alerts");
     let database = ch.database(&format!("l_limit_alerts_{}", free_port())).await;
-    create_topic(&brokers(), &topic, 4).await;
+    create_topic(&stack_var("METERLINE_TEST_KAFKA_BROKERS"), &topic, 4).await;
     let redis = Redis::private().await;
     let agg_config = aggregator_toml(&topic, &ch, &database, free_port(), &redis.url())
         .replacen("[limits]\n", &format!("[alerts]\nwebhook_url = \"{hook}\"\nwebhook_retries = 1\n[limits]\n"), 1);

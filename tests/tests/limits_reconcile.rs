@@ -146,36 +146,8 @@ async fn embedded_counters_reconcile_and_a_corrupted_one_is_reported() {
 /// against the events in ClickHouse.
 #[tokio::test]
 async fn distributed_counters_reconcile_against_clickhouse_and_a_corrupted_one_is_reported() {
-    use meterline_tests::stack::{ClickHouse, Process, Redis};
-    let ch = ClickHouse::shared();
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
-    let topic = unique_topic("limits_reconcile_d");
-    let database = ch.database(&format!("lr_{}", free_port())).await;
-    create_topic(&brokers, &topic, 4).await;
-    let redis = Redis::private().await;
-    let aggregator_toml = format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"agg-{topic}\"\nsession_timeout_ms = 2000\n\
-         [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n[flush]\ninterval_ms = 100\n[limits]\nredis_url = \"{}\"\n{}",
-        free_port(),
-        ch.url,
-        redis.url(),
-        tenants_toml()
-    );
-    let _aggregator = Process::start("meterline-aggregator", &aggregator_toml);
-    let port = free_port();
-    let _ingest = Process::start(
-        "meterline-ingest",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\npartitions = 4\n[limits]\nredis_url = \"{}\"\n{}",
-            redis.url(),
-            tenants_toml()
-        ),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    poll_until(std::time::Duration::from_secs(30), "ingest to answer", || async {
-        reqwest::get(format!("{url}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
-    })
-    .await;
+    let deployment = meterline_tests::limits::Distributed::start("limits_reconcile_d", 1, "").await;
+    let (url, aggregator_toml, redis) = (deployment.url(0).to_owned(), deployment.aggregator_toml.clone(), &deployment.redis);
     let client = reqwest::Client::new();
     let (status, body) = send(&client, reqwest::Method::PUT, format!("{url}/v1/plans/default"), ACME_ADMIN, plan("chat")).await;
     assert_eq!(status, 200, "{body}");
