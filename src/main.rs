@@ -8,7 +8,7 @@
 //! meterline query-api  --config FILE     # distributed: HTTP over ClickHouse
 //! meterline config check FILE [--role ROLE]
 //! meterline keys new --tenant T --scopes ingest,read [--name NAME]
-//! meterline stripe-sync [--config FILE] [--data-dir DIR]   # push billable usage to Stripe meters
+//! meterline stripe-sync [--config FILE] [--data-dir DIR] [--role all-in-one|distributed]   # push billable usage to Stripe meters
 //! meterline limits reconcile [--config FILE] [--data-dir DIR] [--role all-in-one|aggregator] [--tenant T] [--json]
 //! meterline export --tenant T --from TIME --to TIME [--by customer|user] [--measures M,..] [--format csv|json] [--role all-in-one|query-api] [--config FILE] [--data-dir DIR]
 //! ```
@@ -55,8 +55,9 @@ enum Command {
     #[command(subcommand)]
     Limits(LimitsCommand),
     /// Push each mapped customer's billable usage to Stripe's meters in hourly
-    /// windows, as deltas (one process per data directory; the secret key
-    /// comes from METERLINE_STRIPE_SECRET_KEY).
+    /// windows, as deltas (one process per data directory, or with --role
+    /// distributed one per ClickHouse database; the secret key comes from
+    /// METERLINE_STRIPE_SECRET_KEY).
     StripeSync(StripeSyncArgs),
     /// Billable totals per customer or user per billing period (each
     /// subject's subscription cycle, else the calendar month), exact, as CSV
@@ -117,12 +118,25 @@ enum ExportRole {
 
 #[derive(Debug, Args)]
 struct StripeSyncArgs {
-    /// The all-in-one's config, with [billing] (default DIR/meterline.toml).
+    /// The deployment's config with [billing]: the all-in-one's (default
+    /// DIR/meterline.toml), or the query API's (with --role distributed).
     #[arg(long, value_name = "FILE", env = "METERLINE_CONFIG")]
     config: Option<PathBuf>,
+    /// Which deployment: the embedded store, or ClickHouse (the usage and
+    /// the pushed state) from a query API config.
+    #[arg(long, value_enum, default_value_t = SyncRole::AllInOne)]
+    role: SyncRole,
     /// The all-in-one's data directory, whose database holds the usage and the pushed state.
     #[arg(long, value_name = "DIR", env = "METERLINE_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SyncRole {
+    /// The all-in-one binary's SQLite store (one sync per data directory).
+    AllInOne,
+    /// ClickHouse, from the query API's config (run exactly one).
+    Distributed,
 }
 
 /// The all-in-one mode's flags.
@@ -445,8 +459,39 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meterline stripe-sync --role distributed`: the sync worker over ClickHouse
+/// until SIGTERM, from the query API's config (its [clickhouse] and [billing]).
+async fn stripe_sync_distributed(args: StripeSyncArgs) -> anyhow::Result<()> {
+    let path = args.config.context("--role distributed needs --config FILE (the query API's config, with [billing])")?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+    let config = meterline_query_api::Config::load(&text, std::env::vars()).with_context(|| format!("config {}", path.display()))?;
+    let key = stripe_secret_key()?;
+    let store = meterline_clickhouse::connect(&config.clickhouse).await.context("connecting to ClickHouse")?;
+    let ledger = meterline_query_api::billing::ClickHouseBilling::open(store).await?;
+    let stripe = stripe_client(&config.billing, key)?;
+    let b = &config.billing;
+    tracing::info!(base_url = %b.stripe_base_url, tenants = b.tenants.len(), interval_secs = b.interval_secs, "stripe sync started (ClickHouse)");
+    meterline_billing::Worker::new(ledger, stripe, config.billing.clone()).run(meterline_http::shutdown_signal()).await;
+    tracing::info!("stripe sync stopped");
+    Ok(())
+}
+
+/// The Stripe secret key: from the environment only, never a config key.
+fn stripe_secret_key() -> anyhow::Result<String> {
+    let key = std::env::var(meterline_billing::SECRET_KEY_VAR).ok().filter(|k| !k.is_empty());
+    key.with_context(|| format!("{} is not set: the Stripe secret key comes from the environment only", meterline_billing::SECRET_KEY_VAR))
+}
+
+fn stripe_client(b: &meterline_billing::BillingConfig, key: String) -> anyhow::Result<meterline_billing::StripeClient> {
+    let timeout = std::time::Duration::from_millis(b.timeout_ms);
+    Ok(meterline_billing::StripeClient::new(&b.stripe_base_url, key, timeout, b.max_attempts, std::time::Duration::from_millis(b.backoff_ms))?)
+}
+
 /// `meterline stripe-sync`: the sync worker over the embedded store until SIGTERM.
 async fn stripe_sync(args: StripeSyncArgs) -> anyhow::Result<()> {
+    if args.role == SyncRole::Distributed {
+        return stripe_sync_distributed(args).await;
+    }
     let path = args.config.clone().unwrap_or_else(|| args.data_dir.join(meterline::devconfig::CONFIG_FILE));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
     let config = meterline::Config::load(&text, std::env::vars()).with_context(|| format!("config {}", path.display()))?;

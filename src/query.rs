@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use meterline_domain::{AlertRow, EventRow, Granularity, SumRow};
 use meterline_query_api::{AlertsQuery, Cursor, QueryError, QueryStore, SumsQuery, TopQuery};
-use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, i, metric_order, plan, resums, sums_as};
+use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, resums, sums_as};
 use std::sync::Arc;
 
 use crate::store::{self, Embedded};
@@ -135,9 +135,9 @@ impl QueryStore for EmbeddedQueries {
     fn sums<'a>(&'a self, scope: &'a Scope, s: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         Box::pin(async move {
             let mut q = grouped(scope, s.granularity, &s.group_by);
-            if s.negative_only {
-                q.push(NEGATIVE_ONLY, []);
-            }
+            // A page's cursor applies in bucket then key order only, as on ClickHouse.
+            let after = if s.order_by_margin { None } else { s.after.as_ref() };
+            q.append(having(s.negative_only, after));
             q.push(if s.order_by_margin { BY_MARGIN } else { BY_BUCKET }, []);
             q.push(" LIMIT ?", [i(s.limit)]);
             self.rows(q, sum_row).await

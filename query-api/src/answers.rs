@@ -107,6 +107,9 @@ pub struct UsageAnswer<'a> {
     pub granularity: &'static str,
     pub group_by: &'a [&'static str],
     pub rows: Vec<Row<'a>>,
+    /// Pass as `cursor` (with the same parameters) for the rows after these;
+    /// null when there are none.
+    pub next_cursor: Option<String>,
 }
 
 /// A top spender with its share of the tenant's total for the metric.
@@ -123,6 +126,8 @@ pub struct TopSpendersAnswer<'a> {
     pub by: &'static str,
     pub metric: &'static str,
     pub rows: Vec<Ranked<'a>>,
+    /// More groups than `limit` exist: the ranking is a top N, cut on purpose.
+    pub truncated: bool,
     pub total: Row<'a>,
 }
 
@@ -145,6 +150,8 @@ pub struct MarginsAnswer<'a> {
     pub range: Range,
     pub group_by: &'a [&'static str],
     pub rows: Vec<WithMargin<'a>>,
+    /// More groups than `limit` exist (lowest margins first, cut on purpose).
+    pub truncated: bool,
     pub total: WithMargin<'a>,
     pub negative_margin_groups: u64,
 }
@@ -256,6 +263,8 @@ impl<'a> Alert<'a> {
 pub struct AlertsAnswer<'a> {
     pub range: Range,
     pub alerts: Vec<Alert<'a>>,
+    /// Pass as `cursor` for the alerts after these; null when there are none.
+    pub next_cursor: Option<String>,
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ pub struct Config {
     pub limits: meterline_limits::LimitsConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// The Stripe meter sync: its meters and config mappings, read by the
+    /// mapping route here and by `meterline stripe-sync --role distributed`.
+    #[serde(default)]
+    pub billing: meterline_billing::BillingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,7 +47,7 @@ impl Default for ServerConfig {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, QueryError> {
-        let config: Config = load_toml_with_env(text, &["server", "clickhouse", "limits"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "clickhouse", "limits", "billing"], vars)?;
         if config.server.max_range_days < 1 {
             return Err(QueryError::config("server.max_range_days", "must be at least 1"));
         }
@@ -54,6 +58,11 @@ impl Config {
             return Err(QueryError::config(key, message));
         }
         KeyRing::from_config(&config.tenants)?;
+        let ids: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
+        config.billing.validate(&ids).map_err(|e| match e {
+            meterline_billing::BillingError::Config { key, message } => QueryError::config(key, message),
+            other => QueryError::config("billing", other.to_string()),
+        })?;
         Ok(config)
     }
 }

@@ -7,11 +7,13 @@
 //! or this calendar month for a user's statement and the audit trail.
 
 mod answers;
+pub mod billing;
 mod cached;
 mod config;
 mod error;
 pub mod export;
 pub mod metrics;
+mod pages;
 mod params;
 mod ranking;
 mod server;
@@ -21,4 +23,4 @@ pub use config::{Config, ServerConfig};
 pub use error::QueryError;
 pub use params::Params;
 pub use server::{AppState, OPENAPI, api_routes, route_paths, router, serve};
-pub use store::{AlertsQuery, Cursor, Order, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, separately};
+pub use store::{AlertsQuery, Cursor, GroupCursor, Order, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, separately};

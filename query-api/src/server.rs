@@ -17,11 +17,12 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 
 use crate::answers::{Alert, AlertsAnswer, Event, EventsAnswer, MarginsAnswer, Range, Ranked, Row, TopSpendersAnswer, UsageAnswer, UserUsageAnswer, WithMargin, ratio};
+use crate::billing::ClickHouseBilling;
 use crate::config::Config;
 use crate::export::{ClickHouseExport, ExportSource};
 use crate::params::Params;
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
-use crate::{QueryError, metrics};
+use crate::{QueryError, metrics, pages};
 
 /// The OpenAPI document, checked in beside the crate.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -33,18 +34,27 @@ pub struct AppState {
     max_days: i64,
     /// Where `/v1/billing/export` reads; without one it answers 503.
     export: Option<Arc<dyn ExportSource>>,
+    /// The Stripe meter sync's mapping and status routes, over their own
+    /// state (the query service's: ClickHouse); merged into the API.
+    billing: Option<Router>,
 }
 
 impl AppState {
     /// The query API's state over any store: the all-in-one binary passes its
     /// embedded store, the query service ClickHouse.
     pub fn new(tenants: &[TenantConfig], store: Arc<dyn QueryStore>, max_range_days: i64) -> Result<AppState, QueryError> {
-        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None })
+        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None })
     }
 
     /// The state with the billing export reading from `source`.
     pub fn with_export(self, source: Arc<dyn ExportSource>) -> AppState {
         AppState { export: Some(source), ..self }
+    }
+
+    /// The state with the billing routes (`meterline_billing::routes`)
+    /// served beside the API.
+    pub fn with_billing(self, routes: Router) -> AppState {
+        AppState { billing: Some(routes), ..self }
     }
 
     pub(crate) fn export_source(&self) -> Option<&Arc<dyn ExportSource>> {
@@ -75,8 +85,10 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         None => None,
     };
     let export = ClickHouseExport { store: clickhouse.clone(), redis };
+    let billing = meterline_billing::BillingApi::new(ClickHouseBilling::new(clickhouse.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
     let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups);
-    let state = Arc::new(AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export)));
+    let state = AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export));
+    let state = Arc::new(state.with_billing(meterline_billing::routes(Arc::new(billing))));
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -95,20 +107,26 @@ fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     ]
 }
 
-/// The API routes' paths.
+/// The API routes' paths, the billing routes' included (every deployment
+/// serves them beside the API).
 pub fn route_paths() -> Vec<&'static str> {
-    routes().into_iter().map(|(path, _)| path).collect()
+    routes().into_iter().map(|(path, _)| path).chain(meterline_billing::routes::PATHS).collect()
 }
 
 /// The API routes alone (with the OpenAPI document), for a process that
 /// serves them beside others.
 pub fn api_routes(state: Shared) -> Router {
-    routes()
+    let billing = state.billing.clone().map(|b| b.route_layer(middleware::from_fn(record)));
+    let api = routes()
         .into_iter()
         .fold(Router::new(), |router, (path, method)| router.route(path, method))
         .route_layer(middleware::from_fn(record))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
-        .with_state(state)
+        .with_state(state);
+    match billing {
+        Some(billing) => api.merge(billing),
+        None => api,
+    }
 }
 
 /// The query service's whole router: the API, health, readiness, metrics.
@@ -149,17 +167,31 @@ fn with_events(rows: &[SumRow]) -> impl Iterator<Item = &SumRow> {
     rows.iter().filter(|r| r.s_events > 0)
 }
 
+/// Keeps the first `limit` of `rows` (asked for one more); true if more were there.
+fn cut<T>(rows: &mut Vec<T>, limit: i64) -> bool {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    more
+}
+
 async fn usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
     let answer = async {
-        let p = Params::new(&raw, &["group_by", "granularity", "limit"])?;
+        let p = Params::new(&raw, &["group_by", "granularity", "limit", "cursor"])?;
         let group_by = p.dimensions("group_by", &[])?;
         let granularity = p.one_of("granularity", &Granularity::ALL, Granularity::as_str, Granularity::Day)?;
         let limit = p.limit(10_000, 100_000)?;
+        let after = p.get("cursor").map(|c| pages::decode(c, granularity, &group_by)).transpose()?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        let rows = sums(&state, &scope, SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, limit }).await?;
+        let read = after.as_ref().map_or_else(|| scope.clone(), |a| pages::rest(&scope, granularity, a));
+        // One row more than asked tells whether the answer is cut.
+        let q = SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, after, limit: limit + 1 };
+        let mut rows = sums(&state, &read, q).await?;
+        let next_cursor = cut(&mut rows, limit).then(|| rows.last().map(|r| pages::encode(granularity, &group_by, r))).flatten();
         let bucketed = granularity != Granularity::Total;
         let rows = with_events(&rows).map(|r| Row::of(r, &group_by, bucketed)).collect();
-        Ok::<_, ApiError>(Json(UsageAnswer { range: Range::of(&scope), granularity: granularity.as_str(), group_by: &group_by, rows }).into_response())
+        let answer = UsageAnswer { range: Range::of(&scope), granularity: granularity.as_str(), group_by: &group_by, rows, next_cursor };
+        Ok::<_, ApiError>(Json(answer).into_response())
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -172,13 +204,14 @@ async fn top_spenders(State(state): State<Shared>, ReadKey { tenant }: ReadKey, 
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit, count_negative: false };
-        let Ranking { rows, total, .. } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
+        let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit: limit + 1, count_negative: false };
+        let Ranking { mut rows, total, .. } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
+        let truncated = cut(&mut rows, limit);
         let of_total = metric.of(&total);
         let ranked = with_events(&rows)
             .map(|r| Ranked { row: Row::of(r, &[by], false), share: if of_total > 0 { ratio(metric.of(r), of_total, 6) } else { None } })
             .collect();
-        let answer = TopSpendersAnswer { range: Range::of(&scope), by, metric: metric.as_str(), rows: ranked, total: Row::of(&total, &[], false) };
+        let answer = TopSpendersAnswer { range: Range::of(&scope), by, metric: metric.as_str(), rows: ranked, truncated, total: Row::of(&total, &[], false) };
         Ok::<_, ApiError>(Json(answer).into_response())
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
@@ -198,12 +231,14 @@ async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query
         };
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit, count_negative: true };
-        let Ranking { rows, total, negative } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
+        let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit: limit + 1, count_negative: true };
+        let Ranking { mut rows, total, negative } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
+        let truncated = cut(&mut rows, limit);
         let answer = MarginsAnswer {
             range: Range::of(&scope),
             group_by: &group_by,
             rows: with_events(&rows).map(|r| WithMargin::of(r, &group_by)).collect(),
+            truncated,
             total: WithMargin::of(&total, &[]),
             negative_margin_groups: negative.unwrap_or(0),
         };
@@ -277,7 +312,7 @@ async fn events(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(
 
 async fn alerts(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(raw): Raw) -> Response {
     let answer = async {
-        let p = Params::new(&raw, &["state", "rule", "limit"])?;
+        let p = Params::new(&raw, &["state", "rule", "limit", "cursor"])?;
         for unsupported in ["customer_id", "feature", "model", "environment", "billable"] {
             if p.get(unsupported).is_some() {
                 return Err(ApiError::bad_request("invalid_parameter", "alerts are per user; filter by user_id or rule").with_field(unsupported));
@@ -294,9 +329,12 @@ async fn alerts(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(
             .transpose()?;
         let limit = p.limit(100, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::OpenedAt, Some(30), state.max_days)?;
-        let q = AlertsQuery { tenant: tenant.clone(), from: scope.from.timestamp(), to: scope.to.timestamp(), state: state_filter, user: p.get("user_id").map(str::to_owned), rule, limit };
-        let rows = state.store.alerts(&q).await.map_err(unavailable)?;
-        Ok(Json(AlertsAnswer { range: Range::of(&scope), alerts: rows.iter().map(Alert::of).collect() }).into_response())
+        let after = p.get("cursor").map(pages::decode_alert).transpose()?;
+        let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+        let q = AlertsQuery { tenant: tenant.clone(), from, to, state: state_filter, user: p.get("user_id").map(str::to_owned), rule, after, limit: limit + 1 };
+        let mut rows = state.store.alerts(&q).await.map_err(unavailable)?;
+        let next_cursor = cut(&mut rows, limit).then(|| rows.last().map(pages::encode_alert)).flatten();
+        Ok(Json(AlertsAnswer { range: Range::of(&scope), alerts: rows.iter().map(Alert::of).collect(), next_cursor }).into_response())
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -8,7 +8,7 @@ use meterline_clickhouse::Store;
 use meterline_domain::{AlertRow, EventRow, Granularity, Metric, SumRow, TimeColumn};
 use meterline_sql::{Dialect, Scope};
 
-pub use meterline_sql::{AlertsQuery, Cursor};
+pub use meterline_sql::{AlertsQuery, Cursor, GroupCursor};
 
 use crate::QueryError;
 use crate::cached::{self, GroupReader};
@@ -24,13 +24,16 @@ pub struct SumsQuery {
     pub negative_only: bool,
     /// Lowest margin first instead of bucket then key order.
     pub order_by_margin: bool,
+    /// Only the groups after these keys in bucket then key order (a next
+    /// page); ignored with `order_by_margin`.
+    pub after: Option<GroupCursor>,
     pub limit: i64,
 }
 
 impl SumsQuery {
     /// Totals over the scope, grouped by `group_by`, in key order.
     pub fn totals(group_by: &[&'static str], limit: i64) -> SumsQuery {
-        SumsQuery { granularity: Granularity::Total, group_by: group_by.to_vec(), negative_only: false, order_by_margin: false, limit }
+        SumsQuery { granularity: Granularity::Total, group_by: group_by.to_vec(), negative_only: false, order_by_margin: false, after: None, limit }
     }
 }
 
@@ -74,7 +77,7 @@ pub fn separately<'a, S: QueryStore + ?Sized>(store: &'a S, scope: &'a Scope, q:
                     store.top(scope, TopQuery { by, metric, descending, limit: q.limit }).await
                 }
                 Order::Margin => {
-                    let s = SumsQuery { granularity: Granularity::Total, group_by: q.group_by.clone(), negative_only: q.negative_only, order_by_margin: true, limit: q.limit };
+                    let s = SumsQuery { granularity: Granularity::Total, group_by: q.group_by.clone(), negative_only: q.negative_only, order_by_margin: true, after: None, limit: q.limit };
                     store.sums(scope, &s).await
                 }
             }
@@ -119,7 +122,10 @@ impl GroupReader for ClickHouseStore {
 impl QueryStore for ClickHouseStore {
     fn sums<'a>(&'a self, scope: &'a Scope, q: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         Box::pin(async move {
-            let sql = queries::sums(scope, q.granularity, &q.group_by, q.negative_only, q.order_by_margin, q.limit);
+            let sql = match (&q.after, q.order_by_margin) {
+                (Some(after), false) => queries::sums_after(scope, q.granularity, &q.group_by, q.negative_only, Some(after), q.limit),
+                _ => queries::sums(scope, q.granularity, &q.group_by, q.negative_only, q.order_by_margin, q.limit),
+            };
             Ok(self.store.query(&sql).fetch_all().await?)
         })
     }

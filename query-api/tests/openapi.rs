@@ -121,6 +121,51 @@ impl meterline_query_api::export::ExportSource for FakeExport {
     }
 }
 
+/// A billing store with one API mapping (`api-c`) and a status row with
+/// every optional field set and one with none.
+#[derive(Debug)]
+struct FakeBilling;
+
+impl meterline_billing::BillingAdmin for FakeBilling {
+    async fn put_mapping(&self, _: &str, _: &str, _: &str) -> Result<(), meterline_billing::BillingError> {
+        Ok(())
+    }
+    async fn mapping(&self, _: &str, subject: &str) -> Result<Option<String>, meterline_billing::BillingError> {
+        Ok((subject == "api-c").then(|| "cus_Api".to_owned()))
+    }
+    async fn status(&self, _: &str) -> Result<Vec<meterline_billing::StatusRow>, meterline_billing::BillingError> {
+        let row = |customer: &str, last: Option<&str>, error: Option<&str>| meterline_billing::StatusRow {
+            event_name: "ai_cost".into(),
+            customer_id: customer.into(),
+            stripe_customer_id: "cus_Api".into(),
+            last_window: last.map(str::to_owned),
+            last_window_value: 7,
+            total_pushed: 70,
+            pending_windows: 1,
+            pending_value: 3,
+            refused_windows: 0,
+            refused_value: 0,
+            last_error: error.map(str::to_owned),
+        };
+        Ok(vec![row("api-c", Some("2026-01-01T10:00:00Z"), None), row("config-c", None, Some("No such customer: 'cus_C'"))])
+    }
+}
+
+/// The billing routes over [`FakeBilling`], with `config-c` mapped by config.
+fn fake_billing(tenants: &[TenantConfig]) -> axum::Router {
+    let config = meterline_billing::BillingConfig {
+        tenants: vec![meterline_billing::TenantBilling {
+            tenant: "acme".into(),
+            subject: Default::default(),
+            customers: [("config-c".to_owned(), "cus_C".to_owned())].into(),
+            meters: vec![],
+        }],
+        ..Default::default()
+    };
+    let keys = meterline_schemas::tenants::KeyRing::from_config(tenants).expect("keys");
+    meterline_billing::routes(Arc::new(meterline_billing::BillingApi::new(FakeBilling, keys, config)))
+}
+
 async fn serve() -> String {
     let tenants = vec![TenantConfig {
         id: "acme".into(),
@@ -132,7 +177,7 @@ async fn serve() -> String {
         prices: Default::default(),
         webhook_secret: None,
     }];
-    let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)));
+    let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(fake_billing(&tenants)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, meterline_query_api::router(state)).await });
@@ -177,6 +222,11 @@ async fn every_documented_answer_validates_against_the_running_server() {
         ("/v1/users/{user_id}/usage", "/v1/users/u/usage", "/v1/users/u/usage?user_id=v"),
         ("/v1/events", "/v1/events?user_id=u&limit=2", "/v1/events?user_id=u&cursor=zz"),
         ("/v1/alerts", "/v1/alerts?state=all", "/v1/alerts?rule=selfish"),
+        // Cut answers (the fake has two rows of each): a cursor or `truncated`.
+        ("/v1/usage", "/v1/usage?group_by=user_id&limit=1", "/v1/usage?cursor=zz"),
+        ("/v1/top-spenders", "/v1/top-spenders?limit=1", "/v1/top-spenders?limit=1001"),
+        ("/v1/margins", "/v1/margins?limit=1", "/v1/margins?limit=0"),
+        ("/v1/alerts", "/v1/alerts?limit=1", "/v1/alerts?cursor=zz"),
         ("/v1/billing/export", "/v1/billing/export?from=2026-01-01T00:00:00Z&to=2027-02-01T00:00:00Z&measures=events,total_tokens,cost_usd,credits", "/v1/billing/export?from=2026-01-01T00:00:00Z"),
     ];
     let mut seen = std::collections::BTreeSet::new();
@@ -201,6 +251,44 @@ async fn every_documented_answer_validates_against_the_running_server() {
             assert!(errors.is_empty(), "{query} ({status}) does not match the document: {errors:?}\n{body}");
         }
     }
+    // The billing routes (admin keys): each method and documented status.
+    let long = format!("/v1/customers/{}/billing", "c".repeat(257));
+    let (good, bad) = (json!({"stripe_customer_id": "cus_New"}), json!({"stripe_customer_id": "New"}));
+    let billing = [
+        ("/v1/customers/{customer_id}/billing", "get", "/v1/customers/api-c/billing".to_owned(), None, Some(ADMIN_KEY), 200),
+        ("/v1/customers/{customer_id}/billing", "get", "/v1/customers/config-c/billing".to_owned(), None, Some(ADMIN_KEY), 200),
+        ("/v1/customers/{customer_id}/billing", "get", "/v1/customers/nobody/billing".to_owned(), None, Some(ADMIN_KEY), 404),
+        ("/v1/customers/{customer_id}/billing", "get", long.clone(), None, Some(ADMIN_KEY), 400),
+        ("/v1/customers/{customer_id}/billing", "get", "/v1/customers/api-c/billing".to_owned(), None, None, 401),
+        ("/v1/customers/{customer_id}/billing", "get", "/v1/customers/api-c/billing".to_owned(), None, Some(READ_KEY), 403),
+        ("/v1/customers/{customer_id}/billing", "put", "/v1/customers/c/billing".to_owned(), Some(&good), Some(ADMIN_KEY), 200),
+        ("/v1/customers/{customer_id}/billing", "put", "/v1/customers/c/billing".to_owned(), Some(&bad), Some(ADMIN_KEY), 400),
+        ("/v1/customers/{customer_id}/billing", "put", long, Some(&good), Some(ADMIN_KEY), 400),
+        ("/v1/customers/{customer_id}/billing", "put", "/v1/customers/c/billing".to_owned(), Some(&good), None, 401),
+        ("/v1/customers/{customer_id}/billing", "put", "/v1/customers/c/billing".to_owned(), Some(&good), Some(READ_KEY), 403),
+        ("/v1/billing/status", "get", "/v1/billing/status".to_owned(), None, Some(ADMIN_KEY), 200),
+        ("/v1/billing/status", "get", "/v1/billing/status".to_owned(), None, None, 401),
+        ("/v1/billing/status", "get", "/v1/billing/status".to_owned(), None, Some(READ_KEY), 403),
+    ];
+    for (path, method, query, body, key, status) in billing {
+        seen.insert(path);
+        let mut request = if method == "put" { client.put(format!("{url}{query}")) } else { client.get(format!("{url}{query}")) };
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status().as_u16(), status, "{method} {query}");
+        let answer: Value = response.json().await.expect("JSON body");
+        let mut schema = doc["paths"][path][method]["responses"][status.to_string()]["content"]["application/json"]["schema"].clone();
+        assert!(schema.is_object(), "{method} {path} documents no {status} answer");
+        schema["components"] = doc["components"].clone();
+        let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+        let errors: Vec<String> = validator.iter_errors(&answer).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+        assert!(errors.is_empty(), "{method} {query} ({status}) does not match the document: {errors:?}\n{answer}");
+    }
     assert_eq!(seen.len(), meterline_query_api::route_paths().len(), "every route asked");
     // The fake's rows carry every optional field both ways, so the answers
     // above exercised nulls and values alike.
@@ -208,4 +296,10 @@ async fn every_documented_answer_validates_against_the_running_server() {
     assert_eq!(body["events"][0]["kafka_partition"], json!(3));
     assert_eq!(body["events"][1]["kafka_partition"], Value::Null);
     assert!(body["next_cursor"].is_string());
+    for (query, cut) in [("/v1/usage?limit=1", "next_cursor"), ("/v1/alerts?limit=1", "next_cursor"), ("/v1/top-spenders?limit=1", "truncated"), ("/v1/margins?limit=1", "truncated")] {
+        let body: Value = client.get(format!("{url}{query}")).bearer_auth(READ_KEY).send().await.expect("request").json().await.expect("json");
+        assert!(body[cut].is_string() || body[cut] == json!(true), "{query} says it is cut: {body}");
+        let whole: Value = client.get(format!("{url}{query}0")).bearer_auth(READ_KEY).send().await.expect("request").json().await.expect("json");
+        assert!(whole[cut].is_null() || whole[cut] == json!(false), "{query}0 is whole: {whole}");
+    }
 }

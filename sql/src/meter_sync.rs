@@ -2,7 +2,11 @@
 //! from the minute rollups, for a list of subjects, in both dialects.
 //!
 //! Summed from the rollups, not `events`: the sync's windows are whole
-//! hours, which minute rows tile exactly, and they are far fewer rows.
+//! hours, which minute rows tile exactly, and they are far fewer rows. On
+//! ClickHouse `rollups_minute` is exact too: it is summed by the server from
+//! the deduplicated `events` in one INSERT with its progress markers, so a
+//! flush's rows land once (the aggregator's repair starts after the last
+//! marker), and its marker rows (tenant '') never match a tenant.
 
 use crate::builder::{Sql, Value, i, s};
 use crate::scope::Dialect;
@@ -51,7 +55,8 @@ pub fn hourly_sums(dialect: Dialect, q: &HourlySums) -> Option<Sql> {
     }
     let (subject, added, t) = (q.subject_column, q.columns.join(" + "), dialect.time_param());
     let (hour, total) = match dialect {
-        Dialect::ClickHouse => ("intDiv(toUnixTimestamp(window_start), 3600) * 3600", format!("toInt64(sum({added}))")),
+        // Int64 both: a reader checking types (current ClickHouse) takes them as i64.
+        Dialect::ClickHouse => ("toInt64(intDiv(toUInt32(window_start), 3600) * 3600)", format!("toInt64(sum({added}))")),
         Dialect::Sqlite => ("window_start - window_start % 3600", format!("SUM({added})")),
     };
     let mut sql = Sql::new(format!("SELECT {subject} AS subject, {hour} AS hour, {total} AS total FROM rollups_minute WHERE "));

@@ -4,6 +4,7 @@
 
 use meterline_domain::{Granularity, Measure, Metric, TimeColumn, whole_days};
 
+use crate::builder::{Sql, i, s};
 use crate::scope::Scope;
 
 /// The summed columns, named as `SumRow` reads them (valid SQL for every
@@ -85,6 +86,54 @@ pub const BY_BUCKET: &str = " ORDER BY g_bucket, g_user, g_customer, g_feature, 
 /// Only groups whose revenue is below their cost.
 pub const NEGATIVE_ONLY: &str = " HAVING s_revenue - s_cost < 0";
 
+/// Where an answer in [`BY_BUCKET`] order resumes: after the group with
+/// these keys ('' for a dimension not grouped, as [`dims`] selects it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupCursor {
+    pub bucket: i64,
+    pub user: String,
+    pub customer: String,
+    pub feature: String,
+    pub model: String,
+}
+
+/// The HAVING clause of grouped sums: only negative margins, and only the
+/// groups after `after` in [`BY_BUCKET`] order (keyset paging: the keys are
+/// unique per group, so no group is skipped or repeated between pages, and
+/// both stores compare strings bytewise). Empty when neither applies.
+pub fn having(negative_only: bool, after: Option<&GroupCursor>) -> Sql {
+    let mut conditions = Vec::new();
+    if negative_only {
+        conditions.push(Sql::new("s_revenue - s_cost < 0"));
+    }
+    if let Some(c) = after {
+        // Spelled out rather than a tuple comparison, which ClickHouse 18.16
+        // and SQLite do not share.
+        let mut sql = Sql::new(
+            "(g_bucket > ? OR (g_bucket = ? AND (g_user > ? OR (g_user = ? AND (g_customer > ? OR (g_customer = ? \
+             AND (g_feature > ? OR (g_feature = ? AND g_model > ?))))))))",
+        );
+        sql.binds = vec![
+            i(c.bucket),
+            i(c.bucket),
+            s(c.user.clone()),
+            s(c.user.clone()),
+            s(c.customer.clone()),
+            s(c.customer.clone()),
+            s(c.feature.clone()),
+            s(c.feature.clone()),
+            s(c.model.clone()),
+        ];
+        conditions.push(sql);
+    }
+    if conditions.is_empty() {
+        return Sql::default();
+    }
+    let mut out = Sql::new(" HAVING ");
+    out.append(Sql::join(conditions, " AND "));
+    out
+}
+
 /// Which rollup rows answer a request. Whole UTC days come from the per-user
 /// day rollups, and the range's partial edge days from minute rows, when the
 /// request needs nothing the per-user rows drop: minute or hour buckets, or a
@@ -125,5 +174,18 @@ mod tests {
         assert_eq!(group_keys(Granularity::Total, &["model", "user_id"]), "g_model, g_user");
         assert_eq!(group_keys(Granularity::Total, &[]), "g_bucket");
         assert_eq!(dims(&["feature"]), "'' AS g_user, '' AS g_customer, feature AS g_feature, '' AS g_model");
+    }
+
+    #[test]
+    fn pages_resume_after_the_last_keys_bound() {
+        assert_eq!(having(false, None), Sql::default());
+        assert_eq!(having(true, None).text, NEGATIVE_ONLY);
+        let c = GroupCursor { bucket: 86_400, user: "it's".into(), ..GroupCursor::default() };
+        let sql = having(true, Some(&c));
+        assert!(sql.text.starts_with(" HAVING s_revenue - s_cost < 0 AND (g_bucket > ? OR (g_bucket = ? AND (g_user > ?"), "{}", sql.text);
+        assert!(!sql.text.contains("it's"));
+        assert_eq!(sql.binds.len(), 9);
+        assert_eq!(sql.binds[..3], [i(86_400), i(86_400), s("it's")]);
+        assert_eq!(sql.text.matches('(').count(), sql.text.matches(')').count());
     }
 }

@@ -35,8 +35,14 @@ pub struct AlertsQuery {
     pub state: Option<AlertState>,
     pub user: Option<String>,
     pub rule: Option<Rule>,
+    /// Only the alerts after this one in the answer's order (a next page).
+    pub after: Option<AlertCursor>,
     pub limit: i64,
 }
+
+/// Where a list of alerts resumes: after (opened_at seconds, user id, rule),
+/// which is unique per tenant and the list's order.
+pub type AlertCursor = (i64, String, String);
 
 /// Runaway alerts, latest version of each, newest first; the range selects
 /// alerts active in it. `table` is `alerts FINAL` on ClickHouse (the latest
@@ -53,6 +59,12 @@ pub fn alerts(dialect: Dialect, columns: &str, table: &str, q: &AlertsQuery) -> 
     }
     if let Some(r) = q.rule {
         sql.push(" AND rule = ?", [s(r.as_str())]);
+    }
+    if let Some((opened_at, user, rule)) = &q.after {
+        sql.push(
+            &format!(" AND (opened_at < {t} OR (opened_at = {t} AND (user_id > ? OR (user_id = ? AND rule > ?))))"),
+            [i(*opened_at), i(*opened_at), s(user.clone()), s(user.clone()), s(rule.clone())],
+        );
     }
     sql.push(" ORDER BY opened_at DESC, user_id, rule LIMIT ?", [i(q.limit)]);
     sql

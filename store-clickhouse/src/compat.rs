@@ -153,15 +153,21 @@ fn reader_statements() -> Vec<String> {
         out.push(queries::sums(&one_user, g, &["model"], false, false, 10).render(""));
     }
     out.push(queries::negative_count(&daily, &["user_id"]).render(""));
+    // Pages of usage: resuming after a group's keys, on the span and minute paths.
+    let after = meterline_sql::GroupCursor { bucket: 1_767_312_000, user: "it's-u-1".into(), ..Default::default() };
+    out.push(queries::sums_after(&daily, Granularity::Day, &["user_id"], false, Some(&after), 8).render(""));
+    out.push(queries::sums_after(&rollups, Granularity::Hour, &all, true, Some(&after), 8).render(""));
     out.push(queries::groups(&daily, &["user_id"]).render(""));
     out.push(queries::groups(&rollups, &["customer_id", "model"]).render(""));
     out.push(queries::edge_groups(&daily, &["user_id"], &[(1_767_261_600, 1_767_261_900), (1_769_853_000, 1_769_853_600)]).render(""));
     out.push(queries::event_count(&daily, &["user_id"]).render(""));
     out.push(meterline_sql::events(Dialect::ClickHouse, "?fields", &events_scope, None, 100).render(&event_fields));
     let alert_fields = fields::<AlertRow>();
-    let alerts = |state, user: Option<&str>, rule| AlertsQuery { tenant: "acme".into(), from: 0, to: 2_000_000_000, state, user: user.map(str::to_owned), rule, limit: 10 };
+    let alerts = |state, user: Option<&str>, rule| AlertsQuery { tenant: "acme".into(), from: 0, to: 2_000_000_000, state, user: user.map(str::to_owned), rule, after: None, limit: 10 };
     out.push(meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", &alerts(Some(AlertState::Open), Some("u-1"), Some(Rule::Peers))).render(&alert_fields));
     out.push(meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", &alerts(None, None, None)).render(&alert_fields));
+    let next_page = AlertsQuery { after: Some((1_800_000_000, "it's-u-1".into(), "peers".into())), ..alerts(None, None, None) };
+    out.push(meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", &next_page).render(&alert_fields));
     out.push(meterline_sql::events(Dialect::ClickHouse, "?fields", &events_scope, Some(&(1_800_000_000, 5, "it's".to_owned())), 100).render(&event_fields));
     // Limits reconciliation: events counted, and a filtered money sum over nanosecond edges.
     let metered = |columns: &'static [&'static str], filters: Vec<(&'static str, String)>| meterline_sql::MeteredSum {
@@ -188,6 +194,11 @@ fn reader_statements() -> Vec<String> {
 pub fn compat_statements() -> Vec<String> {
     let mut out = writer_statements();
     out.extend(reader_statements());
+    // The Stripe meter sync's state and sums (migration 6's tables).
+    let (window, customer) = crate::billing::sample_rows();
+    out.push(values_insert("billing_windows", &window));
+    out.push(values_insert("billing_customers", &customer));
+    out.extend(crate::billing::compat_reads());
     out
 }
 
@@ -197,6 +208,6 @@ mod tests {
     fn every_placeholder_is_bound() {
         let all = super::compat_statements();
         assert!(all.iter().all(|s| !s.contains('?')), "every placeholder bound");
-        assert_eq!(all.len(), 61);
+        assert_eq!(all.len(), 75);
     }
 }

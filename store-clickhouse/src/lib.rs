@@ -3,6 +3,7 @@
 //! its binds, through `meterline-sql`), and the compatibility list that
 //! `sql_compat` (ClickHouse 18.16) and `chdb-check` (the current engine) run.
 
+mod billing;
 mod compat;
 mod config;
 mod error;
@@ -11,6 +12,7 @@ mod queries;
 mod statements;
 mod store;
 
+pub use billing::{BillingCustomerRow, BillingStatusRow, BillingWindowRow, HourSumRow};
 pub use compat::compat_statements;
 pub use config::ClickHouseConfig;
 pub use error::{ClickHouseError, Retry, exception_code};
@@ -20,12 +22,17 @@ pub use store::{DeadLetterRow, KeyRow, Progress, Store, bind, connect};
 
 /// The query API's statements, by endpoint.
 pub mod query {
-    pub use crate::queries::{bucket, edge_groups, event_count, groups, negative_count, source, sums, top};
+    pub use crate::queries::{bucket, edge_groups, event_count, groups, negative_count, source, sums, sums_after, top};
 }
 
 /// The aggregator's statements.
 pub mod write {
     pub use crate::statements::{UserSum, user_sums};
+}
+
+/// The Stripe meter sync's statements.
+pub mod meter_sync {
+    pub use crate::billing::{customers, hourly_sums, status, window, windows_since};
 }
 
 /// The limits reconciliation's statement.

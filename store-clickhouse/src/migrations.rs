@@ -207,6 +207,44 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             source_topic, source_partition, source_offset)"
         ),
     ],
+}, Migration {
+    version: 6,
+    name: "Stripe meter sync state",
+    statements: &[
+        // The sync's pushed state per tenant, meter, subject and hour, as the
+        // embedded `billing_windows`: each state change is a whole new row
+        // with a higher version, and readers take the latest (FINAL).
+        // `has_pending` stands for the embedded NULL (no Nullable in the
+        // -If aggregates the status reads). Partitioned by the hour's month:
+        // a window's versions stay in one partition, where FINAL replaces.
+        "CREATE TABLE IF NOT EXISTS billing_windows (
+            tenant String,
+            meter String,
+            subject String,
+            window_start DateTime,
+            stripe_customer_id String,
+            pushed Int64,
+            seq Int64,
+            pending Int64,
+            has_pending UInt8,
+            refused Int64,
+            error String,
+            updated_at DateTime,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        PARTITION BY toYYYYMM(window_start)
+        ORDER BY (tenant, meter, subject, window_start)",
+        // The Stripe customer of a subject, as set through the API; the latest
+        // version wins (FINAL).
+        "CREATE TABLE IF NOT EXISTS billing_customers (
+            tenant String,
+            subject String,
+            stripe_customer_id String,
+            updated_at DateTime,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        ORDER BY (tenant, subject)",
+    ],
 }];
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! alerts over them. Pure: the compatibility check renders the same builders.
 
 use meterline_domain::{Granularity, Metric, TimeColumn, spans};
-use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, i, metric_order, plan, sums as sum_columns};
+use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, GroupCursor, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, sums as sum_columns};
 
 const CH: Dialect = Dialect::ClickHouse;
 
@@ -97,13 +97,21 @@ pub fn source(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql
 /// Sums grouped by bucket and dimensions, in bucket then key order (or
 /// lowest margin first).
 pub fn sums(scope: &Scope, granularity: Granularity, group_by: &[&str], having_negative: bool, order_by_margin: bool, limit: i64) -> Sql {
+    grouped_sums(scope, granularity, group_by, having(having_negative, None), if order_by_margin { BY_MARGIN } else { BY_BUCKET }, limit)
+}
+
+/// Sums in bucket then key order, only the groups after `after`: one page
+/// of a grouped answer.
+pub fn sums_after(scope: &Scope, granularity: Granularity, group_by: &[&str], having_negative: bool, after: Option<&GroupCursor>, limit: i64) -> Sql {
+    grouped_sums(scope, granularity, group_by, having(having_negative, after), BY_BUCKET, limit)
+}
+
+fn grouped_sums(scope: &Scope, granularity: Granularity, group_by: &[&str], having: Sql, order: &str, limit: i64) -> Sql {
     let mut sql = Sql::new(format!("SELECT toUInt32({}) AS g_bucket, {}, {}", bucket(granularity), dims(group_by), sum_columns()));
     sql.append(source(scope, granularity, group_by));
     sql.push(&format!(" GROUP BY {}", group_keys(granularity, group_by)), []);
-    if having_negative {
-        sql.push(NEGATIVE_ONLY, []);
-    }
-    sql.push(if order_by_margin { BY_MARGIN } else { BY_BUCKET }, []);
+    sql.append(having);
+    sql.push(order, []);
     sql.push(" LIMIT ?", [i(limit)]);
     sql
 }

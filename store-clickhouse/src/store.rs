@@ -167,7 +167,7 @@ impl Store {
         tokio::time::timeout(self.timeout, self.client.query(statements::PING).fetch_one::<u8>()).await.is_ok_and(|r| r.is_ok())
     }
 
-    async fn insert<'v, T, R>(&self, table: &str, rows: &[R]) -> Result<(), ClickHouseError>
+    pub(crate) async fn insert<'v, T, R>(&self, table: &str, rows: &[R]) -> Result<(), ClickHouseError>
     where
         T: clickhouse::RowWrite,
         R: Borrow<T::Value<'v>> + Sync,

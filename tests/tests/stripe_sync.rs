@@ -357,3 +357,159 @@ async fn sync_refuses_to_start_without_the_secret_key() {
     assert!(err.contains("METERLINE_STRIPE_SECRET_KEY"), "{err}");
     server.stop().await;
 }
+
+/// The generated events as the aggregator stores them (priced, deduplicated),
+/// at Kafka offsets `first..` of partition 0 of `topic`.
+fn rows(all: &[Ev], topic: &str, first: i64) -> Vec<meterline_domain::EventRow> {
+    let written_at = u32::try_from(chrono::Utc::now().timestamp()).expect("u32 time");
+    all.iter()
+        .zip(first..)
+        .map(|(e, offset)| {
+            let b = &e.body;
+            let at = chrono::DateTime::parse_from_rfc3339(b["timestamp"].as_str().expect("ts")).expect("ts");
+            meterline_domain::EventRow {
+                tenant: "acme".into(),
+                idempotency_key: b["idempotency_key"].as_str().expect("key").into(),
+                event_time: u32::try_from(at.timestamp()).expect("u32 time"),
+                event_time_ns: at.timestamp_subsec_nanos(),
+                user_id: b["user_id"].as_str().expect("user").into(),
+                customer_id: e.customer.into(),
+                feature: b["feature"].as_str().expect("feature").into(),
+                model: "gpt-4o".into(),
+                billable: u8::from(e.billable),
+                input_tokens: b["input_tokens"].as_u64().expect("input"),
+                output_tokens: b["output_tokens"].as_u64().expect("output"),
+                cost_nanos: e.cost_nanos,
+                cost_source: 1,
+                kafka_topic: topic.into(),
+                kafka_offset: offset,
+                written_at,
+                received_at: written_at,
+                ..meterline_domain::EventRow::default()
+            }
+        })
+        .collect()
+}
+
+/// Writes `batch` as one aggregator flush would: the events, then their
+/// minute rollups with a progress marker (what the sync sums).
+async fn flush(store: &meterline_clickhouse::Store, topic: &str, batch: &[meterline_domain::EventRow]) {
+    let (Some(first), Some(last)) = (batch.first(), batch.last()) else { return };
+    store.insert_events(batch).await.expect("insert events");
+    let range = meterline_clickhouse::Range { partition: 0, after: first.kafka_offset - 1, up_to: last.kafka_offset };
+    store.roll_up(meterline_clickhouse::Rollup::Minute, topic, &[range], last.written_at, last.written_at - 3_600).await.expect("roll up");
+}
+
+#[tokio::test]
+async fn distributed_sync_pushes_exact_totals_from_clickhouse() {
+    let (stripe, seen) = fake_stripe().await;
+    let ch = stack::ClickHouse::shared();
+    let database = ch.database(&format!("stripe_sync_{}", free_port())).await;
+    let ch_config: meterline_clickhouse::ClickHouseConfig = serde_json::from_value(json!({"url": ch.url, "database": database})).expect("ch config");
+    let store = meterline_clickhouse::connect(&ch_config).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let topic = "usage";
+
+    // A day of usage, and one event too old for Stripe by the time it would be sent.
+    let mut all = events("first", 240, 26);
+    let old_at = chrono::Utc::now() - chrono::Duration::days(35) + chrono::Duration::minutes(20);
+    let old = Ev {
+        body: json!({"idempotency_key": "old-1", "timestamp": old_at.to_rfc3339(), "user_id": "u-old", "feature": "chat", "input_tokens": 1, "output_tokens": 1}),
+        customer: "cust-old",
+        billable: true,
+        cost_nanos: 500_000_000,
+        chat_tokens: 2,
+    };
+    let mut first = rows(&all, topic, 0);
+    first.extend(rows(std::slice::from_ref(&old), topic, 240));
+    flush(&store, topic, &first).await;
+
+    // The query service (a process) serves the mapping and status routes over ClickHouse.
+    let dir = temp_dir("stripe-sync-distributed");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = dir.join("query-api.toml");
+    let text = format!("[server]\nlisten = \"{listen}\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n{}\n{}", ch.url, billing_toml(&stripe), tenants_toml());
+    std::fs::write(&config, text).expect("config");
+    let mut api = Process::start_args("meterline", &["query-api".as_ref(), "--config".as_ref(), config.as_os_str()]);
+    let url = format!("http://{listen}");
+    let at = format!("{url}/v1/customers/cust-b/billing");
+    let (status, body) = poll_until(Duration::from_secs(30), "the query API to take the mapping", || {
+        let at = at.clone();
+        async move {
+            let answer = reqwest::Client::new().put(&at).bearer_auth(ADMIN).json(&json!({"stripe_customer_id": "cus_B"})).send().await.ok()?;
+            let status = answer.status().as_u16();
+            Some((status, answer.json::<Value>().await.unwrap_or(Value::Null)))
+        }
+    })
+    .await;
+    assert_eq!((status, &body["source"]), (200, &json!("api")), "{body}");
+    assert_eq!(send(reqwest::Method::PUT, &at, READ, Some(json!({"stripe_customer_id": "cus_B"}))).await.0, 403);
+    let (_, b) = send(reqwest::Method::GET, &at, ADMIN, None).await;
+    assert_eq!((&b["stripe_customer_id"], &b["source"]), (&json!("cus_B"), &json!("api")), "{b}");
+    let (_, a) = send(reqwest::Method::GET, &format!("{url}/v1/customers/cust-a/billing"), ADMIN, None).await;
+    assert_eq!((&a["stripe_customer_id"], &a["source"]), (&json!("cus_A"), &json!("config")), "{a}");
+
+    // The sync, distributed: the same config file; SIGKILLed once part of the first sync is in.
+    let args: [&OsStr; 5] = ["stripe-sync".as_ref(), "--role".as_ref(), "distributed".as_ref(), "--config".as_ref(), config.as_os_str()];
+    let mut sync = Process::start_env("meterline", &args, &[("METERLINE_STRIPE_SECRET_KEY", SECRET)]);
+    poll_until(Duration::from_secs(60), "the sync to push its first events", || {
+        let n = seen.lock().expect("lock").accepted.len();
+        async move { (n >= 40).then_some(()) }
+    })
+    .await;
+    sync.kill().await;
+    let at_kill = seen.lock().expect("lock").accepted.len();
+    let first_windows = windows(&all);
+    assert!(at_kill < first_windows, "the kill came after the sync had finished ({at_kill} of {first_windows} windows)\n{}", sync.log_tail());
+
+    // Late events into hours already pushed (a later flush): corrections.
+    let late = events("late", 60, 25);
+    flush(&store, topic, &rows(&late, topic, 241)).await;
+    all.extend(late);
+    sync.restart();
+
+    let want = expected(&all);
+    poll_until(Duration::from_secs(120), "Stripe's totals to match Meterline's", || {
+        let got = seen.lock().expect("lock").totals();
+        let want = want.clone();
+        async move { (got == want).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    {
+        let seen_now = seen.lock().expect("lock");
+        assert_eq!(seen_now.totals(), want, "a settled sync pushed more");
+        assert!(seen_now.violations.is_empty(), "{:?}", seen_now.violations);
+        assert!(seen_now.injected > 0, "no 429/5xx was injected");
+        assert!(seen_now.accepted.values().all(|(_, c, _, _)| c != "cus_OLD"), "a window older than Stripe accepts was pushed");
+        eprintln!(
+            "stripe fake (distributed): {} requests, {} injected failures, {} events taken ({at_kill} at the kill), {} duplicates refused",
+            seen_now.requests, seen_now.injected, seen_now.accepted.len(), seen_now.duplicates
+        );
+    }
+
+    // Stripe's cost per customer is the query API's billable cost, exactly.
+    let meterline = billable_cost(&url).await;
+    for (customer, stripe_id) in [("cust-a", "cus_A"), ("cust-b", "cus_B")] {
+        assert_eq!(Some(&meterline[customer]), want.get(&("ai_cost".to_owned(), stripe_id.to_owned())), "{customer}");
+    }
+
+    // Status from ClickHouse: everything pushed, nothing pending; the old window refused.
+    let (status, body) = send(reqwest::Method::GET, &format!("{url}/v1/billing/status"), ADMIN, None).await;
+    assert_eq!(status, 200, "{body}");
+    let rows = body["meters"].as_array().expect("meters");
+    let row = |meter: &str, c: &str| rows.iter().find(|r| r["event_name"] == meter && r["customer_id"] == c).cloned().unwrap_or_else(|| panic!("no {meter}/{c}: {body}"));
+    for (c, stripe_id) in [("cust-a", "cus_A"), ("cust-b", "cus_B")] {
+        let r = row("ai_cost", c);
+        assert_eq!(r["total_pushed"], json!(want[&("ai_cost".to_owned(), stripe_id.to_owned())]), "{r}");
+        assert_eq!((r["pending_windows"].as_i64(), r["refused_windows"].as_i64(), &r["stripe_customer_id"]), (Some(0), Some(0), &json!(stripe_id)), "{r}");
+        assert!(r["last_window"].is_string() && r["last_window_value"].as_i64() > Some(0), "{r}");
+    }
+    let old_row = row("ai_cost", "cust-old");
+    assert_eq!((old_row["refused_windows"].as_i64(), old_row["refused_value"].as_i64(), old_row["total_pushed"].as_i64()), (Some(1), Some(500_000_000), Some(0)), "{old_row}");
+    assert!(rows.iter().all(|r| r["customer_id"] != "cust-c"), "an unmapped customer was synced: {body}");
+
+    sync.stop().await;
+    assert!(!sync.log().contains(SECRET), "the secret key was logged");
+    api.stop().await;
+}
