@@ -1,5 +1,5 @@
 //! First run: with no config, a development config for the data directory is
-//! generated once (a `dev` tenant with fresh ingest and read keys) and reused
+//! generated once (a `dev` tenant with fresh ingest, read and admin keys) and reused
 //! on every later start, so keys, data and alerts survive restarts.
 
 use meterline_schemas::tenants::hash_key;
@@ -18,6 +18,10 @@ pub const KEYS_FILE: &str = "dev-keys.env";
 pub struct DevKeys {
     pub ingest: String,
     pub read: String,
+    /// For plans and subscriptions (limits). Data directories generated
+    /// before limits existed have none: `meterline keys new --tenant dev
+    /// --scopes admin` adds one.
+    pub admin: Option<String>,
 }
 
 fn random_key(prefix: &str) -> Result<String, EmbeddedError> {
@@ -34,7 +38,8 @@ pub fn ensure(data_dir: &Path) -> Result<(PathBuf, Option<DevKeys>), EmbeddedErr
     if path.exists() {
         return Ok((path, None));
     }
-    let keys = DevKeys { ingest: random_key("mlk_ingest")?, read: random_key("mlk_read")? };
+    let admin = random_key("mlk_admin")?;
+    let keys = DevKeys { ingest: random_key("mlk_ingest")?, read: random_key("mlk_read")?, admin: Some(admin.clone()) };
     let text = format!(
         "# Generated on first run for this data directory: a development tenant.\n\
          # The keys are stored here as SHA-256 hashes; the keys themselves are in {KEYS_FILE}.\n\
@@ -52,11 +57,20 @@ pub fn ensure(data_dir: &Path) -> Result<(PathBuf, Option<DevKeys>), EmbeddedErr
          [[tenants.keys]]\n\
          name = \"dev-read\"\n\
          sha256 = \"{}\"\n\
-         scopes = [\"read\"]\n",
+         scopes = [\"read\"]\n\n\
+         # Plans and subscriptions (limits) need the admin scope.\n\
+         [[tenants.keys]]\n\
+         name = \"dev-admin\"\n\
+         sha256 = \"{}\"\n\
+         scopes = [\"admin\"]\n",
         hash_key(&keys.ingest),
-        hash_key(&keys.read)
+        hash_key(&keys.read),
+        hash_key(&admin)
     );
-    write_private(&data_dir.join(KEYS_FILE), &format!("METERLINE_INGEST_KEY={}\nMETERLINE_READ_KEY={}\n", keys.ingest, keys.read))?;
+    write_private(
+        &data_dir.join(KEYS_FILE),
+        &format!("METERLINE_INGEST_KEY={}\nMETERLINE_READ_KEY={}\nMETERLINE_ADMIN_KEY={admin}\n", keys.ingest, keys.read),
+    )?;
     // The config last: its presence means the keys file is complete.
     write_private(&path, &text)?;
     Ok((path, Some(keys)))
@@ -66,7 +80,7 @@ pub fn ensure(data_dir: &Path) -> Result<(PathBuf, Option<DevKeys>), EmbeddedErr
 pub fn stored_keys(data_dir: &Path) -> Option<DevKeys> {
     let text = std::fs::read_to_string(data_dir.join(KEYS_FILE)).ok()?;
     let get = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('=').map(str::to_owned));
-    Some(DevKeys { ingest: get("METERLINE_INGEST_KEY")?, read: get("METERLINE_READ_KEY")? })
+    Some(DevKeys { ingest: get("METERLINE_INGEST_KEY")?, read: get("METERLINE_READ_KEY")?, admin: get("METERLINE_ADMIN_KEY") })
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), EmbeddedError> {
@@ -83,6 +97,12 @@ fn write_private(path: &Path, text: &str) -> Result<(), EmbeddedError> {
 mod tests {
     use super::*;
 
+    /// The config holds the admin key's hash with the admin scope, never the key.
+    fn text_has_admin(dir: &Path, admin: &str) -> bool {
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap_or_default();
+        text.contains(&hash_key(admin)) && !text.contains(admin) && text.contains("scopes = [\"admin\"]")
+    }
+
     #[test]
     fn generates_once_and_keeps_the_keys() {
         let dir = std::env::temp_dir().join(format!("meterline-devconfig-{}", std::process::id()));
@@ -90,6 +110,8 @@ mod tests {
         let (path, keys) = ensure(&dir).unwrap();
         let keys = keys.expect("generated on first run");
         assert_ne!(keys.ingest, keys.read);
+        let admin = keys.admin.clone().expect("an admin key for limits");
+        assert!(text_has_admin(&dir, &admin));
         assert_eq!(stored_keys(&dir), Some(keys.clone()));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains(&hash_key(&keys.ingest)) && !text.contains(&keys.ingest));

@@ -319,10 +319,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(keys) = &generated {
         // Shown once; kept in the data directory for later.
         eprintln!(
-            "\nFirst run: generated {} with a development tenant \"dev\".\n  ingest key: {}\n  read key:   {}\n(kept in {})\n",
+            "\nFirst run: generated {} with a development tenant \"dev\".\n  ingest key: {}\n  read key:   {}\n  admin key:  {}\n(kept in {})\n",
             path.display(),
             keys.ingest,
             keys.read,
+            keys.admin.as_deref().unwrap_or("none"),
             data_dir.join(meterline::devconfig::KEYS_FILE).display()
         );
     }

@@ -48,6 +48,11 @@ async fn the_quick_start_works_as_written() {
         (Some("user-42"), Some("0.006"), Some("0.02"), Some("0.014"), Some("1.000000")),
         "{top}"
     );
+
+    let committed = sh(&on_port(block(&readme, "limits")), &dir);
+    assert_eq!(committed["state"], "committed", "{committed}");
+    let limit = &committed["limits"][0];
+    assert_eq!((limit["name"].as_str(), limit["used"].as_str(), limit["remaining"].as_str()), (Some("daily-gens"), Some("1"), Some("9")), "{committed}");
     server.stop().await;
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
