@@ -163,6 +163,10 @@ pub struct UserUsageAnswer<'a> {
     pub totals: Row<'a>,
     pub by_feature: Vec<Row<'a>>,
     pub by_model: Vec<Row<'a>>,
+    /// More features (models) than the lists hold exist in the range: the
+    /// lists are cut at `STATEMENT_GROUPS`, and say so.
+    pub by_feature_truncated: bool,
+    pub by_model_truncated: bool,
     pub daily: Vec<Row<'a>>,
 }
 

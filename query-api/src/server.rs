@@ -247,6 +247,9 @@ async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query
     answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// The most features (and models) a user's statement lists.
+const STATEMENT_GROUPS: usize = 10_000;
+
 async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Path(user_id): Path<String>, Query(mut raw): Raw) -> Response {
     let answer = async {
         if raw.contains_key("user_id") {
@@ -256,19 +259,25 @@ async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Pa
         let p = Params::new(&raw, &[])?;
         // Default: this calendar month, as a customer-facing statement would.
         let scope = p.scope(&tenant, TimeColumn::WindowStart, None, state.max_days)?;
-        let (totals, by_feature, by_model, daily) = tokio::try_join!(
+        // One row past the cut tells a cut list from a whole one.
+        let (totals, mut by_feature, mut by_model, daily) = tokio::try_join!(
             sums(&state, &scope, SumsQuery::totals(&[], 1)),
-            sums(&state, &scope, SumsQuery::totals(&["feature"], 10_000)),
-            sums(&state, &scope, SumsQuery::totals(&["model"], 10_000)),
+            sums(&state, &scope, SumsQuery::totals(&["feature"], STATEMENT_GROUPS as i64 + 1)),
+            sums(&state, &scope, SumsQuery::totals(&["model"], STATEMENT_GROUPS as i64 + 1)),
             sums(&state, &scope, SumsQuery { granularity: Granularity::Day, ..SumsQuery::totals(&[], 10_000) }),
         )?;
         let none = SumRow::default();
+        let (by_feature_truncated, by_model_truncated) = (by_feature.len() > STATEMENT_GROUPS, by_model.len() > STATEMENT_GROUPS);
+        by_feature.truncate(STATEMENT_GROUPS);
+        by_model.truncate(STATEMENT_GROUPS);
         let answer = UserUsageAnswer {
             user_id: &user_id,
             range: Range::of(&scope),
             totals: Row::of(totals.first().unwrap_or(&none), &[], false),
             by_feature: by_feature.iter().map(|r| Row::of(r, &["feature"], false)).collect(),
             by_model: by_model.iter().map(|r| Row::of(r, &["model"], false)).collect(),
+            by_feature_truncated,
+            by_model_truncated,
             daily: daily.iter().map(|r| Row::of(r, &[], true)).collect(),
         };
         Ok(Json(answer).into_response())
