@@ -326,16 +326,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             keys.admin.as_deref().unwrap_or("none"),
             data_dir.join(meterline::devconfig::KEYS_FILE).display()
         );
+        eprintln!("Dashboard (signs in with the read key): {}\n", dashboard_url(addr, &keys.read));
     }
     tracing::info!(%addr, data_dir = %data_dir.display(), "meterline listening (embedded store)");
     if args.demo {
         let keys = meterline::devconfig::stored_keys(&data_dir)
             .context("--demo needs the generated dev keys (run without --config once, or use the generated data directory)")?;
+        eprintln!("Demo traffic on; the dashboard: {}", dashboard_url(addr, &keys.read));
         tokio::spawn(meterline::demo::run(format!("http://{addr}"), keys.ingest, Some(keys.read), args.demo_rate));
     }
     meterline::serve(config, &data_dir, listener, meterline_http::shutdown_signal()).await?;
     tracing::info!("meterline stopped");
     Ok(())
+}
+
+/// The dashboard's sign-in link: the fragment never reaches the server or
+/// its logs, and the page drops it from the address bar once read.
+fn dashboard_url(addr: std::net::SocketAddr, read_key: &str) -> String {
+    let host = if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    format!("http://{host}/#key={read_key}")
 }
 
 /// One role of the distributed deployment, from its own config file.
@@ -623,7 +632,7 @@ fn keys_new(tenant: &str, scopes: &[ScopeArg], name: Option<String>) -> anyhow::
     let key = format!("mlk_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
     let config = KeyConfig { name: name.clone(), sha256: hash_key(&key), scopes: unique.iter().map(|s| s.scope().0).collect() };
     // The same validation a service applies at startup (tenant id, hash, scopes).
-    let tenant_config = TenantConfig { id: tenant.to_owned(), keys: vec![config.clone()], credit_price_usd: None, prices: BTreeMap::new(), webhook_secret: None };
+    let tenant_config = TenantConfig { id: tenant.to_owned(), keys: vec![config.clone()], credit_price_usd: None, prices: BTreeMap::new(), webhook_secret: None, portal_secret: None, portal_origins: Vec::new() };
     let ring = KeyRing::from_config(std::slice::from_ref(&tenant_config)).map_err(|e| anyhow::anyhow!("--tenant {tenant:?}: {e}"))?;
     anyhow::ensure!(ring.authenticate(&key).is_some(), "the generated key does not authenticate against its own hash");
     let quoted = |s: &str| toml::Value::String(s.to_owned()).to_string();

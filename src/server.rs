@@ -68,8 +68,12 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     })?;
     let export = Arc::new(crate::export::EmbeddedExport(store.clone()));
     let billing = meterline_billing::BillingApi::new(EmbeddedBilling(store.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
+    // The end-user portal reads limits and subscription cycles from the same store.
+    let portal_limits = Arc::new(meterline_query_api::portal::StoreLimits(EmbeddedLimits(store.clone())));
     let queries = Arc::new(EmbeddedQueries(store));
-    let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?.with_export(export);
+    let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?
+        .with_export(export)
+        .with_portal_limits(portal_limits);
     let ready = move || {
         let queries = queries.clone();
         async move { queries.ping().await }
@@ -79,7 +83,9 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     let api = meterline_ingest::api_routes(Arc::new(ingest))
         .merge(meterline_query_api::api_routes(Arc::new(query)))
         .merge(meterline_limits::routes(Arc::new(limits)))
-        .merge(meterline_billing::routes(Arc::new(billing)));
+        .merge(meterline_billing::routes(Arc::new(billing)))
+        // The admin dashboard at `/`: static files over the same public API.
+        .merge(meterline_dashboard::routes());
     Ok(meterline_http::with_operations(api, handle, ready, "the embedded store is not answering"))
 }
 

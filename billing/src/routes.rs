@@ -4,9 +4,9 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
-use meterline_http::{AdminKey, ApiError, HasKeys};
+use meterline_http::{AdminKey, ApiError, HasKeys, PathId};
 use meterline_schemas::tenants::KeyRing;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -75,7 +75,7 @@ fn check_subject(customer_id: &str) -> Result<(), ApiError> {
     if valid_subject(customer_id) { Ok(()) } else { Err(ApiError::bad_request("invalid_parameter", "must be 1 to 256 characters").with_field("customer_id")) }
 }
 
-async fn put_mapping<A: BillingAdmin>(State(api): Shared<A>, key: AdminKey, Path(customer_id): Path<String>, body: axum::body::Bytes) -> Result<Json<MappingView>, ApiError> {
+async fn put_mapping<A: BillingAdmin>(State(api): Shared<A>, key: AdminKey, PathId(customer_id): PathId, body: axum::body::Bytes) -> Result<Json<MappingView>, ApiError> {
     check_subject(&customer_id)?;
     let body: MappingBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("expected {{\"stripe_customer_id\": \"cus_...\"}}: {e}")).with_field("body"))?;
@@ -86,7 +86,7 @@ async fn put_mapping<A: BillingAdmin>(State(api): Shared<A>, key: AdminKey, Path
     Ok(Json(MappingView { customer_id, stripe_customer_id: body.stripe_customer_id, source: "api" }))
 }
 
-async fn get_mapping<A: BillingAdmin>(State(api): Shared<A>, key: AdminKey, Path(customer_id): Path<String>) -> Result<Json<MappingView>, ApiError> {
+async fn get_mapping<A: BillingAdmin>(State(api): Shared<A>, key: AdminKey, PathId(customer_id): PathId) -> Result<Json<MappingView>, ApiError> {
     check_subject(&customer_id)?;
     if let Some(id) = api.store.mapping(&key.tenant, &customer_id).await.map_err(store_error)? {
         return Ok(Json(MappingView { customer_id, stripe_customer_id: id, source: "api" }));

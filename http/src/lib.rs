@@ -6,9 +6,11 @@
 mod auth;
 mod error;
 mod operations;
+mod path;
 mod recorder;
 
 pub use auth::{AdminKey, HasKeys, IngestKey, ReadKey, authenticate};
 pub use error::ApiError;
 pub use operations::{shutdown_signal, with_operations};
+pub use path::PathId;
 pub use recorder::install as install_recorder;

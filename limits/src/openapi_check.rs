@@ -135,6 +135,8 @@ fn keys() -> KeyRing {
         credit_price_usd: Some("0.01".into()),
         prices: BTreeMap::new(),
         webhook_secret: None,
+        portal_secret: None,
+        portal_origins: Vec::new(),
     }])
     .expect("keys")
 }

@@ -3,11 +3,11 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use meterline_http::{AdminKey, ApiError, IngestKey, ReadKey};
+use meterline_http::{AdminKey, ApiError, IngestKey, PathId, ReadKey};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -68,7 +68,7 @@ async fn list_plans<S: LimitStore>(State(l): Shared<S>, key: AdminKey) -> Result
     Ok(Json(PlanList { plans }))
 }
 
-async fn put_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(plan_id): Path<String>, body: Bytes) -> Result<Json<PlanView>, ApiError> {
+async fn put_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(plan_id): PathId, body: Bytes) -> Result<Json<PlanView>, ApiError> {
     check_id("plan_id", &plan_id)?;
     let plan = parse_plan(text(&body)?)?;
     let view = plan.view(&plan_id);
@@ -80,13 +80,13 @@ fn no_plan(plan_id: &str) -> ApiError {
     ApiError::not_found_what(format!("no plan `{plan_id}`")).with_field("plan_id")
 }
 
-async fn get_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(plan_id): Path<String>) -> Result<Json<PlanView>, ApiError> {
+async fn get_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(plan_id): PathId) -> Result<Json<PlanView>, ApiError> {
     check_id("plan_id", &plan_id)?;
     let plans = l.admin("plans", l.store().plans(&key.tenant)).await?;
     plans.into_iter().find(|p| p.plan_id == plan_id).map(Json).ok_or_else(|| no_plan(&plan_id))
 }
 
-async fn delete_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(plan_id): Path<String>) -> Result<Json<Deleted>, ApiError> {
+async fn delete_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(plan_id): PathId) -> Result<Json<Deleted>, ApiError> {
     check_id("plan_id", &plan_id)?;
     if l.admin("delete_plan", l.store().delete_plan(&key.tenant, &plan_id)).await? { Ok(Json(Deleted { deleted: true })) } else { Err(no_plan(&plan_id)) }
 }
@@ -120,22 +120,22 @@ async fn delete_sub<S: LimitStore>(l: &Limits<S>, tenant: &str, subject: Subject
     }
 }
 
-async fn put_user_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(id): Path<String>, body: Bytes) -> Result<Json<SubscriptionView>, ApiError> {
+async fn put_user_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(id): PathId, body: Bytes) -> Result<Json<SubscriptionView>, ApiError> {
     put_sub(&l, &key.tenant, Subject::user(&id), &body).await
 }
-async fn get_user_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(id): Path<String>) -> Result<Json<SubscriptionView>, ApiError> {
+async fn get_user_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(id): PathId) -> Result<Json<SubscriptionView>, ApiError> {
     get_sub(&l, &key.tenant, Subject::user(&id)).await
 }
-async fn delete_user_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(id): Path<String>) -> Result<Json<Deleted>, ApiError> {
+async fn delete_user_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(id): PathId) -> Result<Json<Deleted>, ApiError> {
     delete_sub(&l, &key.tenant, Subject::user(&id)).await
 }
-async fn put_customer_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(id): Path<String>, body: Bytes) -> Result<Json<SubscriptionView>, ApiError> {
+async fn put_customer_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(id): PathId, body: Bytes) -> Result<Json<SubscriptionView>, ApiError> {
     put_sub(&l, &key.tenant, Subject::customer(&id), &body).await
 }
-async fn get_customer_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(id): Path<String>) -> Result<Json<SubscriptionView>, ApiError> {
+async fn get_customer_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(id): PathId) -> Result<Json<SubscriptionView>, ApiError> {
     get_sub(&l, &key.tenant, Subject::customer(&id)).await
 }
-async fn delete_customer_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, Path(id): Path<String>) -> Result<Json<Deleted>, ApiError> {
+async fn delete_customer_sub<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(id): PathId) -> Result<Json<Deleted>, ApiError> {
     delete_sub(&l, &key.tenant, Subject::customer(&id)).await
 }
 
@@ -144,12 +144,12 @@ async fn reserve<S: LimitStore>(State(l): Shared<S>, key: IngestKey, body: Bytes
     Ok((StatusCode::OK, Json(answer)).into_response())
 }
 
-async fn commit<S: LimitStore>(State(l): Shared<S>, key: IngestKey, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn commit<S: LimitStore>(State(l): Shared<S>, key: IngestKey, PathId(id): PathId, body: Bytes) -> Result<Response, ApiError> {
     let answer = l.commit(&key.tenant, &id, text(&body)?).await?;
     Ok(Json(answer).into_response())
 }
 
-async fn release<S: LimitStore>(State(l): Shared<S>, key: IngestKey, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn release<S: LimitStore>(State(l): Shared<S>, key: IngestKey, PathId(id): PathId) -> Result<Response, ApiError> {
     let answer = l.release(&key.tenant, &id).await?;
     Ok(Json(answer).into_response())
 }
@@ -163,7 +163,7 @@ struct UserLimitsQuery {
 async fn user_limits<S: LimitStore>(
     State(l): Shared<S>,
     key: ReadKey,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     query: Result<Query<UserLimitsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_parameter", e.body_text()).with_field("customer_id"))?;
@@ -171,7 +171,7 @@ async fn user_limits<S: LimitStore>(
     Ok(Json(answer).into_response())
 }
 
-async fn customer_limits<S: LimitStore>(State(l): Shared<S>, key: ReadKey, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn customer_limits<S: LimitStore>(State(l): Shared<S>, key: ReadKey, PathId(id): PathId) -> Result<Response, ApiError> {
     let answer = l.subject_limits(&key.tenant, &Subject { scope: Scope::Customer, id }, None).await?;
     Ok(Json(answer).into_response())
 }

@@ -13,6 +13,9 @@ use crate::QueryError;
 pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
+    /// What one read may cost ClickHouse, and how many one tenant may run at once.
+    #[serde(default)]
+    pub query: QueryLimits,
     pub clickhouse: ClickHouseConfig,
     /// Only `redis_url` is read: the limits' Redis, where the billing export
     /// finds subscriptions' cycle anchors. Without it, every subject is
@@ -45,12 +48,59 @@ impl Default for ServerConfig {
     }
 }
 
+/// Query protection: a runaway dashboard query is stopped by ClickHouse
+/// (time, memory) or refused here (too many at once for its tenant), and
+/// answers `503` with `Retry-After`, so that ingest and the aggregator keep
+/// ClickHouse's cores and memory.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryLimits {
+    /// ClickHouse's `max_execution_time` on every statement, in seconds.
+    pub max_execution_secs: u64,
+    /// ClickHouse's `max_memory_usage` on every statement, in bytes.
+    pub max_memory_bytes: u64,
+    /// ClickHouse statements one tenant may have running at once.
+    pub max_concurrent_per_tenant: usize,
+    /// How long a statement over that cap waits for a slot before the
+    /// request answers `503 overloaded_tenant`, in milliseconds (0: at once).
+    pub max_queue_wait_ms: u64,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits { max_execution_secs: 10, max_memory_bytes: 2_000_000_000, max_concurrent_per_tenant: 4, max_queue_wait_ms: 500 }
+    }
+}
+
+impl QueryLimits {
+    /// The settings sent with every ClickHouse statement.
+    pub fn read_limits(&self) -> meterline_clickhouse::ReadLimits {
+        meterline_clickhouse::ReadLimits { max_execution_secs: self.max_execution_secs, max_memory_bytes: self.max_memory_bytes }
+    }
+
+    fn validate(&self) -> Result<(), QueryError> {
+        // 0 means "no limit" to ClickHouse: exactly what this section is against.
+        if self.max_execution_secs == 0 {
+            return Err(QueryError::config("query.max_execution_secs", "must be at least 1"));
+        }
+        // Below a few MiB every statement fails, however small.
+        if self.max_memory_bytes < 16 << 20 {
+            return Err(QueryError::config("query.max_memory_bytes", "must be at least 16777216 (16 MiB)"));
+        }
+        if self.max_concurrent_per_tenant == 0 {
+            return Err(QueryError::config("query.max_concurrent_per_tenant", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, QueryError> {
-        let config: Config = load_toml_with_env(text, &["server", "clickhouse", "limits", "billing"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "query", "clickhouse", "limits", "billing"], vars)?;
         if config.server.max_range_days < 1 {
             return Err(QueryError::config("server.max_range_days", "must be at least 1"));
         }
+        config.query.validate()?;
         if config.tenants.is_empty() {
             return Err(QueryError::config("tenants", "configure at least one tenant with a read key"));
         }
@@ -80,5 +130,21 @@ mod tests {
         assert_eq!(off.server.ranking_cache_groups, 0);
         let err = Config::load(&example.replace("ranking_cache_groups", "ranking_cache_size"), []).expect_err("unknown key");
         assert!(err.to_string().contains("ranking_cache_size"), "{err}");
+    }
+
+    #[test]
+    fn query_limits_default_load_from_the_example_and_are_validated() {
+        let example = include_str!("../../config/query-api.example.toml");
+        let config = Config::load(example, []).expect("example config");
+        let q = config.query;
+        assert_eq!((q.max_execution_secs, q.max_memory_bytes, q.max_concurrent_per_tenant, q.max_queue_wait_ms), (10, 2_000_000_000, 4, 500));
+        let tight = Config::load(example, [("METERLINE_QUERY__MAX_EXECUTION_SECS".to_owned(), "1".to_owned())]).expect("override");
+        assert_eq!(tight.query.max_execution_secs, 1);
+        for (key, value) in [("max_execution_secs", "0"), ("max_memory_bytes", "1000"), ("max_concurrent_per_tenant", "0")] {
+            let err = Config::load(example, [(format!("METERLINE_QUERY__{}", key.to_uppercase()), value.to_owned())]).expect_err(key);
+            assert!(err.to_string().contains(&format!("query.{key}")), "{err}");
+        }
+        let err = Config::load(&example.replace("max_queue_wait_ms", "queue_wait_ms"), []).expect_err("unknown key");
+        assert!(err.to_string().contains("queue_wait_ms"), "{err}");
     }
 }

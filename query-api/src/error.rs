@@ -1,5 +1,6 @@
 //! The crate's error type. The handlers turn a store's failure into a 503
-//! (`meterline_http::ApiError`) and log it there.
+//! (`meterline_http::ApiError`) and log it there; `server::unavailable`
+//! says which 503 (a limit, the tenant's cap, or the store being down).
 
 /// Everything that can go wrong in the query API.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +16,9 @@ pub enum QueryError {
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The tenant already has its cap of reads running (see `gate.rs`).
+    #[error("tenant {tenant} already has {permits} ClickHouse reads running")]
+    Overloaded { tenant: String, permits: usize },
 }
 
 impl From<clickhouse::error::Error> for QueryError {

@@ -12,14 +12,16 @@ mod cached;
 mod config;
 mod error;
 pub mod export;
+mod gate;
 pub mod metrics;
 mod pages;
 mod params;
+pub mod portal;
 mod ranking;
 mod server;
 mod store;
 
-pub use config::{Config, ServerConfig};
+pub use config::{Config, QueryLimits, ServerConfig};
 pub use error::QueryError;
 pub use params::Params;
 pub use server::{AppState, OPENAPI, api_routes, route_paths, router, serve};

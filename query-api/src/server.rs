@@ -1,25 +1,27 @@
 //! The HTTP server: tenant-scoped read endpoints (thin handlers over the
 //! store, typed answers), health, readiness, metrics, OpenAPI.
 
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{MatchedPath, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use axum::{Json, Router};
 use meterline_domain::{AlertState, EventRow, Granularity, Metric, Rule, SumRow, TimeColumn};
-use meterline_http::{ApiError, HasKeys, ReadKey, with_operations};
+use meterline_clickhouse::Limit;
+use meterline_http::{ApiError, HasKeys, PathId, ReadKey, with_operations};
 use meterline_schemas::tenants::{KeyRing, TenantConfig};
 use meterline_sql::{DIMENSIONS, Scope};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 use crate::answers::{Alert, AlertsAnswer, Event, EventsAnswer, MarginsAnswer, Range, Ranked, Row, TopSpendersAnswer, UsageAnswer, UserUsageAnswer, WithMargin, ratio};
 use crate::billing::ClickHouseBilling;
 use crate::config::Config;
 use crate::export::{ClickHouseExport, ExportSource};
+use crate::gate::TenantGate;
 use crate::params::Params;
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
 use crate::{QueryError, metrics, pages};
@@ -37,13 +39,15 @@ pub struct AppState {
     /// The Stripe meter sync's mapping and status routes, over their own
     /// state (the query service's: ClickHouse); merged into the API.
     billing: Option<Router>,
+    /// Portal tokens' secrets and origins, and where the portal reads limits.
+    portal: crate::portal::Portal,
 }
 
 impl AppState {
     /// The query API's state over any store: the all-in-one binary passes its
     /// embedded store, the query service ClickHouse.
     pub fn new(tenants: &[TenantConfig], store: Arc<dyn QueryStore>, max_range_days: i64) -> Result<AppState, QueryError> {
-        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None })
+        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None, portal: crate::portal::Portal::from_config(tenants)? })
     }
 
     /// The state with the billing export reading from `source`.
@@ -55,6 +59,20 @@ impl AppState {
     /// served beside the API.
     pub fn with_billing(self, routes: Router) -> AppState {
         AppState { billing: Some(routes), ..self }
+    }
+
+    /// The state with the portal reading limits and subscription cycles
+    /// from `source` (without one it shows no limits and calendar months).
+    pub fn with_portal_limits(self, source: Arc<dyn crate::portal::LimitSource>) -> AppState {
+        AppState { portal: self.portal.with_limits(source), ..self }
+    }
+
+    pub(crate) fn portal(&self) -> &crate::portal::Portal {
+        &self.portal
+    }
+
+    pub(crate) fn query_store(&self) -> &Arc<dyn QueryStore> {
+        &self.store
     }
 
     pub(crate) fn export_source(&self) -> Option<&Arc<dyn ExportSource>> {
@@ -77,18 +95,26 @@ type Raw = Query<HashMap<String, String>>;
 
 /// Connects to ClickHouse and serves until `shutdown`, then drains.
 pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), QueryError> {
-    let clickhouse = meterline_clickhouse::connect(&config.clickhouse).await?;
+    // Every statement this service sends carries the read limits: the
+    // dashboard's reads, the export's and the billing routes' alike.
+    let clickhouse = meterline_clickhouse::connect(&config.clickhouse).await?.with_read_limits(config.query.read_limits());
     // Subscriptions (cycle anchors) live with the limits in Redis; without
     // it every subject is exported by calendar month.
     let redis = match &config.limits.redis_url {
         Some(url) => Some(meterline_redis::RedisLimits::connect(url).await.map_err(|e| QueryError::config("limits.redis_url", e.to_string()))?),
         None => None,
     };
+    let portal_limits = redis.clone().map(|r| Arc::new(crate::portal::StoreLimits(r)) as Arc<dyn crate::portal::LimitSource>);
     let export = ClickHouseExport { store: clickhouse.clone(), redis };
     let billing = meterline_billing::BillingApi::new(ClickHouseBilling::new(clickhouse.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
-    let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups);
+    let gate = TenantGate::new(config.query.max_concurrent_per_tenant, Duration::from_millis(config.query.max_queue_wait_ms));
+    let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups, gate);
     let state = AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export));
-    let state = Arc::new(state.with_billing(meterline_billing::routes(Arc::new(billing))));
+    let state = state.with_billing(meterline_billing::routes(Arc::new(billing)));
+    let state = Arc::new(match portal_limits {
+        Some(source) => state.with_portal_limits(source),
+        None => state,
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -104,6 +130,8 @@ fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
         ("/v1/events", get(events)),
         ("/v1/alerts", get(alerts)),
         ("/v1/billing/export", get(crate::export::handler)),
+        ("/v1/portal/tokens", axum::routing::post(crate::portal::routes::mint)),
+        ("/v1/portal/usage", get(crate::portal::routes::usage).options(crate::portal::routes::preflight)),
     ]
 }
 
@@ -122,6 +150,7 @@ pub fn api_routes(state: Shared) -> Router {
         .fold(Router::new(), |router, (path, method)| router.route(path, method))
         .route_layer(middleware::from_fn(record))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .route("/widget.js", get(crate::portal::routes::widget))
         .with_state(state);
     match billing {
         Some(billing) => api.merge(billing),
@@ -138,7 +167,9 @@ pub fn router(state: Shared) -> Router {
             async move { state.store.ping().await }
         }
     };
-    with_operations(api_routes(state), metrics::handle(), ready, "the store is not reachable")
+    // The admin dashboard at `/`: static files; its data comes from the API above.
+    let api = api_routes(state).merge(meterline_dashboard::routes());
+    with_operations(api, metrics::handle(), ready, "the store is not reachable")
 }
 
 /// Counts and times every answer by route template and status, refusals
@@ -150,9 +181,41 @@ async fn record(path: MatchedPath, request: Request, next: Next) -> Response {
     response
 }
 
-/// The answer to a store that could not answer: logged here, at the
-/// boundary, with its cause; the client hears only that it may retry.
-fn unavailable(e: QueryError) -> ApiError {
+/// The answer to a store that could not answer, classified here once: a
+/// read stopped by a server-side limit or refused by the tenant's cap names
+/// the limit (the client can narrow its query or slow down); anything else
+/// is logged at the boundary with its cause, and the client hears only that
+/// it may retry. All are `503` with `Retry-After`.
+pub(crate) fn unavailable(e: QueryError) -> ApiError {
+    let (code, message, retry_after) = match &e {
+        QueryError::Overloaded { permits, .. } => {
+            ("overloaded_tenant", format!("this tenant already has {permits} queries running (query.max_concurrent_per_tenant); retry when they finish"), 1)
+        }
+        QueryError::ClickHouse(ch) => match ch.limit() {
+            Some(Limit::Time) => (
+                "query_time_limit",
+                "the query ran past the server-side time limit (query.max_execution_secs); ask for a shorter range or a coarser granularity".to_owned(),
+                5,
+            ),
+            Some(Limit::Memory) => (
+                "query_memory_limit",
+                "the query needed more memory than the server-side limit (query.max_memory_bytes); ask for a shorter range, a coarser granularity or fewer groups".to_owned(),
+                5,
+            ),
+            Some(Limit::Concurrency) => ("store_overloaded", "the store is running its maximum of concurrent queries; retry later".to_owned(), 2),
+            None => return unreachable_store(&e),
+        },
+        _ => return unreachable_store(&e),
+    };
+    // Expected under load, and the client is told: a warning, not an error.
+    tracing::warn!(error = %e, code, "query refused");
+    let mut answer = ApiError::unavailable(message);
+    answer.code = code;
+    answer.retry_after_secs = Some(retry_after);
+    answer
+}
+
+fn unreachable_store(e: &QueryError) -> ApiError {
     tracing::error!(error = %e, "query failed");
     ApiError::unavailable("the store could not answer; retry later")
 }
@@ -250,7 +313,7 @@ async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query
 /// The most features (and models) a user's statement lists.
 const STATEMENT_GROUPS: usize = 10_000;
 
-async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Path(user_id): Path<String>, Query(mut raw): Raw) -> Response {
+async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, PathId(user_id): PathId, Query(mut raw): Raw) -> Response {
     let answer = async {
         if raw.contains_key("user_id") {
             return Err(ApiError::bad_request("invalid_parameter", "the user is named in the path").with_field("user_id"));

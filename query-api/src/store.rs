@@ -12,6 +12,7 @@ pub use meterline_sql::{AlertsQuery, Cursor, GroupCursor};
 
 use crate::QueryError;
 use crate::cached::{self, GroupReader};
+use crate::gate::TenantGate;
 use crate::ranking::{self, GroupCache};
 pub use crate::ranking::{Order, RankQuery, Ranking};
 
@@ -91,62 +92,66 @@ pub fn separately<'a, S: QueryStore + ?Sized>(store: &'a S, scope: &'a Scope, q:
 }
 
 /// The ClickHouse store: the statements in [`queries`], bound and sent, and
-/// rankings through the [`ranking`](crate::ranking) cache.
+/// rankings through the [`ranking`](crate::ranking) cache. Every statement
+/// holds one of its tenant's slots in the [`TenantGate`] while it runs; an
+/// answer the cache gives whole sends none and takes none.
 #[derive(Debug)]
 pub struct ClickHouseStore {
     store: Store,
     cache: GroupCache,
+    gate: TenantGate,
 }
 
 impl ClickHouseStore {
-    /// Keeps at most `cache_groups` groups' sums for rankings (0: none).
-    pub fn new(store: Store, cache_groups: usize) -> ClickHouseStore {
-        ClickHouseStore { store, cache: GroupCache::new(cache_groups) }
+    /// Keeps at most `cache_groups` groups' sums for rankings (0: none);
+    /// `store` should carry the read limits (`Store::with_read_limits`).
+    pub fn new(store: Store, cache_groups: usize, gate: TenantGate) -> ClickHouseStore {
+        ClickHouseStore { store, cache: GroupCache::new(cache_groups), gate }
     }
 }
 
 impl GroupReader for ClickHouseStore {
     fn groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async move { Ok(self.store.query(&queries::groups(scope, group_by)).fetch_all::<SumRow>().await?) })
+        Box::pin(self.gate.read(&scope.tenant, async move { Ok(self.store.query(&queries::groups(scope, group_by)).fetch_all::<SumRow>().await?) }))
     }
 
     fn edge_groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str], ranges: &'a [(i64, i64)]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async move { Ok(self.store.query(&queries::edge_groups(scope, group_by, ranges)).fetch_all::<SumRow>().await?) })
+        Box::pin(self.gate.read(&scope.tenant, async move { Ok(self.store.query(&queries::edge_groups(scope, group_by, ranges)).fetch_all::<SumRow>().await?) }))
     }
 
     fn event_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
-        Box::pin(async move { Ok(self.store.query(&queries::event_count(scope, group_by)).fetch_one::<u64>().await?) })
+        Box::pin(self.gate.read(&scope.tenant, async move { Ok(self.store.query(&queries::event_count(scope, group_by)).fetch_one::<u64>().await?) }))
     }
 }
 
 impl QueryStore for ClickHouseStore {
     fn sums<'a>(&'a self, scope: &'a Scope, q: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async move {
+        Box::pin(self.gate.read(&scope.tenant, async move {
             let sql = match (&q.after, q.order_by_margin) {
                 (Some(after), false) => queries::sums_after(scope, q.granularity, &q.group_by, q.negative_only, Some(after), q.limit),
                 _ => queries::sums(scope, q.granularity, &q.group_by, q.negative_only, q.order_by_margin, q.limit),
             };
             Ok(self.store.query(&sql).fetch_all().await?)
-        })
+        }))
     }
 
     fn top<'a>(&'a self, scope: &'a Scope, q: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async move { Ok(self.store.query(&queries::top(scope, q.by, q.metric, q.descending, q.limit)).fetch_all().await?) })
+        Box::pin(self.gate.read(&scope.tenant, async move { Ok(self.store.query(&queries::top(scope, q.by, q.metric, q.descending, q.limit)).fetch_all().await?) }))
     }
 
     fn negative_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
-        Box::pin(async move { Ok(self.store.query(&queries::negative_count(scope, group_by)).fetch_one().await?) })
+        Box::pin(self.gate.read(&scope.tenant, async move { Ok(self.store.query(&queries::negative_count(scope, group_by)).fetch_one().await?) }))
     }
 
     fn events<'a>(&'a self, scope: &'a Scope, cursor: Option<&'a Cursor>, limit: i64) -> BoxFuture<'a, Result<Vec<EventRow>, QueryError>> {
-        Box::pin(async move { Ok(self.store.query(&meterline_sql::events(Dialect::ClickHouse, "?fields", scope, cursor, limit)).fetch_all().await?) })
+        Box::pin(self.gate.read(&scope.tenant, async move { Ok(self.store.query(&meterline_sql::events(Dialect::ClickHouse, "?fields", scope, cursor, limit)).fetch_all().await?) }))
     }
 
     fn alerts<'a>(&'a self, q: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>> {
-        Box::pin(async move {
+        Box::pin(self.gate.read(&q.tenant, async move {
             let sql = meterline_sql::alerts(Dialect::ClickHouse, "?fields", "alerts FINAL", q);
             Ok(self.store.query(&sql).fetch_all().await?)
-        })
+        }))
     }
 
     fn ping(&self) -> BoxFuture<'_, bool> {

@@ -176,6 +176,8 @@ async fn serve() -> String {
         credit_price_usd: None,
         prices: Default::default(),
         webhook_secret: None,
+        portal_secret: Some("portal-secret-0123456789".into()),
+        portal_origins: vec!["https://app.acme.test".into()],
     }];
     let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(fake_billing(&tenants)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -289,6 +291,38 @@ async fn every_documented_answer_validates_against_the_running_server() {
         let errors: Vec<String> = validator.iter_errors(&answer).map(|e| format!("{} at {}", e, e.instance_path())).collect();
         assert!(errors.is_empty(), "{method} {query} ({status}) does not match the document: {errors:?}\n{answer}");
     }
+    // The portal: a token minted with the admin key reads /v1/portal/usage.
+    let minted = client.post(format!("{url}/v1/portal/tokens")).bearer_auth(ADMIN_KEY).json(&json!({"user_id": "u"})).send().await.expect("mint");
+    let minted: Value = minted.json().await.expect("json");
+    let token = minted["token"].as_str().expect("token").to_owned();
+    let portal = [
+        ("/v1/portal/tokens", "post", "/v1/portal/tokens", Some(json!({"user_id": "u", "ttl_secs": 60})), Some(ADMIN_KEY), 200),
+        ("/v1/portal/tokens", "post", "/v1/portal/tokens", Some(json!({"user_id": "u", "customer_id": "c"})), Some(ADMIN_KEY), 400),
+        ("/v1/portal/tokens", "post", "/v1/portal/tokens", Some(json!({"user_id": "u"})), None, 401),
+        ("/v1/portal/tokens", "post", "/v1/portal/tokens", Some(json!({"user_id": "u"})), Some(READ_KEY), 403),
+        ("/v1/portal/usage", "get", "/v1/portal/usage", None, Some(token.as_str()), 200),
+        ("/v1/portal/usage", "get", "/v1/portal/usage?user_id=v", None, Some(token.as_str()), 400),
+        ("/v1/portal/usage", "get", "/v1/portal/usage", None, Some(READ_KEY), 401),
+    ];
+    for (path, method, query, body, key, status) in portal {
+        seen.insert(path);
+        let mut request = if method == "post" { client.post(format!("{url}{query}")) } else { client.get(format!("{url}{query}")) };
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status().as_u16(), status, "{method} {query}");
+        let answer: Value = response.json().await.expect("JSON body");
+        let mut schema = doc["paths"][path][method]["responses"][status.to_string()]["content"]["application/json"]["schema"].clone();
+        assert!(schema.is_object(), "{method} {path} documents no {status} answer");
+        schema["components"] = doc["components"].clone();
+        let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+        let errors: Vec<String> = validator.iter_errors(&answer).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+        assert!(errors.is_empty(), "{method} {query} ({status}) does not match the document: {errors:?}\n{answer}");
+    }
     assert_eq!(seen.len(), meterline_query_api::route_paths().len(), "every route asked");
     // The fake's rows carry every optional field both ways, so the answers
     // above exercised nulls and values alike.
@@ -301,5 +335,72 @@ async fn every_documented_answer_validates_against_the_running_server() {
         assert!(body[cut].is_string() || body[cut] == json!(true), "{query} says it is cut: {body}");
         let whole: Value = client.get(format!("{url}{query}0")).bearer_auth(READ_KEY).send().await.expect("request").json().await.expect("json");
         assert!(whole[cut].is_null() || whole[cut] == json!(false), "{query}0 is whole: {whole}");
+    }
+}
+
+/// A store whose reads are refused: the tenant's cap for sums, ClickHouse's
+/// time limit for rankings, its memory limit for the audit trail, and an
+/// unreachable server for alerts.
+#[derive(Debug)]
+struct Refusing;
+
+fn clickhouse_said(text: &str) -> QueryError {
+    QueryError::ClickHouse(meterline_clickhouse::ClickHouseError::Client(clickhouse::error::Error::BadResponse(text.into())))
+}
+
+impl QueryStore for Refusing {
+    fn sums<'a>(&'a self, _: &'a Scope, _: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        Box::pin(async { Err(QueryError::Overloaded { tenant: "acme".into(), permits: 4 }) })
+    }
+    fn top<'a>(&'a self, _: &'a Scope, _: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        Box::pin(async { Err(clickhouse_said("Code: 159, e.displayText() = DB::Exception: Timeout exceeded: elapsed 1.4 seconds, maximum: 1")) })
+    }
+    fn negative_count<'a>(&'a self, _: &'a Scope, _: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
+        Box::pin(async { Ok(0) })
+    }
+    fn events<'a>(&'a self, _: &'a Scope, _: Option<&'a Cursor>, _: i64) -> BoxFuture<'a, Result<Vec<EventRow>, QueryError>> {
+        Box::pin(async { Err(clickhouse_said("Code: 241. DB::Exception: Memory limit (for query) exceeded")) })
+    }
+    fn alerts<'a>(&'a self, _: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>> {
+        Box::pin(async { Err(QueryError::ClickHouse(meterline_clickhouse::ClickHouseError::Client(clickhouse::error::Error::TimedOut))) })
+    }
+    fn ping(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
+}
+
+#[tokio::test]
+async fn refused_reads_answer_the_documented_503_naming_the_limit_with_retry_after() {
+    // Through the config loader: the tenant's optional fields keep their defaults.
+    let text = format!(
+        "[clickhouse]\nurl = \"http://127.0.0.1:1\"\n[[tenants]]\nid = \"acme\"\n[[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+        hash_key(READ_KEY)
+    );
+    let tenants = meterline_query_api::Config::load(&text, []).expect("config").tenants;
+    let state = Arc::new(AppState::new(&tenants, Arc::new(Refusing), 400).expect("state"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, meterline_query_api::router(state)).await });
+    let doc = document();
+    for (path, query, code, names) in [
+        ("/v1/usage", "/v1/usage", "overloaded_tenant", "query.max_concurrent_per_tenant"),
+        ("/v1/top-spenders", "/v1/top-spenders", "query_time_limit", "query.max_execution_secs"),
+        ("/v1/events", "/v1/events?user_id=u", "query_memory_limit", "query.max_memory_bytes"),
+        ("/v1/alerts", "/v1/alerts", "unavailable", "retry later"),
+    ] {
+        let response = reqwest::Client::new().get(format!("{url}{query}")).bearer_auth(READ_KEY).send().await.expect("request");
+        assert_eq!(response.status().as_u16(), 503, "{query}");
+        let retry_after: u32 = response.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+        assert!(retry_after >= 1, "{query}");
+        let body: Value = response.json().await.expect("JSON body");
+        assert_eq!(body["error"]["code"], json!(code), "{query}: {body}");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains(names), "{query}: {message}");
+        // 5xx answers say nothing internal: no ClickHouse text reaches the client.
+        assert!(!message.contains("DB::Exception"), "{query}: {message}");
+        let validator = jsonschema::validator_for(&schema(&doc, path, "503")).expect("schema compiles");
+        assert!(validator.is_valid(&body), "{query} (503) does not match the document: {body}");
+        assert!(doc["paths"][path]["get"]["responses"]["503"]["headers"]["Retry-After"].is_object(), "{path} documents Retry-After");
+        assert!(doc["paths"][path]["get"]["responses"]["503"]["description"].as_str().is_some_and(|d| d.contains(code)), "{path} documents {code}");
     }
 }

@@ -55,6 +55,15 @@ pub struct TenantConfig {
     /// it is set in the file.)
     #[serde(default)]
     pub webhook_secret: Option<String>,
+    /// The key end-user portal tokens (`POST /v1/portal/tokens`) are signed
+    /// with (HMAC-SHA256); without one the tenant mints none. Changing it
+    /// revokes every token signed before.
+    #[serde(default)]
+    pub portal_secret: Option<String>,
+    /// Browser origins (`https://app.example.com`) whose pages may read
+    /// `/v1/portal/usage` with a portal token (CORS).
+    #[serde(default)]
+    pub portal_origins: Vec<String>,
 }
 
 /// A tenant after validation: prices parsed.
@@ -181,6 +190,8 @@ mod tests {
             credit_price_usd: Some("0.001".into()),
             prices: BTreeMap::new(),
             webhook_secret: None,
+            portal_secret: None,
+            portal_origins: Vec::new(),
         }
     }
 

@@ -18,6 +18,19 @@ pub enum Retry {
     Permanent,
 }
 
+/// A server-side limit that stopped a read: the query itself was too big
+/// for the settings the reader sent (or the server was full), not broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `max_execution_time` (TIMEOUT_EXCEEDED, 159; TOO_SLOW, 160: the
+    /// server's estimate that it would run past it).
+    Time,
+    /// `max_memory_usage` (MEMORY_LIMIT_EXCEEDED, 241).
+    Memory,
+    /// The server's `max_concurrent_queries` (TOO_MANY_SIMULTANEOUS_QUERIES, 202).
+    Concurrency,
+}
+
 /// ClickHouse exception codes that mean the rows themselves are bad (they
 /// cannot be parsed, converted or stored), not the server or the network.
 const BAD_DATA_CODES: &[u32] = &[
@@ -45,6 +58,17 @@ impl ClickHouseError {
             _ => Retry::Retryable,
         }
     }
+
+    /// The server-side limit that killed this statement, if one did.
+    pub fn limit(&self) -> Option<Limit> {
+        let ClickHouseError::Client(clickhouse::error::Error::BadResponse(text)) = self else { return None };
+        match exception_code(text)? {
+            159 | 160 => Some(Limit::Time),
+            241 => Some(Limit::Memory),
+            202 => Some(Limit::Concurrency),
+            _ => None,
+        }
+    }
 }
 
 /// The code in a ClickHouse exception text: `Code: 27. DB::Exception: ...`.
@@ -69,5 +93,16 @@ mod tests {
         assert_eq!(ClickHouseError::Client(clickhouse::error::Error::TimedOut).retry(), Retry::Retryable);
         assert_eq!(ClickHouseError::TimedOut { what: "rollup insert", secs: 10 }.retry(), Retry::Retryable);
         assert_eq!(exception_code("garbage"), None);
+    }
+
+    #[test]
+    fn limits_are_named_from_the_codes_18_16_and_current_servers_send() {
+        let said = |text: &str| ClickHouseError::Client(clickhouse::error::Error::BadResponse(text.into())).limit();
+        // 18.16 writes "Code: N, e.displayText() = ..."; current servers "Code: N. DB::Exception: ...".
+        assert_eq!(said("Code: 159, e.displayText() = DB::Exception: Timeout exceeded: elapsed 1.43 seconds, maximum: 1"), Some(Limit::Time));
+        assert_eq!(said("Code: 241. DB::Exception: Memory limit (for query) exceeded"), Some(Limit::Memory));
+        assert_eq!(said("Code: 202. DB::Exception: Too many simultaneous queries"), Some(Limit::Concurrency));
+        assert_eq!(said("Code: 60. DB::Exception: Table default.x doesn't exist"), None);
+        assert_eq!(ClickHouseError::TimedOut { what: "rollup insert", secs: 10 }.limit(), None);
     }
 }

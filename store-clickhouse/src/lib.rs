@@ -15,10 +15,10 @@ mod store;
 pub use billing::{BillingCustomerRow, BillingStatusRow, BillingWindowRow, HourSumRow};
 pub use compat::compat_statements;
 pub use config::ClickHouseConfig;
-pub use error::{ClickHouseError, Retry, exception_code};
+pub use error::{ClickHouseError, Limit, Retry, exception_code};
 pub use migrations::{MIGRATIONS, Migration};
 pub use statements::{Range, Rollup, UserSum};
-pub use store::{DeadLetterRow, KeyRow, Progress, Store, bind, connect};
+pub use store::{DeadLetterRow, KeyRow, Progress, ReadLimits, Store, bind, connect};
 
 /// The query API's statements, by endpoint.
 pub mod query {

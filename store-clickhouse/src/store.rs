@@ -108,6 +108,18 @@ pub fn bind(client: &Client, sql: &Sql) -> Query {
     q
 }
 
+/// Server-side limits on every statement a client sends: ClickHouse stops a
+/// statement past them (TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED) instead of
+/// letting one heavy read take the server's cores and memory from the
+/// aggregator's inserts. Both settings exist on 18.16 and current servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// `max_execution_time`, in seconds.
+    pub max_execution_secs: u64,
+    /// `max_memory_usage`, in bytes.
+    pub max_memory_bytes: u64,
+}
+
 /// The ClickHouse store.
 #[derive(Clone)]
 pub struct Store {
@@ -141,6 +153,17 @@ pub async fn connect(config: &ClickHouseConfig) -> Result<Store, ClickHouseError
 impl Store {
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// This store with `limits` sent as settings on every statement. The
+    /// client is cloned, not shared: the aggregator's writes keep theirs.
+    pub fn with_read_limits(&self, limits: ReadLimits) -> Store {
+        let client = self
+            .client
+            .clone()
+            .with_setting("max_execution_time", limits.max_execution_secs.to_string())
+            .with_setting("max_memory_usage", limits.max_memory_bytes.to_string());
+        Store { client, ..self.clone() }
     }
 
     /// `sql` with its values bound.

@@ -5,6 +5,7 @@
 //! needs them and finds them unset fails with instructions; it never passes
 //! without having run.
 
+pub mod browser;
 pub mod limits;
 pub mod load;
 pub mod stack;
@@ -212,10 +213,17 @@ pub const ADMIN_KEYS: &[&str] = &["acme-admin-key", "globex-admin-key"];
 
 /// The test tenants as `[[tenants]]` TOML: their keys, and a credit price of 0.001 USD.
 pub fn tenants_toml() -> String {
+    tenants_toml_with(&[])
+}
+
+/// [`tenants_toml`] with more keys for some tenants: `(tenant, TOML lines)`
+/// (say `portal_secret = "…"`), written into that tenant's entry.
+pub fn tenants_toml_with(fields: &[(&str, &str)]) -> String {
     let mut text = String::new();
     for ((tenant, ingest, read), admin) in TENANTS.iter().zip(ADMIN_KEYS) {
+        let more: String = fields.iter().filter(|(t, _)| t == tenant).map(|(_, lines)| format!("{lines}\n")).collect();
         text.push_str(&format!(
-            "[[tenants]]\nid = \"{tenant}\"\ncredit_price_usd = \"0.001\"\n\
+            "[[tenants]]\nid = \"{tenant}\"\ncredit_price_usd = \"0.001\"\n{more}\
              [[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
              [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n\
              [[tenants.keys]]\nname = \"admin\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
@@ -283,8 +291,13 @@ pub struct Embedded {
 impl Embedded {
     /// Starts it on a port-0 listener with the test tenants and `extra` TOML.
     pub async fn start(dir: &std::path::Path, extra: &str) -> Embedded {
+        Embedded::start_with_tenants(dir, extra, &tenants_toml()).await
+    }
+
+    /// The same with `tenants` as the `[[tenants]]` TOML (see [`tenants_toml_with`]).
+    pub async fn start_with_tenants(dir: &std::path::Path, extra: &str, tenants: &str) -> Embedded {
         init_tracing();
-        let config = meterline::Config::load(&format!("{extra}\n{}", tenants_toml()), []).expect("embedded config");
+        let config = meterline::Config::load(&format!("{extra}\n{tenants}"), []).expect("embedded config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -52,10 +52,7 @@ pub(crate) async fn export(State(state): State<Arc<AppState>>, AdminKey { tenant
         let Some(source) = state.export_source() else {
             return Err(ApiError::unavailable("this server has no billing export configured"));
         };
-        let billed = run(source.as_ref(), &req).await.map_err(|e| {
-            tracing::error!(error = %e, "billing export failed");
-            ApiError::unavailable("the store could not answer; retry later")
-        })?;
+        let billed = run(source.as_ref(), &req).await.map_err(crate::server::unavailable)?;
         if as_csv {
             return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv(&req, &billed)).into_response());
         }

@@ -1,0 +1,270 @@
+//! The admin dashboard in a real browser (headless Chromium over WebDriver):
+//! served at `/` by the all-in-one binary and by the query API, it signs in
+//! from `#key=`, shows the same top spender, user totals and open runaway
+//! alerts as the public API, and sends a wrong key back to sign-in. Writes
+//! screenshots under `target/screenshots/`.
+
+use meterline_tests::browser::Browser;
+use meterline_tests::stack::Process;
+use meterline_tests::workload;
+use meterline_tests::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// An event for `user` `minutes_ago`, with exact cost and revenue.
+fn spend(user: &str, n: usize, minutes_ago: i64, feature: &str, model: &str, cost: &str, revenue: &str) -> Value {
+    json!({
+        "idempotency_key": format!("{user}-{n}-{minutes_ago}"),
+        "timestamp": (chrono::Utc::now() - chrono::Duration::minutes(minutes_ago)).to_rfc3339(),
+        "user_id": user,
+        "customer_id": format!("cust-{}", user.len() % 3),
+        "feature": feature,
+        "model": model,
+        "input_tokens": 1200 + n,
+        "output_tokens": 300,
+        "cost_usd": cost,
+        "revenue_usd": revenue,
+    })
+}
+
+async fn post(url: &str, events: &[Value]) {
+    let r = reqwest::Client::new().post(format!("{url}/v1/events")).bearer_auth("acme-ingest-key").json(events).send().await.expect("post");
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["accepted"], json!(events.len()), "{body}");
+}
+
+/// The range the page asked the API for, as a query string.
+async fn page_range(b: &Browser) -> String {
+    let from = b.attr("#range", "data-from").await.expect("the page names its range");
+    let to = b.attr("#range", "data-to").await.expect("the page names its range");
+    format!("from={from}&to={to}")
+}
+
+/// Signs in by fragment and checks the fragment left the address bar.
+async fn sign_in(b: &Browser, url: &str) {
+    b.goto(&format!("{url}/#key=acme-read-key")).await;
+    b.wait_for("#overview-totals, #main .state.empty", WAIT).await;
+    let here = b.client.current_url().await.expect("url");
+    assert_eq!(here.fragment(), Some("/overview"), "the key left the address bar");
+    assert_eq!(b.eval("return sessionStorage.getItem('meterline.readKey')").await, json!("acme-read-key"));
+}
+
+/// The top spender the page shows is `/v1/top-spenders`' first row, with its exact cost on hover.
+async fn top_spender_matches(b: &Browser, url: &str) -> String {
+    b.goto(&format!("{url}/#/top-spenders?range=30d&metric=cost")).await;
+    b.wait_for("#top-spenders tbody tr", WAIT).await;
+    let (status, api) = get_json(&format!("{url}/v1/top-spenders?{}", page_range(b).await), Some("acme-read-key")).await;
+    assert_eq!(status, 200, "{api}");
+    let first = &api["rows"][0];
+    let user = first["user_id"].as_str().expect("a top spender").to_owned();
+    let shown = b.wait_for_text("#top-spenders tbody tr:first-child .subject", WAIT, |t| !t.is_empty()).await;
+    assert_eq!(shown, user, "the first row is the API's top spender");
+    let cost = b.attr("#top-spenders tbody tr:first-child td:nth-child(4) span", "data-exact").await;
+    assert_eq!(cost.as_deref(), first["cost_usd"].as_str(), "the exact cost is on the row");
+    user
+}
+
+/// The user page's totals are the statement's, exactly.
+async fn user_totals_match(b: &Browser, url: &str, user: &str) {
+    b.goto(&format!("{url}/#/user/{user}")).await;
+    b.wait_for("#user-totals", WAIT).await;
+    let (status, statement) = get_json(&format!("{url}/v1/users/{user}/usage?{}", page_range(b).await), Some("acme-read-key")).await;
+    assert_eq!(status, 200, "{statement}");
+    for measure in ["cost_usd", "revenue_usd", "margin_usd"] {
+        let shown = b.attr(&format!("#user-totals [data-measure={measure}] .value span"), "data-exact").await;
+        assert_eq!(shown.as_deref(), statement["totals"][measure].as_str(), "{measure}");
+    }
+    let events = b.attr("#user-totals [data-measure=events] .value span", "data-exact").await;
+    assert_eq!(events, Some(statement["totals"]["events"].to_string()));
+    b.wait_for("#user-events tbody tr", WAIT).await;
+}
+
+/// A wrong key, by fragment or left in the tab, lands on sign-in saying so.
+async fn wrong_key_signs_out(b: &Browser, url: &str) {
+    b.goto(&format!("{url}/#key=not-a-real-key")).await;
+    let said = b.wait_for_text("#signin-error", WAIT, |t| !t.is_empty()).await;
+    assert!(said.contains("not accepted"), "{said}");
+    // A key that stops working mid-session (revoked, rotated) does the same.
+    b.eval("sessionStorage.setItem('meterline.readKey', 'revoked-key')").await;
+    b.goto(&format!("{url}/#/alerts")).await;
+    let said = b.wait_for_text("#signin-error", WAIT, |t| !t.is_empty()).await;
+    assert!(said.contains("refused"), "{said}");
+    assert_eq!(b.eval("return sessionStorage.getItem('meterline.readKey')").await, Value::Null);
+}
+
+#[tokio::test]
+async fn all_in_one_dashboard() {
+    let dir = temp_dir("dashboard");
+    let server = Embedded::start(&dir, "[storage]\nalert_eval_ms = 100\n[alerts]\ninterval_secs = 1\n").await;
+    let url = server.url.clone();
+
+    // A week of ordinary traffic across features and models, a user who
+    // costs more than they pay, and one runaway: $20 in the last minutes
+    // against the default $10 an hour absolute rule.
+    let mut events = Vec::new();
+    let features = ["chat", "search", "summarize"];
+    let models = ["gpt-4o", "gpt-4.1-mini", "claude-sonnet"];
+    for (u, user) in ["alice", "bob", "carol", "dave", "erin", "frank"].iter().enumerate() {
+        for n in 0..12 {
+            let minutes_ago = 30 + (n as i64) * 11 * 60 + (u as i64) * 7;
+            let cost = format!("0.{:03}", 20 + u * 37 + n * 3);
+            events.push(spend(user, n, minutes_ago, features[n % 3], models[(n + u) % 3], &cost, "0.25"));
+        }
+    }
+    for n in 0..8 {
+        events.push(spend("loss-leader", n, 90 + n as i64 * 240, "agent", "gpt-4o", "0.90", "0.10"));
+    }
+    for n in 0..4 {
+        events.push(spend("runaway", n, 2 + n as i64, "agent", "gpt-4o", "5.00", "0.50"));
+    }
+    post(&url, &events).await;
+    let alert = poll_until(Duration::from_secs(30), "the runaway's absolute alert to open", || async {
+        let (_, body) = get_json(&format!("{url}/v1/alerts?state=open&user_id=runaway"), Some("acme-read-key")).await;
+        body["alerts"].as_array().and_then(|a| a.iter().find(|x| x["rule"] == "absolute").cloned())
+    })
+    .await;
+
+    let b = Browser::start().await;
+    // Served at `/`, from the binary.
+    b.goto(&format!("{url}/")).await;
+    b.wait_for("#signin", WAIT).await;
+
+    sign_in(&b, &url).await;
+    b.wait_for("#overview-chart .uplot", WAIT).await;
+    b.screenshot("overview").await;
+
+    let top = top_spender_matches(&b, &url).await;
+    assert_eq!(top, "runaway");
+    b.screenshot("top-spenders").await;
+
+    // The open alert stands out, with its rule, observed and threshold.
+    b.goto(&format!("{url}/#/alerts")).await;
+    b.wait_for("#alerts-open tbody tr.open", WAIT).await;
+    let rows = b.eval("return [...document.querySelectorAll('#alerts-open tbody tr.open')].map(r => [r.cells[0].innerText, r.cells[2].innerText, r.cells[3].querySelector('span').dataset.exact])").await;
+    let observed = rows.as_array().expect("rows").iter().find(|r| r[0] == "runaway" && r[1] == "absolute").map(|r| r[2].clone());
+    assert_eq!(observed.as_ref(), Some(&alert["observed_usd"]), "the runaway's open absolute alert, as the API has it: {rows}");
+    b.screenshot("alerts").await;
+
+    // Money-losing users: the loss leader is there.
+    b.goto(&format!("{url}/#/losing")).await;
+    let losing = b.wait_for_text("#losing tbody", WAIT, |t| t.contains("loss-leader")).await;
+    assert!(losing.contains("runaway"), "runaway also pays less than it costs: {losing}");
+    b.screenshot("losing").await;
+
+    user_totals_match(&b, &url, "runaway").await;
+    b.wait_for("#user-alerts tbody tr.open", WAIT).await;
+    b.wait_for("#user-chart .uplot", WAIT).await;
+    b.screenshot("user").await;
+
+    // Limits: the read key reads balances, not plans.
+    b.goto(&format!("{url}/#/limits")).await;
+    b.wait_for("#plans-need-admin", WAIT).await;
+
+    // A phone's width: the same overview, one column.
+    b.resize(390, 844).await;
+    b.goto(&format!("{url}/#/overview?range=7d")).await;
+    b.wait_for("#overview-chart .uplot", WAIT).await;
+    b.screenshot("overview-phone").await;
+    b.resize(1280, 800).await;
+
+    wrong_key_signs_out(&b, &url).await;
+    b.screenshot("signin-error").await;
+    b.stop().await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn query_api_dashboard() {
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("dashboard").await;
+    let agg_config = aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, "");
+    let _agg = Process::start("meterline-aggregator", &agg_config);
+    let now = chrono::Utc::now();
+    let work = workload::generate(13, 600, 40, 200, now);
+    for batch in &work.batches {
+        let r = reqwest::Client::new().post(format!("{}/v1/events", ingest.url)).bearer_auth("acme-ingest-key").json(batch).send().await.expect("post");
+        assert_eq!(r.status(), 202);
+    }
+    workload::wait_rolled_up(&ch, &database, &[("acme", work.unique_events)]).await;
+    let api = QueryApi::start(&ch.url, &database).await;
+
+    let b = Browser::start().await;
+    sign_in(&b, &api.url).await;
+    let top = top_spender_matches(&b, &api.url).await;
+    b.screenshot("query-api-top-spenders").await;
+    user_totals_match(&b, &api.url, &top).await;
+    // The query API serves no limits: the user page says so rather than failing.
+    let limits = b.wait_for_text("#main", WAIT, |t| t.contains("does not serve limits")).await;
+    assert!(!limits.is_empty());
+    wrong_key_signs_out(&b, &api.url).await;
+    b.stop().await;
+}
+
+/// The portal's `/widget.js` on a customer's page (another origin): it shows
+/// its token's numbers, and nothing for a tampered token.
+#[tokio::test]
+async fn usage_widget_on_another_origin() {
+    // The customer's page, on its own port: its origin is what the tenant allows.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let page_origin = format!("http://{}", listener.local_addr().expect("addr"));
+    let html: std::sync::Arc<std::sync::Mutex<String>> = std::sync::Arc::default();
+    let served = html.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let served = served.clone();
+            async move { axum::response::Html(served.lock().expect("lock").clone()) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = temp_dir("dashboard-widget");
+    let tenants = tenants_toml_with(&[("acme", &format!("portal_secret = \"widget-secret-0123456789abcdef\"\nportal_origins = [\"{page_origin}\"]"))]);
+    let server = Embedded::start_with_tenants(&dir, "", &tenants).await;
+    let url = server.url.clone();
+    let client = reqwest::Client::new();
+    let plan = json!({"limits": [{"name": "monthly-spend", "measure": "cost_usd", "period": "cycle", "amount": "5"}]});
+    let r = client.put(format!("{url}/v1/plans/default")).bearer_auth("acme-admin-key").json(&plan).send().await.expect("plan");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    post(&url, &[spend("widget-user", 1, 3, "chat", "gpt-4o", "1.25", "2"), spend("someone-else", 1, 3, "chat", "gpt-4o", "7", "7")]).await;
+    let r = client.post(format!("{url}/v1/portal/tokens")).bearer_auth("acme-admin-key").json(&json!({"user_id": "widget-user"})).send().await.expect("mint");
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().await.expect("json")["token"].as_str().expect("token").to_owned();
+    // One character changed in the middle: the signature no longer matches.
+    let mut tampered: Vec<char> = token.chars().collect();
+    let mid = tampered.len() / 2;
+    tampered[mid] = if tampered[mid] == 'A' { 'B' } else { 'A' };
+    let tampered: String = tampered.into_iter().collect();
+    // The widget's numbers come from the same answer the API gives the token.
+    let (_, portal) = poll_until(Duration::from_secs(20), "the widget user's usage", || async {
+        let (status, body) = get_json(&format!("{url}/v1/portal/usage"), Some(&token)).await;
+        (status == 200 && body["limits"][0]["used"] == json!("1.25")).then_some((status, body))
+    })
+    .await;
+    *html.lock().expect("lock") = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Acme app</title></head>\
+         <body style=\"font-family: sans-serif; padding: 24px; max-width: 520px\"><h1>Your usage</h1>\
+         <div id=\"usage\"></div><h2>Tampered token</h2><div id=\"tampered\"></div>\
+         <script src=\"{url}/widget.js\" data-token=\"{token}\" data-target=\"usage\"></script>\
+         <script src=\"{url}/widget.js\" data-token=\"{tampered}\" data-target=\"tampered\"></script></body></html>"
+    );
+
+    let b = Browser::start().await;
+    b.goto(&format!("{page_origin}/")).await;
+    b.wait_for("#usage[data-meterline-state=ok]", WAIT).await;
+    let shown = b.text("#usage").await.unwrap_or_default();
+    // Used and remaining, as the API answers the token ($5 limit, $1.25 used).
+    assert_eq!(portal["limits"][0]["remaining"], json!("3.75"));
+    assert!(shown.contains("$1.25") && shown.contains("$3.75"), "the token's numbers: {shown} (API: {portal})");
+    assert!(!shown.contains("$7"), "nobody else's: {shown}");
+    b.wait_for("#tampered[data-meterline-state=unavailable]", WAIT).await;
+    let refused = b.text("#tampered").await.unwrap_or_default();
+    assert!(!refused.contains('$'), "no numbers for a tampered token: {refused}");
+    b.screenshot("widget").await;
+    b.stop().await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
