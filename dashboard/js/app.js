@@ -10,6 +10,21 @@ const nav = document.getElementById("nav");
 const signOutButton = document.getElementById("sign-out");
 let generation = 0;
 
+// A machine-readable "this view's data is in": the dashboard benchmark
+// (bench/src/bin/dashboard-bench.rs) and tests wait on it instead of guessing
+// from elements. After a view's API calls resolved and it rendered (charts
+// included), body[data-loaded] becomes "<view>:<sequence>" (":error" appended
+// when it failed), and window.__meterlineTimings gets {view, seq, ms, route_ms}:
+// ms from the document's navigation start, route_ms from this route's start.
+window.__meterlineTimings = window.__meterlineTimings || [];
+let loadedSeq = 0;
+function markLoaded(view, routeStarted, failed) {
+  const now = performance.now();
+  const seq = ++loadedSeq;
+  window.__meterlineTimings.push({ view, seq, ms: now, route_ms: now - routeStarted, failed: !!failed });
+  document.body.dataset.loaded = view + ":" + seq + (failed ? ":error" : "");
+}
+
 /** The hash as a view path and its parameters: "#/top-spenders?range=7d" -> ["/top-spenders", {range: "7d"}]. */
 function parseHash() {
   const raw = location.hash.replace(/^#/, "") || "/overview";
@@ -56,6 +71,8 @@ async function route() {
   const [path, params] = parseHash();
   const found = ROUTES.map(([re, id, title, render]) => [path.match(re), id, title, render]).find(([m]) => m);
   const mine = ++generation;
+  const routeStarted = performance.now();
+  delete document.body.dataset.loaded;
   dropCharts();
   nav.hidden = false;
   signOutButton.hidden = false;
@@ -74,8 +91,10 @@ async function route() {
     main.replaceChildren(...nodes);
     main.dataset.view = found[1];
     if (after) after();
+    markLoaded(found[1], routeStarted, false);
   } catch (e) {
     if (mine !== generation) return;
+    markLoaded(found[1], routeStarted, true);
     if (e instanceof api.AuthError) {
       api.signOut();
       return signInForm(e.status === 401

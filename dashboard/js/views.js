@@ -390,9 +390,11 @@ export async function limits(params) {
   const probes = await Promise.all([
     ...READS.map(([path, , q]) => api.get(path, q, { allow: [403, 404] })),
     api.get("/v1/plans", {}, { allow: [403, 404, 503] }),
+    api.get("/v1/limits/nearest", { limit: 20 }, { allow: [403, 404, 503] }),
   ]);
+  const nearest = probes.pop();
   const plans = probes.pop();
-  const out = [h("h1", {}, "Limits"), h("p", { class: "sub" }, "What the signed-in read key can see, and each user's limits.")];
+  const out = [h("h1", {}, "Limits"), h("p", { class: "sub" }, "Plans and their limits, who is nearest their caps, and what the signed-in read key can see.")];
   const lookup = h("input", { id: "limits-user", type: "text", placeholder: "user id", "aria-label": "User id", value: params.user || "" });
   const go = (e) => {
     e.preventDefault();
@@ -402,6 +404,7 @@ export async function limits(params) {
   const rows = READS.map(([path, what], i) => ({ path, what, status: probes[i].status }));
   rows.push({ path: "/v1/users/{id}/limits", what: "A user's limits and balances", status: "see the user's page" });
   rows.push({ path: "/v1/plans", what: "Plans and subscriptions", status: plans.status });
+  rows.push({ path: "/v1/limits/nearest", what: "Who is nearest their caps", status: nearest.status });
   const cols = [
     { label: "Endpoint", cell: (r) => h("code", {}, r.path) },
     { label: "What", cell: (r) => r.what },
@@ -412,9 +415,55 @@ export async function limits(params) {
     out.push(h("p", { class: "notice", id: "plans-need-admin" }, "Plans and subscriptions need an admin key; this dashboard signs in with a read key, so it shows each user's limits on the user's page instead."));
   } else if (plans.status === 200) {
     const list = plans.body.plans || [];
-    out.push(h("h2", {}, "Plans"), list.length ? h("div", { class: "panel" }, table("plans", [{ label: "Plan", cell: (p) => p.id || p.plan_id || "" }, { label: "Limits", cell: (p) => String((p.limits || []).length) }], list)) : empty("No plans."));
+    out.push(h("h2", {}, "Plans"), list.length ? h("div", { class: "panel" }, plansTable(list)) : empty("No plans: every user is on the default plan, which sets no limits."));
   } else if (plans.status === 404) {
     out.push(h("p", { class: "notice" }, "This server does not serve plans: the limits service does."));
+  } else if (plans.status === 503) {
+    out.push(h("h2", {}, "Plans"), h("p", { class: "state error", id: "plans-unavailable" }, "The limits store is not answering (or this server has none configured)."));
   }
+  out.push(h("h2", {}, "Nearest their caps"), h("p", { class: "sub" }, "Users and customers whose usage this period is the largest share of a limit, hard or soft."), nearestPanel(nearest, params));
   return out;
+}
+
+/** A limit's amount as an element: money for USD measures, else the exact count; the exact decimal in its title. */
+function limitAmount(measure, v) {
+  return measure === "cost_usd" || measure === "revenue_usd" ? money(v) : exact(v, v);
+}
+
+/** Every plan's limits, one row per limit. */
+function plansTable(list) {
+  const rows = list.flatMap((p) => ((p.limits || []).length ? p.limits.map((l) => ({ plan: p.plan_id, ...l })) : [{ plan: p.plan_id, none: true }]));
+  const filterText = (f) => Object.entries(f || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "all events";
+  const cols = [
+    { label: "Plan", cell: (r) => h("code", {}, r.plan) },
+    { label: "Limit", cell: (r) => (r.none ? "(no limits)" : r.name) },
+    { label: "Scope", cell: (r) => r.scope || "" },
+    { label: "Measure", cell: (r) => (r.none ? "" : r.measure + " / " + r.period) },
+    { label: "Amount", num: true, cell: (r) => (r.none ? "" : limitAmount(r.measure, r.amount)) },
+    { label: "Counts", cell: (r) => (r.none ? "" : filterText(r.filter)) },
+    { label: "", cell: (r) => (r.none ? "" : r.hard ? "hard" : "soft") },
+  ];
+  return table("plans", cols, rows);
+}
+
+/** `/v1/limits/nearest`'s answer as a table, or why there is none. */
+function nearestPanel(answer, params) {
+  if (answer.status === 404) return empty("This server does not rank limits (the limits service does, over Redis).");
+  if (answer.status === 403) return empty("This key may not read limits.");
+  if (answer.status === 503) return h("p", { class: "state error", id: "nearest-unavailable" }, "The limits store is not answering (or this server has none configured).");
+  const subjects = answer.body.subjects || [];
+  if (!subjects.length) return empty("Nobody has used any of a limit this period.");
+  const cols = [
+    { label: "Subject", cell: (r) => (r.scope === "user" ? userLink(r.subject_id, params) : h("code", { class: "subject" }, r.subject_id)) },
+    { label: "Scope", cell: (r) => r.scope },
+    { label: "Limit", cell: (r) => `${r.name} (${r.plan})` },
+    { label: "Used", num: true, cell: (r) => limitAmount(r.measure, r.used) },
+    { label: "Of", num: true, cell: (r) => limitAmount(r.measure, r.limit) },
+    { label: "Share", num: true, cell: (r) => exact(percentText(r.ratio), r.ratio) },
+    { label: "Reserved", num: true, cell: (r) => limitAmount(r.measure, r.reserved) },
+    { label: "Remaining", num: true, cell: (r) => limitAmount(r.measure, r.remaining) },
+    { label: "Resets", cell: (r) => timeText(r.resets_at) },
+    { label: "", cell: (r) => (r.exhausted ? h("span", { class: "badge open" }, "exhausted") : r.hard ? "hard" : "soft") },
+  ];
+  return h("div", { class: "panel" }, table("nearest", cols, subjects, { rowClass: (r) => (r.exhausted ? "open" : undefined) }));
 }

@@ -8,7 +8,7 @@ use crate::error::LimitsError;
 use crate::plan::PlanView;
 use crate::reservation::{self, Hold, Refusal, Reservation, ReservationState};
 use crate::status::Balance;
-use crate::store::{Admission, Admit, Admitted, LimitStore};
+use crate::store::{Admission, Admit, Admitted, LimitStore, Usage};
 use crate::subject::{Subject, SubscriptionView};
 
 #[derive(Debug, Default)]
@@ -89,6 +89,13 @@ impl LimitStore for MemoryStore {
     }
     async fn delete_subscription(&self, tenant: &str, subject: &Subject) -> Result<bool, LimitsError> {
         self.with(tenant, |t| t.subs.remove(&subject.key()).is_some())
+    }
+    async fn usage(&self, tenant: &str) -> Result<Usage, LimitsError> {
+        self.with(tenant, |t| Usage {
+            plans: t.plans.values().cloned().collect(),
+            subscriptions: t.subs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            counters: t.used.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        })
     }
     async fn balances(&self, tenant: &str, counters: &[String], now_ms: i64) -> Result<Vec<Balance>, LimitsError> {
         self.with(tenant, |t| counters.iter().map(|c| t.balance(c, now_ms)).collect())

@@ -33,7 +33,7 @@ use crate::plan::{Plan, PlanView};
 use crate::reservation::{Hold, Refusal, Reservation};
 use crate::service::{Clock, Limits, Meter};
 use crate::status::Balance;
-use crate::store::{Admission, Admit, LimitStore};
+use crate::store::{Admission, Admit, LimitStore, Usage};
 use crate::subject::{Subject, Subscription, SubscriptionView};
 
 const OPENAPI: &str = include_str!("../openapi.json");
@@ -85,6 +85,10 @@ impl LimitStore for Flaky {
     async fn delete_subscription(&self, t: &str, s: &Subject) -> Result<bool, LimitsError> {
         self.up()?;
         self.inner.delete_subscription(t, s).await
+    }
+    async fn usage(&self, t: &str) -> Result<Usage, LimitsError> {
+        self.up()?;
+        self.inner.usage(t).await
     }
     async fn balances(&self, t: &str, c: &[String], now: i64) -> Result<Vec<Balance>, LimitsError> {
         self.up()?;
@@ -291,7 +295,7 @@ async fn every_path_is_documented_with_exactly_the_methods_served() {
             let description = operation["description"].as_str().unwrap_or_default();
             let scope = if path.starts_with("/v1/reservations") {
                 "ingest"
-            } else if path.ends_with("/limits") {
+            } else if path.ends_with("/limits") || path.starts_with("/v1/limits/") || (method == "get" && path.starts_with("/v1/plans")) {
                 "read"
             } else {
                 "admin"
@@ -314,6 +318,7 @@ async fn every_documented_answer_validates_against_the_running_routes() {
     const RELEASE: &str = "/v1/reservations/{reservation_id}/release";
     const USER_LIMITS: &str = "/v1/users/{user_id}/limits";
     const CUSTOMER_LIMITS: &str = "/v1/customers/{customer_id}/limits";
+    const NEAREST: &str = "/v1/limits/nearest";
     let (admin, ingest, read) = (Some(ADMIN), Some(INGEST), Some(READ));
 
     // Plans: the default plan (soft cap, filtered hard limit) and a paid one with a customer-scope cycle limit.
@@ -329,7 +334,9 @@ async fn every_documented_answer_validates_against_the_running_routes() {
     c.ask("put", PLAN, "/v1/plans/gone", admin, Some(r#"{"limits":[]}"#), 200).await;
     let list = c.ask("get", PLANS, "/v1/plans", admin, None, 200).await;
     assert_eq!(list["plans"].as_array().map(Vec::len), Some(3));
-    c.ask("get", PLAN, "/v1/plans/pro", admin, None, 200).await;
+    c.ask("get", PLAN, "/v1/plans/pro", read, None, 200).await;
+    let read_list = c.ask("get", PLANS, "/v1/plans", read, None, 200).await;
+    assert_eq!(read_list, list, "a read key reads the plans an admin key does");
 
     // Subscriptions, with and without a cycle anchor.
     c.ask("put", USER_SUB, "/v1/users/u1/subscription", admin, Some(r#"{"plan":"pro","cycle_start":"2026-01-31T23:30:00Z"}"#), 200).await;
@@ -373,6 +380,10 @@ async fn every_documented_answer_validates_against_the_running_routes() {
     let u2 = c.ask("get", USER_LIMITS, "/v1/users/u2/limits", read, None, 200).await;
     assert!(u2["subscription"].is_null() && u2["limits"][0]["projected_exhaustion_at"].is_string(), "{u2}");
     c.ask("get", CUSTOMER_LIMITS, "/v1/customers/c1/limits", read, None, 200).await;
+    let nearest = c.ask("get", NEAREST, "/v1/limits/nearest?limit=5&name=gens", read, None, 200).await;
+    assert_eq!((nearest["subjects"][0]["subject_id"].clone(), nearest["subjects"][0]["ratio"].clone()), (json!("u2"), json!("1")), "{nearest}");
+    let all = c.ask("get", NEAREST, "/v1/limits/nearest", read, None, 200).await;
+    assert!(all["subjects"].as_array().is_some_and(|s| s.len() >= 2), "{all}");
 
     // 400s: each refusal names its field.
     let bad_id = "%01";
@@ -391,8 +402,10 @@ async fn every_documented_answer_validates_against_the_running_routes() {
         ("post", COMMIT, commit.clone(), r#"{"user_id":"someone-else"}"#),
         ("get", USER_LIMITS, "/v1/users/u1/limits?customer=c1".to_owned(), ""),
         ("get", CUSTOMER_LIMITS, format!("/v1/customers/{bad_id}/limits"), ""),
+        ("get", NEAREST, "/v1/limits/nearest?limit=501".to_owned(), ""),
+        ("get", NEAREST, "/v1/limits/nearest?limit=0".to_owned(), ""),
     ] {
-        let key = if path == RESERVE || path == COMMIT { ingest } else if path.ends_with("/limits") { read } else { admin };
+        let key = if path == RESERVE || path == COMMIT { ingest } else if path.ends_with("/limits") || path == NEAREST { read } else { admin };
         let e = c.ask(method, path, &uri, key, (!body.is_empty()).then_some(body), 400).await;
         assert!(e["error"]["field"].is_string(), "{method} {uri}: a 400 names its field: {e}");
     }
@@ -417,7 +430,8 @@ async fn every_documented_answer_validates_against_the_running_routes() {
         for method in METHODS.into_iter().filter(|m| item[*m].is_object()) {
             c.ask(method, path, &uri, None, None, 401).await;
             c.ask(method, path, &uri, Some("not-a-key"), None, 401).await;
-            let lacking = if path.ends_with("/limits") { INGEST } else { READ };
+            let read_scope = path.ends_with("/limits") || path.starts_with("/v1/limits/") || (method == "get" && path.starts_with("/v1/plans"));
+            let lacking = if read_scope { INGEST } else { READ };
             c.ask(method, path, &uri, Some(lacking), None, 403).await;
         }
     }
@@ -440,6 +454,7 @@ async fn every_documented_answer_validates_against_the_running_routes() {
     }
     c.ask("get", USER_LIMITS, "/v1/users/u1/limits", read, None, 503).await;
     c.ask("get", CUSTOMER_LIMITS, "/v1/customers/c1/limits", read, None, 503).await;
+    c.ask("get", NEAREST, "/v1/limits/nearest", read, None, 503).await;
     c.rig.store_down(false);
     // The event log not acknowledging a commit.
     c.rig.meter.fail.store(true, Ordering::SeqCst);

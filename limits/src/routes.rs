@@ -1,4 +1,4 @@
-//! The limits HTTP routes: plans and subscriptions (admin keys), reservations (ingest keys), balances (read keys).
+//! The limits HTTP routes: plans and subscriptions (admin keys; plans also read with read keys), reservations (ingest keys), balances and who is nearest their caps (read keys).
 
 use axum::Json;
 use axum::Router;
@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use meterline_http::{AdminKey, ApiError, IngestKey, PathId, ReadKey};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::Invalid;
@@ -18,7 +19,7 @@ use crate::store::LimitStore;
 use crate::subject::{Subject, Subscription, SubscriptionView};
 
 /// Every path these routes serve, for the OpenAPI check and the request metrics.
-pub const PATHS: [&str; 9] = [
+pub const PATHS: [&str; 10] = [
     "/v1/plans",
     "/v1/plans/{plan_id}",
     "/v1/users/{user_id}/subscription",
@@ -28,7 +29,11 @@ pub const PATHS: [&str; 9] = [
     "/v1/reservations/{reservation_id}/release",
     "/v1/users/{user_id}/limits",
     "/v1/customers/{customer_id}/limits",
+    "/v1/limits/nearest",
 ];
+
+/// The paths [`read_routes`] serves (GET only on the plans').
+pub const READ_PATHS: [&str; 5] = [PATHS[0], PATHS[1], PATHS[7], PATHS[8], PATHS[9]];
 
 /// The routes over a limits service.
 pub fn routes<S: LimitStore>(limits: Arc<Limits<S>>) -> Router {
@@ -42,6 +47,20 @@ pub fn routes<S: LimitStore>(limits: Arc<Limits<S>>) -> Router {
         .route(PATHS[6], post(release::<S>))
         .route(PATHS[7], get(user_limits::<S>))
         .route(PATHS[8], get(customer_limits::<S>))
+        .route(PATHS[9], get(nearest::<S>))
+        .with_state(limits)
+}
+
+/// The read-key routes alone (plans, balances, who is nearest their caps):
+/// what a process that meters nothing serves (the query API over the
+/// limits' Redis). Nothing here calls the service's meter.
+pub fn read_routes<S: LimitStore>(limits: Arc<Limits<S>>) -> Router {
+    Router::new()
+        .route(READ_PATHS[0], get(list_plans::<S>))
+        .route(READ_PATHS[1], get(get_plan::<S>))
+        .route(READ_PATHS[2], get(user_limits::<S>))
+        .route(READ_PATHS[3], get(customer_limits::<S>))
+        .route(READ_PATHS[4], get(nearest::<S>))
         .with_state(limits)
 }
 
@@ -63,7 +82,9 @@ pub struct Deleted {
     pub deleted: bool,
 }
 
-async fn list_plans<S: LimitStore>(State(l): Shared<S>, key: AdminKey) -> Result<Json<PlanList>, ApiError> {
+// Plans are read with a read key too: they are not secret from the
+// tenant's own dashboard (which signs in with one); changing them is admin.
+async fn list_plans<S: LimitStore>(State(l): Shared<S>, key: ReadKey) -> Result<Json<PlanList>, ApiError> {
     let plans = l.admin("plans", l.store().plans(&key.tenant)).await?;
     Ok(Json(PlanList { plans }))
 }
@@ -80,7 +101,7 @@ fn no_plan(plan_id: &str) -> ApiError {
     ApiError::not_found_what(format!("no plan `{plan_id}`")).with_field("plan_id")
 }
 
-async fn get_plan<S: LimitStore>(State(l): Shared<S>, key: AdminKey, PathId(plan_id): PathId) -> Result<Json<PlanView>, ApiError> {
+async fn get_plan<S: LimitStore>(State(l): Shared<S>, key: ReadKey, PathId(plan_id): PathId) -> Result<Json<PlanView>, ApiError> {
     check_id("plan_id", &plan_id)?;
     let plans = l.admin("plans", l.store().plans(&key.tenant)).await?;
     plans.into_iter().find(|p| p.plan_id == plan_id).map(Json).ok_or_else(|| no_plan(&plan_id))
@@ -173,5 +194,31 @@ async fn user_limits<S: LimitStore>(
 
 async fn customer_limits<S: LimitStore>(State(l): Shared<S>, key: ReadKey, PathId(id): PathId) -> Result<Response, ApiError> {
     let answer = l.subject_limits(&key.tenant, &Subject { scope: Scope::Customer, id }, None).await?;
+    Ok(Json(answer).into_response())
+}
+
+fn bad_parameter(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_parameter", message).with_field(field)
+}
+
+/// `GET /v1/limits/nearest?limit=&name=`. The query is read as raw pairs so
+/// that an unknown parameter is refused by its own name.
+async fn nearest<S: LimitStore>(State(l): Shared<S>, key: ReadKey, Query(raw): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+    if let Some(unknown) = raw.keys().find(|k| !matches!(k.as_str(), "limit" | "name")) {
+        return Err(bad_parameter(unknown, "unknown parameter; accepted: limit, name"));
+    }
+    let limit = match raw.get("limit") {
+        None => crate::nearest::NEAREST_DEFAULT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::nearest::NEAREST_MAX).contains(n))
+            .ok_or_else(|| bad_parameter("limit", format!("must be a whole number from 1 to {}", crate::nearest::NEAREST_MAX)))?,
+    };
+    let name = raw.get("name").map(String::as_str);
+    if let Some(name) = name {
+        check_id("name", name).map_err(|e| bad_parameter("name", e.message))?;
+    }
+    let answer = l.nearest(&key.tenant, name, limit).await?;
     Ok(Json(answer).into_response())
 }

@@ -96,6 +96,23 @@ pub struct SubjectLimits {
     pub limits: Vec<LimitStatus>,
 }
 
+/// One row of `GET /v1/limits/nearest`: the subject's limit status and the
+/// fraction of its amount used.
+#[derive(Debug, Clone, Serialize)]
+pub struct NearestRow {
+    /// `used / limit`, exact decimal (`"0.9"`; above 1 past the limit).
+    pub ratio: String,
+    #[serde(flatten)]
+    pub status: LimitStatus,
+}
+
+/// `GET /v1/limits/nearest`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NearestAnswer {
+    pub as_of: String,
+    pub subjects: Vec<NearestRow>,
+}
+
 fn refusal(r: Refusal) -> ApiError {
     match r {
         Refusal::NotFound => ApiError::not_found_what("no reservation with this id for this tenant").with_field("reservation_id"),
@@ -350,6 +367,37 @@ impl<S: LimitStore> Limits<S> {
             subscription,
             limits: applied.iter().zip(balances).map(|(a, b)| status(a, b, now)).collect(),
         })
+    }
+
+    /// `GET /v1/limits/nearest`: the tenant's subjects whose current
+    /// counters are the largest fraction of their limit; see [`crate::nearest`].
+    pub async fn nearest(&self, tenant: &str, name: Option<&str>, limit: usize) -> Result<NearestAnswer, ApiError> {
+        let now = self.now();
+        let usage = self.bounded(self.store.usage(tenant)).await.map_err(|e| self.unavailable("nearest", &e))?;
+        let book = crate::store::book_of(usage.plans, None, None).map_err(|e| self.unavailable("nearest", &e))?;
+        let mut subscriptions = std::collections::BTreeMap::new();
+        for (subject, view) in usage.subscriptions {
+            // One bad record must not hide every other subject: it is skipped (and logged).
+            match crate::subject::Subscription::from_view(&view) {
+                Ok(sub) => {
+                    subscriptions.insert(subject, sub);
+                }
+                Err(e) => tracing::warn!(%tenant, %subject, error = %e, "skipping a subscription that does not parse"),
+            }
+        }
+        let ranked = crate::nearest::rank(&book.plans, &subscriptions, &usage.counters, name, limit, now);
+        // Holds are read for the rows shown only: the ranking is by counted usage.
+        let counters: Vec<String> = ranked.iter().map(|n| n.counter.clone()).collect();
+        let balances = self.bounded(self.store.balances(tenant, &counters, now.timestamp_millis())).await.map_err(|e| self.unavailable("nearest", &e))?;
+        let subjects = ranked
+            .iter()
+            .zip(balances)
+            .map(|(n, b)| {
+                let ratio = i64::try_from(n.ratio_nanos).unwrap_or(i64::MAX);
+                NearestRow { ratio: meterline_schemas::Nanos(ratio).to_string(), status: status(&n.applied, Balance { used: n.used, reserved: b.reserved }, now) }
+            })
+            .collect();
+        Ok(NearestAnswer { as_of: rfc3339_ms(now.timestamp_millis()), subjects })
     }
 
     /// Runs an admin store call, mapping a failure to `503`.

@@ -7,6 +7,7 @@
 //! stores the reservation and adds its holds, all in one step. Holds past
 //! their expiry are dropped before any read (lazily; no job runs).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use crate::book::{Book, Charge};
@@ -44,6 +45,17 @@ pub enum Admitted {
 pub struct Admission {
     pub admitted: Admitted,
     pub balances: Vec<Balance>,
+}
+
+/// Everything ranking who is nearest their caps reads of a tenant, in one
+/// read where the store can.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub plans: Vec<PlanView>,
+    /// Every subscription, by subject key (`user:<id>`, `customer:<id>`).
+    pub subscriptions: BTreeMap<String, SubscriptionView>,
+    /// Every counter still kept, `(key, used)`: current and past periods.
+    pub counters: Vec<(String, i64)>,
 }
 
 /// How long a store keeps a reservation's record after it expired or was
@@ -86,6 +98,14 @@ pub trait LimitStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<std::result::Result<Reservation, Refusal>>> + Send;
     /// Applies [`reservation::release`](crate::reservation::release) and frees its holds, atomically.
     fn release(&self, tenant: &str, id: &str, now_ms: i64) -> impl Future<Output = Result<std::result::Result<Reservation, Refusal>>> + Send;
+
+    /// The tenant's plans, subscriptions and counters, for
+    /// `GET /v1/limits/nearest`. A store that cannot list its counters
+    /// keeps this default, and the route answers `503`.
+    fn usage(&self, tenant: &str) -> impl Future<Output = Result<Usage>> + Send {
+        let _ = tenant;
+        async { Err(LimitsError::Unavailable { message: "this limits store cannot list its counters".into(), source: None }) }
+    }
 
     /// A reservation and the book of its user and customer: what a commit
     /// reads before it meters, in one round trip where the store can.

@@ -13,6 +13,7 @@ mod config;
 mod error;
 pub mod export;
 mod gate;
+pub mod limits;
 pub mod metrics;
 mod pages;
 mod params;

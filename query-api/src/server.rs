@@ -41,13 +41,16 @@ pub struct AppState {
     billing: Option<Router>,
     /// Portal tokens' secrets and origins, and where the portal reads limits.
     portal: crate::portal::Portal,
+    /// The limits' read routes (`crate::limits::read_routes`) over the
+    /// limits' store, when this service has one; merged into the API.
+    limits: Option<Router>,
 }
 
 impl AppState {
     /// The query API's state over any store: the all-in-one binary passes its
     /// embedded store, the query service ClickHouse.
     pub fn new(tenants: &[TenantConfig], store: Arc<dyn QueryStore>, max_range_days: i64) -> Result<AppState, QueryError> {
-        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None, portal: crate::portal::Portal::from_config(tenants)? })
+        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None, portal: crate::portal::Portal::from_config(tenants)?, limits: None })
     }
 
     /// The state with the billing export reading from `source`.
@@ -59,6 +62,11 @@ impl AppState {
     /// served beside the API.
     pub fn with_billing(self, routes: Router) -> AppState {
         AppState { billing: Some(routes), ..self }
+    }
+
+    /// The state with the limits' read routes served beside the API.
+    pub fn with_limits(self, routes: Router) -> AppState {
+        AppState { limits: Some(routes), ..self }
     }
 
     /// The state with the portal reading limits and subscription cycles
@@ -105,14 +113,19 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         None => None,
     };
     let portal_limits = redis.clone().map(|r| Arc::new(crate::portal::StoreLimits(r)) as Arc<dyn crate::portal::LimitSource>);
+    let limits = redis.clone().map(|r| crate::limits::read_routes(r, &config.tenants, config.limits.clone())).transpose()?;
     let export = ClickHouseExport { store: clickhouse.clone(), redis };
     let billing = meterline_billing::BillingApi::new(ClickHouseBilling::new(clickhouse.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
     let gate = TenantGate::new(config.query.max_concurrent_per_tenant, Duration::from_millis(config.query.max_queue_wait_ms));
     let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups, gate);
     let state = AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export));
     let state = state.with_billing(meterline_billing::routes(Arc::new(billing)));
-    let state = Arc::new(match portal_limits {
+    let state = match portal_limits {
         Some(source) => state.with_portal_limits(source),
+        None => state,
+    };
+    let state = Arc::new(match limits {
+        Some(routes) => state.with_limits(routes),
         None => state,
     });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await?;
@@ -135,16 +148,17 @@ fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     ]
 }
 
-/// The API routes' paths, the billing routes' included (every deployment
-/// serves them beside the API).
+/// The API routes' paths, the billing routes' and the limits' read routes
+/// included (every deployment serves them beside the API).
 pub fn route_paths() -> Vec<&'static str> {
-    routes().into_iter().map(|(path, _)| path).chain(meterline_billing::routes::PATHS).collect()
+    routes().into_iter().map(|(path, _)| path).chain(meterline_billing::routes::PATHS).chain(meterline_limits::READ_PATHS).collect()
 }
 
 /// The API routes alone (with the OpenAPI document), for a process that
 /// serves them beside others.
 pub fn api_routes(state: Shared) -> Router {
     let billing = state.billing.clone().map(|b| b.route_layer(middleware::from_fn(record)));
+    let limits = state.limits.clone().map(|l| l.route_layer(middleware::from_fn(record)));
     let api = routes()
         .into_iter()
         .fold(Router::new(), |router, (path, method)| router.route(path, method))
@@ -152,10 +166,30 @@ pub fn api_routes(state: Shared) -> Router {
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
         .route("/widget.js", get(crate::portal::routes::widget))
         .with_state(state);
-    match billing {
+    let api = match billing {
         Some(billing) => api.merge(billing),
         None => api,
+    };
+    match limits {
+        Some(limits) => api.merge(limits),
+        None => api,
     }
+}
+
+/// Without the limits' store (no `[limits] redis_url`) the limits' read
+/// routes answer `404` after the key is checked, saying why: the service
+/// has no limits to serve (the dashboard then says so, as it does for a
+/// server without them), which no retry changes.
+fn limits_unconfigured(state: Shared) -> Router {
+    meterline_limits::READ_PATHS
+        .into_iter()
+        .fold(Router::new(), |router, path| router.route(path, get(no_limits)))
+        .route_layer(middleware::from_fn(record))
+        .with_state(state)
+}
+
+async fn no_limits(_: ReadKey) -> ApiError {
+    ApiError::not_found_what("this service has no limits store: set limits.redis_url to serve limits here")
 }
 
 /// The query service's whole router: the API, health, readiness, metrics.
@@ -167,8 +201,13 @@ pub fn router(state: Shared) -> Router {
             async move { state.store.ping().await }
         }
     };
+    let unconfigured = state.limits.is_none().then(|| limits_unconfigured(state.clone()));
     // The admin dashboard at `/`: static files; its data comes from the API above.
     let api = api_routes(state).merge(meterline_dashboard::routes());
+    let api = match unconfigured {
+        Some(limits) => api.merge(limits),
+        None => api,
+    };
     with_operations(api, metrics::handle(), ready, "the store is not reachable")
 }
 

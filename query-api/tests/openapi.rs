@@ -11,6 +11,8 @@ use meterline_sql::Scope;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
+mod common;
+
 #[derive(Debug)]
 struct Fake;
 
@@ -179,7 +181,10 @@ async fn serve() -> String {
         portal_secret: Some("portal-secret-0123456789".into()),
         portal_origins: vec!["https://app.acme.test".into()],
     }];
-    let state = Arc::new(AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(fake_billing(&tenants)));
+    let limits = meterline_query_api::limits::read_routes(common::FakeLimits, &tenants, Default::default()).expect("limits routes");
+    let state = Arc::new(
+        AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(fake_billing(&tenants)).with_limits(limits),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, meterline_query_api::router(state)).await });
@@ -230,6 +235,12 @@ async fn every_documented_answer_validates_against_the_running_server() {
         ("/v1/margins", "/v1/margins?limit=1", "/v1/margins?limit=0"),
         ("/v1/alerts", "/v1/alerts?limit=1", "/v1/alerts?cursor=zz"),
         ("/v1/billing/export", "/v1/billing/export?from=2026-01-01T00:00:00Z&to=2027-02-01T00:00:00Z&measures=events,total_tokens,cost_usd,credits", "/v1/billing/export?from=2026-01-01T00:00:00Z"),
+        // The limits' read routes (over the fake limits store).
+        ("/v1/plans", "/v1/plans", ""),
+        ("/v1/plans/{plan_id}", "/v1/plans/default", "/v1/plans/%01"),
+        ("/v1/users/{user_id}/limits", "/v1/users/u1/limits", "/v1/users/u1/limits?customer=c"),
+        ("/v1/customers/{customer_id}/limits", "/v1/customers/c/limits", "/v1/customers/%01/limits"),
+        ("/v1/limits/nearest", "/v1/limits/nearest?limit=1", "/v1/limits/nearest?limit=501"),
     ];
     let mut seen = std::collections::BTreeSet::new();
     for (path, ok, bad) in asks {
@@ -237,6 +248,8 @@ async fn every_documented_answer_validates_against_the_running_server() {
         // The export takes an admin key; a read key is refused (403).
         let key = if path == "/v1/billing/export" { ADMIN_KEY } else { READ_KEY };
         let mut cases = vec![(ok, Some(key), 200), (bad, Some(key), 400), (ok, None, 401)];
+        // `GET /v1/plans` takes no parameter: it has no 400.
+        cases.retain(|(query, _, _)| !query.is_empty());
         if key == ADMIN_KEY {
             cases.push((ok, Some(READ_KEY), 403));
         }
@@ -402,5 +415,14 @@ async fn refused_reads_answer_the_documented_503_naming_the_limit_with_retry_aft
         assert!(validator.is_valid(&body), "{query} (503) does not match the document: {body}");
         assert!(doc["paths"][path]["get"]["responses"]["503"]["headers"]["Retry-After"].is_object(), "{path} documents Retry-After");
         assert!(doc["paths"][path]["get"]["responses"]["503"]["description"].as_str().is_some_and(|d| d.contains(code)), "{path} documents {code}");
+    }
+    // No limits store configured: the limits' read routes say so, with the documented 404.
+    for (path, query) in [("/v1/limits/nearest", "/v1/limits/nearest"), ("/v1/plans", "/v1/plans"), ("/v1/users/{user_id}/limits", "/v1/users/u/limits")] {
+        let response = reqwest::Client::new().get(format!("{url}{query}")).bearer_auth(READ_KEY).send().await.expect("request");
+        assert_eq!(response.status().as_u16(), 404, "{query}");
+        let body: Value = response.json().await.expect("JSON body");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("limits.redis_url")), "{query}: {body}");
+        let validator = jsonschema::validator_for(&schema(&doc, path, "404")).expect("schema compiles");
+        assert!(validator.is_valid(&body), "{query} (404) does not match the document: {body}");
     }
 }

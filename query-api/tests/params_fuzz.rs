@@ -21,6 +21,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
 
+mod common;
+
 const READ_KEY: &str = "read-key-for-the-params-fuzz";
 const ADMIN_KEY: &str = "admin-key-for-the-params-fuzz";
 const CASES: u32 = 256;
@@ -144,7 +146,8 @@ fn router() -> axum::Router {
             let tenants: Vec<TenantConfig> = vec![serde_json::from_value(tenant).expect("tenant config")];
             let keys = meterline_schemas::tenants::KeyRing::from_config(&tenants).expect("keys");
             let billing = meterline_billing::routes(Arc::new(meterline_billing::BillingApi::new(FakeBilling, keys, Default::default())));
-            let state = AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(billing);
+            let limits = meterline_query_api::limits::read_routes(common::FakeLimits, &tenants, Default::default()).expect("limits routes");
+            let state = AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(billing).with_limits(limits);
             meterline_query_api::router(Arc::new(state))
         })
         .clone()
@@ -169,7 +172,7 @@ fn documented(path: &str, method: &str) -> BTreeSet<String> {
 /// Every parameter name any route takes, and a few near misses.
 const NAMES: &[&str] = &[
     "from", "to", "user_id", "customer_id", "feature", "model", "environment", "billable", "group_by", "granularity", "limit", "cursor", "by", "metric",
-    "order", "negative_only", "state", "rule", "measures", "format", "form", "Limit", "user_id[]", "limit ", "",
+    "order", "negative_only", "state", "rule", "measures", "format", "form", "name", "Limit", "user_id[]", "limit ", "",
 ];
 
 fn junk() -> impl Strategy<Value = String> {
@@ -543,6 +546,28 @@ fn portal_token_bodies() {
     });
 }
 
+#[test]
+fn plans_parameters() {
+    fuzz_flat("/v1/plans", READ_KEY);
+}
+
+#[test]
+fn nearest_parameters() {
+    fuzz_flat("/v1/limits/nearest", READ_KEY);
+}
+
+#[test]
+fn plan_and_limits_path_ids_and_parameters() {
+    let paths = proptest::sample::select(&[("/v1/plans/{plan_id}", "plans"), ("/v1/users/{user_id}/limits", "users"), ("/v1/customers/{customer_id}/limits", "customers")][..]);
+    run((paths, segment(), query()), |((doc_path, head), id, pieces)| {
+        let (q, sent) = query_of(&pieces);
+        let tail = if head == "plans" { String::new() } else { "/limits".to_owned() };
+        let uri = format!("/v1/{head}/{id}{tail}{}", if q.is_empty() { String::new() } else { format!("?{q}") });
+        let answer = send(Method::GET, &uri, READ_KEY, None)?;
+        check(&uri, &answer, doc_path, "get", &sent)
+    });
+}
+
 /// Every route is fuzzed above.
 #[test]
 fn every_route_is_fuzzed() {
@@ -558,6 +583,11 @@ fn every_route_is_fuzzed() {
         "/v1/customers/{customer_id}/billing",
         "/v1/portal/tokens",
         "/v1/portal/usage",
+        "/v1/plans",
+        "/v1/plans/{plan_id}",
+        "/v1/users/{user_id}/limits",
+        "/v1/customers/{customer_id}/limits",
+        "/v1/limits/nearest",
     ];
     let mut routes = meterline_query_api::route_paths();
     routes.sort_unstable();

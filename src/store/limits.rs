@@ -2,7 +2,7 @@
 //! embedded database. Every change runs in the writer's group commit
 //! (durable before the answer); reads use the read connections.
 
-use meterline_limits::{Admission, Admit, Balance, Hold, LimitStore, LimitsError, PlanView, Refusal, Reservation, Subject, SubscriptionView};
+use meterline_limits::{Admission, Admit, Balance, Hold, LimitStore, LimitsError, PlanView, Refusal, Reservation, Subject, SubscriptionView, Usage};
 use rusqlite::{OptionalExtension, params};
 use std::sync::Arc;
 
@@ -85,6 +85,30 @@ impl LimitStore for EmbeddedLimits {
             Ok(n > 0)
         });
         Ok(deleted.await?)
+    }
+
+    /// Plans, subscriptions and counters in one read transaction: a
+    /// consistent snapshot, so a counter never names a plan read later.
+    async fn usage(&self, tenant: &str) -> Result<Usage> {
+        let t = tenant.to_owned();
+        type Rows = (Vec<(String, String)>, Vec<(String, String)>, Vec<(String, i64)>);
+        let (plans, subs, counters): Rows = self
+            .0
+            .read(move |conn| {
+                let tx = conn.unchecked_transaction()?;
+                let plans = tx.prepare_cached("SELECT plan_id, body FROM limit_plans WHERE tenant = ?1 ORDER BY plan_id")?.query_map(params![t], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+                let subs = tx.prepare_cached("SELECT subject, body FROM limit_subscriptions WHERE tenant = ?1")?.query_map(params![t], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+                let counters = tx.prepare_cached("SELECT counter, used FROM limit_counters WHERE tenant = ?1")?.query_map(params![t], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+                Ok((plans, subs, counters))
+            })
+            .await?;
+        let corrupt = |what: String, e: serde_json::Error| LimitsError::Corrupt { key: what, message: e.to_string() };
+        let plans = plans.into_iter().map(|(id, body)| serde_json::from_str(&body).map_err(|e| corrupt(format!("plan {id}"), e))).collect::<Result<Vec<PlanView>>>()?;
+        let subscriptions = subs
+            .into_iter()
+            .map(|(subject, body)| serde_json::from_str(&body).map(|v| (subject.clone(), v)).map_err(|e| corrupt(format!("subscription of {subject}"), e)))
+            .collect::<Result<_>>()?;
+        Ok(Usage { plans, subscriptions, counters })
     }
 
     async fn balances(&self, tenant: &str, counters: &[String], now_ms: i64) -> Result<Vec<Balance>> {

@@ -2,7 +2,7 @@
 
 use meterline_limits::{
     Admission, Admit, Admitted, Balance, Book, Hold, KEEP_AFTER_EXPIRY_MS, LimitStore, LimitsError, PlanView, Refusal, Reservation, Subject,
-    SubscriptionView, book_of,
+    SubscriptionView, Usage, book_of,
 };
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -150,6 +150,17 @@ impl LimitStore for RedisLimits {
         reads.queue(&mut pipe);
         let (flat, plans, subs): (Vec<String>, BTreeMap<String, String>, Vec<Option<String>>) = self.pipeline(&pipe).await?;
         Ok((found(&rkey, id, flat)?, reads.book(plans, subs)?))
+    }
+
+    /// The counters by `SCAN` and `MGET` (as reconciliation reads them:
+    /// never blocking Redis), then plans and subscriptions. Not one
+    /// snapshot: a plan changed meanwhile at worst leaves a counter
+    /// unmatched for this answer.
+    async fn usage(&self, tenant: &str) -> Result<Usage> {
+        let counters = self.counters(tenant).await?;
+        let plans = self.plans(tenant).await?;
+        let subscriptions = self.all_subscriptions(tenant).await?;
+        Ok(Usage { plans, subscriptions, counters })
     }
 
     async fn balances(&self, tenant: &str, counters: &[String], now_ms: i64) -> Result<Vec<Balance>> {

@@ -82,6 +82,35 @@ async fn user_totals_match(b: &Browser, url: &str, user: &str) {
     b.wait_for("#user-events tbody tr", WAIT).await;
 }
 
+/// The Limits view, signed in with the read key: the plan as `/v1/plans`
+/// has it, and the "nearest their caps" table's first row as
+/// `/v1/limits/nearest` ranks it, its exact share on hover.
+async fn limits_match(b: &Browser, url: &str) {
+    b.goto(&format!("{url}/#/limits")).await;
+    b.wait_for("#plans tbody tr", WAIT).await;
+    let (status, plans) = get_json(&format!("{url}/v1/plans"), Some("acme-read-key")).await;
+    assert_eq!(status, 200, "{plans}");
+    let shown = b.eval("return [...document.querySelectorAll('#plans tbody tr')].map(r => [r.cells[0].innerText, r.cells[1].innerText, r.cells[4].querySelector('span').dataset.exact])").await;
+    let api: Vec<Value> = plans["plans"]
+        .as_array()
+        .expect("plans")
+        .iter()
+        .flat_map(|p| p["limits"].as_array().into_iter().flatten().map(move |l| json!([p["plan_id"], l["name"], l["amount"]])))
+        .collect();
+    assert_eq!(shown, json!(api), "the plans' limits, as the API has them");
+    b.wait_for("#nearest tbody tr", WAIT).await;
+    let (status, nearest) = get_json(&format!("{url}/v1/limits/nearest?limit=20"), Some("acme-read-key")).await;
+    assert_eq!(status, 200, "{nearest}");
+    let first = &nearest["subjects"][0];
+    let row = b.eval("const r = document.querySelector('#nearest tbody tr'); return [r.querySelector('.subject').innerText, r.cells[2].innerText, r.cells[5].querySelector('span').dataset.exact, r.querySelector('a.subject') ? r.querySelector('a.subject').getAttribute('href') : null]").await;
+    let user = first["subject_id"].as_str().expect("a subject");
+    assert_eq!(row[0], json!(user), "the first row is the API's nearest: {nearest}");
+    assert_eq!(row[1], json!(format!("{} ({})", first["name"].as_str().unwrap_or_default(), first["plan"].as_str().unwrap_or_default())));
+    assert_eq!(row[2], first["ratio"], "the exact share is on the row");
+    assert!(row[3].as_str().is_some_and(|h| h.starts_with(&format!("#/user/{user}"))), "a user links to the user's page: {row}");
+    assert_eq!((user, first["name"].as_str(), first["ratio"].as_str()), ("runaway", Some("daily-spend"), Some("0.8")), "$20 of $25 today: {nearest}");
+}
+
 /// A wrong key, by fragment or left in the tab, lands on sign-in saying so.
 async fn wrong_key_signs_out(b: &Browser, url: &str) {
     b.goto(&format!("{url}/#key=not-a-real-key")).await;
@@ -100,6 +129,13 @@ async fn all_in_one_dashboard() {
     let dir = temp_dir("dashboard");
     let server = Embedded::start(&dir, "[storage]\nalert_eval_ms = 100\n[alerts]\ninterval_secs = 1\n").await;
     let url = server.url.clone();
+    // A plan before the traffic (events count toward limits as they are
+    // written): the Limits view lists it and ranks who is nearest its caps.
+    let plan = json!({"limits": [
+        {"name": "daily-spend", "measure": "cost_usd", "period": "day", "amount": "25"},
+        {"name": "daily-calls", "measure": "events", "period": "day", "amount": "100", "hard": false}]});
+    let r = reqwest::Client::new().put(format!("{url}/v1/plans/default")).bearer_auth("acme-admin-key").json(&plan).send().await.expect("plan");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 
     // A week of ordinary traffic across features and models, a user who
     // costs more than they pay, and one runaway: $20 in the last minutes
@@ -159,9 +195,10 @@ async fn all_in_one_dashboard() {
     b.wait_for("#user-chart .uplot", WAIT).await;
     b.screenshot("user").await;
 
-    // Limits: the read key reads balances, not plans.
-    b.goto(&format!("{url}/#/limits")).await;
-    b.wait_for("#plans-need-admin", WAIT).await;
+    limits_match(&b, &url).await;
+    // The plans and the ranking, below the key's reach table.
+    b.eval("document.querySelector('#plans').closest('.panel').previousElementSibling.scrollIntoView()").await;
+    b.screenshot("limits").await;
 
     // A phone's width: the same overview, one column.
     b.resize(390, 844).await;

@@ -323,3 +323,67 @@ async fn limit_crossings_fire_once_through_the_aggregator() {
     ingest.stop().await;
     aggregator.stop().await;
 }
+
+/// Who is nearest their caps, distributed: plain events counted by the
+/// aggregator into Redis, ranked by the ingest service and by the query API
+/// reading the same Redis (where the distributed dashboard reads it).
+#[tokio::test]
+async fn nearest_their_caps_ranks_from_redis_on_ingest_and_the_query_api() {
+    let rig = Rig::start("nearest", 1, "").await;
+    let url = rig.url(0).to_owned();
+    let plan = json!([{"name": "daily", "measure": "events", "period": "day", "amount": "10"}]);
+    put_plan(&url, "default", plan).await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let events: Vec<Value> = [("near-20", 2), ("near-90", 9), ("near-50", 5)]
+        .into_iter()
+        .flat_map(|(user, n)| (0..n).map(move |i| (user, i)))
+        .map(|(user, i)| json!({"idempotency_key": format!("{user}-{i}"), "timestamp": now, "user_id": user, "feature": "chat", "model": "gpt-4o"}))
+        .collect();
+    let (status, body) = call(reqwest::Method::POST, &format!("{url}/v1/events"), INGEST, Some(json!(events))).await;
+    assert_eq!(status, 202, "{body}");
+
+    // The query API over the same ClickHouse and Redis, in-process.
+    let text = format!(
+        "[clickhouse]\nurl = \"{}\"\ndatabase = \"{}\"\n[limits]\nredis_url = \"{}\"\n{}",
+        rig.ch.url,
+        rig.database,
+        rig.redis.url(),
+        tenants_toml()
+    );
+    let config = meterline_query_api::Config::load(&text, []).expect("query config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let query = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { meterline_query_api::serve(config, listener, std::future::pending()).await.expect("serve") });
+
+    let ranked = |base: String| async move {
+        let (status, body) = call(reqwest::Method::GET, &format!("{base}/v1/limits/nearest?limit=3"), READ, None).await;
+        let rows: Vec<(String, String)> = body["subjects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| (r["subject_id"].as_str().unwrap_or_default().to_owned(), r["ratio"].as_str().unwrap_or_default().to_owned()))
+            .collect();
+        (status, rows, body)
+    };
+    let expected: Vec<(String, String)> = [("near-90", "0.9"), ("near-50", "0.5"), ("near-20", "0.2")].map(|(u, r)| (u.to_owned(), r.to_owned())).to_vec();
+    poll_until(Duration::from_secs(30), "the aggregator to count every event", || async {
+        let (_, rows, _) = ranked(url.clone()).await;
+        (rows == expected).then_some(())
+    })
+    .await;
+    let (status, rows, body) = ranked(query.clone()).await;
+    assert_eq!((status, rows), (200, expected.clone()), "the query API ranks the same from Redis: {body}");
+    assert_eq!((body["subjects"][0]["used"].as_str(), body["subjects"][0]["limit"].as_str(), body["subjects"][0]["hard"].as_bool()), (Some("9"), Some("10"), Some(true)), "{body}");
+
+    // A read key reads plans on both; changing one still needs admin.
+    for base in [&url, &query] {
+        let (status, plans) = call(reqwest::Method::GET, &format!("{base}/v1/plans"), READ, None).await;
+        assert_eq!((status, plans["plans"][0]["plan_id"].as_str()), (200, Some("default")), "{base}: {plans}");
+        let (status, one) = call(reqwest::Method::GET, &format!("{base}/v1/plans/default"), READ, None).await;
+        assert_eq!((status, one["limits"][0]["name"].as_str()), (200, Some("daily")), "{base}: {one}");
+    }
+    let (status, body) = call(reqwest::Method::PUT, &format!("{url}/v1/plans/default"), READ, Some(json!({"limits": []}))).await;
+    assert_eq!(status, 403, "a read key cannot change a plan: {body}");
+    let (status, _) = call(reqwest::Method::PUT, &format!("{query}/v1/plans/default"), ADMIN, Some(json!({"limits": []}))).await;
+    assert_eq!(status, 405, "the query API serves no plan changes");
+}

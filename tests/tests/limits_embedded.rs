@@ -284,3 +284,48 @@ async fn keys_are_scoped_and_tenants_isolated() {
     assert_eq!((daily["used"].as_str(), daily["reserved"].as_str()), (Some("0"), Some("1")), "acme's hold stands: {daily}");
     server.stop().await;
 }
+
+/// Who is nearest their caps: three users at 20%, 90% and 50% of a
+/// 10-events limit rank 90, 50, 20; a read key reads plans but cannot change them.
+#[tokio::test]
+async fn nearest_their_caps_ranks_by_the_fraction_used_and_read_keys_read_plans() {
+    let server = Server::start("limits-nearest").await;
+    server.default_plan(json!([{"name": "daily", "measure": "events", "period": "day", "amount": "10"}])).await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let events: Vec<Value> = [("u20", 2), ("u90", 9), ("u50", 5)]
+        .into_iter()
+        .flat_map(|(user, n)| (0..n).map(move |i| (user, i)))
+        .map(|(user, i)| json!({"idempotency_key": format!("{user}-{i}"), "timestamp": now, "user_id": user, "feature": "chat", "model": "gpt-4o"}))
+        .collect();
+    let (status, body) = server.post("/v1/events", ACME_INGEST, json!(events)).await;
+    assert_eq!(status, 202, "{body}");
+
+    let (status, body) = server.get("/v1/limits/nearest?limit=3", ACME_READ).await;
+    assert_eq!(status, 200, "{body}");
+    let rows: Vec<(&str, &str, &str)> = body["subjects"]
+        .as_array()
+        .expect("subjects")
+        .iter()
+        .map(|r| (r["subject_id"].as_str().unwrap_or_default(), r["ratio"].as_str().unwrap_or_default(), r["used"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(rows, [("u90", "0.9", "9"), ("u50", "0.5", "5"), ("u20", "0.2", "2")], "events count in the transaction that writes them: {body}");
+    assert_eq!((body["subjects"][0]["name"].as_str(), body["subjects"][0]["scope"].as_str()), (Some("daily"), Some("user")));
+    let (status, one) = server.get("/v1/limits/nearest?limit=1&name=daily", ACME_READ).await;
+    assert_eq!((status, one["subjects"].as_array().map(Vec::len)), (200, Some(1)), "{one}");
+    let (status, none) = server.get("/v1/limits/nearest?name=other", ACME_READ).await;
+    assert_eq!((status, &none["subjects"]), (200, &json!([])), "{none}");
+    let (status, body) = server.get("/v1/limits/nearest?limit=501", ACME_READ).await;
+    assert_eq!((status, error_field(&body)), (400, "limit"), "{body}");
+    let (status, body) = server.get("/v1/limits/nearest", ACME_INGEST).await;
+    assert_eq!(status, 403, "an ingest key cannot read: {body}");
+
+    let (status, plans) = server.get("/v1/plans", ACME_READ).await;
+    assert_eq!((status, plans["plans"][0]["plan_id"].as_str()), (200, Some("default")), "{plans}");
+    let (status, plan) = server.get("/v1/plans/default", ACME_READ).await;
+    assert_eq!((status, plan["limits"][0]["amount"].as_str()), (200, Some("10")), "{plan}");
+    let (status, body) = server.put("/v1/plans/default", ACME_READ, json!({"limits": []})).await;
+    assert_eq!(status, 403, "a read key cannot change a plan: {body}");
+    let (status, body) = server.send(reqwest::Method::DELETE, "/v1/plans/default", ACME_READ, None).await;
+    assert_eq!(status, 403, "nor delete one: {body}");
+    server.stop().await;
+}

@@ -42,13 +42,7 @@ async fn main() -> anyhow::Result<()> {
         ch.query(&format!("SELECT toUInt32(max(window_start)) FROM {db}.rollups_minute")).await.trim().parse()?
     } else {
         let now = chrono::Utc::now().timestamp();
-        // Server-side generation: user n spends on `per_day` minutes of each of 30 days.
-        for statement in load_statements(&db, users, per_day, now) {
-            ch.query(&statement).await;
-        }
-        ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
-        ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
-        ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
+        meterline_bench::load(&ch, &db, users, per_day, now).await;
         now
     };
     let daily_rows = ch.query(&format!("SELECT count() FROM {db}.rollups_user_span WHERE span_days = 1")).await;
@@ -145,45 +139,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The statements that fill `db` with `users` users x 30 days ending at `now`.
-fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> {
-    let rows = users * 30 * per_day;
-    vec![
-        format!(
-        "INSERT INTO {db}.rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
-         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT 'acme', toDateTime(intDiv({now} - (number % 2592000), 60) * 60), concat('user-', toString(number % {users})), \
-         concat('cust-', toString((number % {users}) % 97)), ['chat','search','summarize'][number % 3 + 1], ['gpt-4o','claude','llama'][number % 3 + 1], \
-         'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(intHash64(number) % 50000000), toInt64(intHash64(number + 1) % 60000000), 0, 0, 0, \
-         toDateTime({now}) FROM system.numbers LIMIT {rows}"
-    ),
-    // The per-user span table as the aggregator keeps it (summed from the same rows).
-        format!(
-        "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
-         billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
-         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
-         e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({now}) \
-         FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
-         sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
-         sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
-         FROM {db}.rollups_minute GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
-        meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ")
-    ),
-    // The user-first daily table as the aggregator keeps it.
-        format!(
-        "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
-         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
-         billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
-         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
-         toDateTime({now}) FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
-    ),
-    ]
-}
-
 /// `--sql [USERS] [ROWS_PER_USER_DAY]`: one JSON document with the schema,
 /// the load and the endpoints' statements, for `scripts/chdb-query-bench.py`
 /// to time the same design on the current ClickHouse engine (chDB).
@@ -193,7 +148,7 @@ fn print_sql() -> anyhow::Result<()> {
     let per_day = args.get(1).copied().unwrap_or(3);
     let now = chrono::Utc::now().timestamp();
     let mut setup: Vec<String> = meterline_clickhouse::MIGRATIONS.iter().flat_map(|m| m.statements.iter().map(|s| (*s).to_owned())).collect();
-    setup.extend(load_statements("default", users, per_day, now));
+    setup.extend(meterline_bench::load_statements("default", users, per_day, now));
     let queries: Vec<serde_json::Value> =
         endpoint_statements(now)?.into_iter().map(|(name, sql)| serde_json::json!({"query": name, "sql": sql})).collect();
     println!("{}", serde_json::json!({"users": users, "setup": setup, "queries": queries}));

@@ -1,0 +1,58 @@
+//! What the benchmark binaries share: the 30 days of rollups that
+//! `query-bench` and `dashboard-bench` measure over, generated server-side in
+//! the stack's ClickHouse.
+
+use meterline_tests::stack::ClickHouse;
+
+/// Fills `db` (already migrated) with `users` users x 30 days ending at `now`,
+/// `per_day` minute rows per user-day, and the span and user-first daily rows
+/// the aggregator would keep for them; then merges every part, as a settled
+/// table is.
+pub async fn load(ch: &ClickHouse, db: &str, users: u64, per_day: u64, now: i64) {
+    // Server-side generation: user n spends on `per_day` minutes of each of 30 days.
+    for statement in load_statements(db, users, per_day, now) {
+        ch.query(&statement).await;
+    }
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
+}
+
+/// The statements that fill `db` with `users` users x 30 days ending at `now`.
+pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> {
+    let rows = users * 30 * per_day;
+    vec![
+        format!(
+        "INSERT INTO {db}.rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT 'acme', toDateTime(intDiv({now} - (number % 2592000), 60) * 60), concat('user-', toString(number % {users})), \
+         concat('cust-', toString((number % {users}) % 97)), ['chat','search','summarize'][number % 3 + 1], ['gpt-4o','claude','llama'][number % 3 + 1], \
+         'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(intHash64(number) % 50000000), toInt64(intHash64(number + 1) % 60000000), 0, 0, 0, \
+         toDateTime({now}) FROM system.numbers LIMIT {rows}"
+    ),
+    // The per-user span table as the aggregator keeps it (summed from the same rows).
+        format!(
+        "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
+         billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
+         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
+         e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({now}) \
+         FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
+         sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
+         sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
+         FROM {db}.rollups_minute GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
+        meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ")
+    ),
+    // The user-first daily table as the aggregator keeps it.
+        format!(
+        "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
+         billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
+         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
+         toDateTime({now}) FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
+    ),
+    ]
+}
