@@ -85,7 +85,7 @@ async fn user_totals_match(b: &Browser, url: &str, user: &str) {
 /// The Limits view, signed in with the read key: the plan as `/v1/plans`
 /// has it, and the "nearest their caps" table's first row as
 /// `/v1/limits/nearest` ranks it, its exact share on hover.
-async fn limits_match(b: &Browser, url: &str) {
+async fn limits_match(b: &Browser, url: &str) -> Value {
     b.goto(&format!("{url}/#/limits")).await;
     b.wait_for("#plans tbody tr", WAIT).await;
     let (status, plans) = get_json(&format!("{url}/v1/plans"), Some("acme-read-key")).await;
@@ -108,7 +108,7 @@ async fn limits_match(b: &Browser, url: &str) {
     assert_eq!(row[1], json!(format!("{} ({})", first["name"].as_str().unwrap_or_default(), first["plan"].as_str().unwrap_or_default())));
     assert_eq!(row[2], first["ratio"], "the exact share is on the row");
     assert!(row[3].as_str().is_some_and(|h| h.starts_with(&format!("#/user/{user}"))), "a user links to the user's page: {row}");
-    assert_eq!((user, first["name"].as_str(), first["ratio"].as_str()), ("runaway", Some("daily-spend"), Some("0.8")), "$20 of $25 today: {nearest}");
+    first.clone()
 }
 
 /// A wrong key, by fragment or left in the tab, lands on sign-in saying so.
@@ -122,6 +122,43 @@ async fn wrong_key_signs_out(b: &Browser, url: &str) {
     let said = b.wait_for_text("#signin-error", WAIT, |t| !t.is_empty()).await;
     assert!(said.contains("refused"), "{said}");
     assert_eq!(b.eval("return sessionStorage.getItem('meterline.readKey')").await, Value::Null);
+}
+
+/// A customer's page, on its own port (its origin is what the tenant
+/// allows): its origin, and the HTML it serves at `/`.
+async fn customer_page() -> (String, std::sync::Arc<std::sync::Mutex<String>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let page_origin = format!("http://{}", listener.local_addr().expect("addr"));
+    let html: std::sync::Arc<std::sync::Mutex<String>> = std::sync::Arc::default();
+    let served = html.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let served = served.clone();
+            async move { axum::response::Html(served.lock().expect("lock").clone()) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (page_origin, html)
+}
+
+/// `token` with one character changed in the middle: the signature no longer matches.
+fn tamper(token: &str) -> String {
+    let mut tampered: Vec<char> = token.chars().collect();
+    let mid = tampered.len() / 2;
+    tampered[mid] = if tampered[mid] == 'A' { 'B' } else { 'A' };
+    tampered.into_iter().collect()
+}
+
+/// The customer's page: `url`'s widget with `token`, and again with `tampered`.
+fn widget_page(url: &str, token: &str, tampered: &str) -> String {
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Acme app</title></head>\
+         <body style=\"font-family: sans-serif; padding: 24px; max-width: 520px\"><h1>Your usage</h1>\
+         <div id=\"usage\"></div><h2>Tampered token</h2><div id=\"tampered\"></div>\
+         <script src=\"{url}/widget.js\" data-token=\"{token}\" data-target=\"usage\"></script>\
+         <script src=\"{url}/widget.js\" data-token=\"{tampered}\" data-target=\"tampered\"></script></body></html>"
+    )
 }
 
 #[tokio::test]
@@ -195,7 +232,8 @@ async fn all_in_one_dashboard() {
     b.wait_for("#user-chart .uplot", WAIT).await;
     b.screenshot("user").await;
 
-    limits_match(&b, &url).await;
+    let first = limits_match(&b, &url).await;
+    assert_eq!((first["subject_id"].as_str(), first["name"].as_str(), first["ratio"].as_str()), (Some("runaway"), Some("daily-spend"), Some("0.8")), "$20 of $25 today: {first}");
     // The plans and the ranking, below the key's reach table.
     b.eval("document.querySelector('#plans').closest('.panel').previousElementSibling.scrollIntoView()").await;
     b.screenshot("limits").await;
@@ -240,23 +278,95 @@ async fn query_api_dashboard() {
     b.stop().await;
 }
 
+/// The widget and the Limits view against the query API over the test
+/// stack, its limits in a private Redis: the plan written to the store
+/// directly (the query API serves limits read-only), the counters filled by
+/// the aggregator from the pipeline's events.
+#[tokio::test]
+async fn query_api_widget_and_limits() {
+    use meterline_limits::LimitStore;
+    let (page_origin, html) = customer_page().await;
+    let redis = meterline_tests::stack::Redis::private().await;
+    let store = meterline_redis::RedisLimits::connect(&redis.url()).await.expect("redis");
+    let plan = json!({"limits": [
+        {"name": "monthly-spend", "measure": "cost_usd", "period": "cycle", "amount": "5"},
+        {"name": "daily-calls", "measure": "events", "period": "day", "amount": "100", "hard": false}]});
+    let plan = meterline_limits::parse_plan(&plan.to_string()).expect("plan").view(meterline_limits::DEFAULT_PLAN);
+    store.put_plan("acme", &plan).await.expect("put plan");
+    let sub = meterline_limits::SubscriptionView { plan: meterline_limits::DEFAULT_PLAN.to_owned(), cycle_start: None };
+    store.put_subscription("acme", &meterline_limits::Subject::user("widget-user"), &sub).await.expect("put subscription");
+
+    let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("dashboard_limits").await;
+    let limits = format!("[limits]\nredis_url = \"{}\"\n", redis.url());
+    let _agg = Process::start("meterline-aggregator", &aggregator_config(free_port(), &brokers, &topic, &ch.url, &database, &limits));
+    post(
+        &ingest.url,
+        &[
+            spend("widget-user", 1, 3, "chat", "gpt-4o", "1.25", "2"),
+            spend("someone-else", 1, 3, "chat", "gpt-4o", "7", "7"),
+            spend("third-user", 1, 3, "chat", "gpt-4o", "2.50", "3"),
+        ],
+    )
+    .await;
+
+    // The query API, in-process, over the same ClickHouse and Redis; the
+    // tenant allows the customer's page.
+    let tenants = tenants_toml_with(&[("acme", &format!("portal_secret = \"widget-secret-0123456789abcdef\"\nportal_origins = [\"{page_origin}\"]"))]);
+    let text = format!("[clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n{limits}{tenants}", ch.url);
+    let config = meterline_query_api::Config::load(&text, []).expect("query config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        meterline_query_api::serve(config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("query api serve")
+    });
+
+    let r = reqwest::Client::new().post(format!("{url}/v1/portal/tokens")).bearer_auth("acme-admin-key").json(&json!({"user_id": "widget-user"})).send().await.expect("mint");
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().await.expect("json")["token"].as_str().expect("token").to_owned();
+    let tampered = tamper(&token);
+    // Counted by the aggregator into Redis: the query API answers the token from there.
+    let portal = poll_until(Duration::from_secs(30), "the widget user's usage on the query API", || async {
+        let (status, body) = get_json(&format!("{url}/v1/portal/usage"), Some(&token)).await;
+        (status == 200 && body["limits"][0]["used"] == json!("1.25")).then_some(body)
+    })
+    .await;
+    assert_eq!(portal["limits"][0]["remaining"], json!("3.75"), "{portal}");
+    let (status, _) = get_json(&format!("{url}/v1/portal/usage"), Some(&tampered)).await;
+    assert_eq!(status, 401, "a tampered token is refused");
+    *html.lock().expect("lock") = widget_page(&url, &token, &tampered);
+
+    let b = Browser::start().await;
+    b.goto(&format!("{page_origin}/")).await;
+    b.wait_for("#usage[data-meterline-state=ok]", WAIT).await;
+    let shown = b.text("#usage").await.unwrap_or_default();
+    assert!(shown.contains("$1.25") && shown.contains("$3.75"), "the token's numbers: {shown} (API: {portal})");
+    assert!(!shown.contains("$7") && !shown.contains("$2.50"), "nobody else's: {shown}");
+    b.wait_for("#tampered[data-meterline-state=unavailable]", WAIT).await;
+    let refused = b.text("#tampered").await.unwrap_or_default();
+    assert!(!refused.contains('$'), "no numbers for a tampered token: {refused}");
+    b.screenshot("query-api-widget").await;
+
+    // The Limits view on the query API: the plan from Redis, and who is
+    // nearest their caps as `/v1/limits/nearest` ranks them ($7 of $5).
+    sign_in(&b, &url).await;
+    let first = limits_match(&b, &url).await;
+    assert_eq!((first["subject_id"].as_str(), first["name"].as_str(), first["ratio"].as_str()), (Some("someone-else"), Some("monthly-spend"), Some("1.4")), "{first}");
+    b.eval("document.querySelector('#plans').closest('.panel').previousElementSibling.scrollIntoView()").await;
+    b.screenshot("query-api-limits").await;
+    b.stop().await;
+    let _ = stop.send(());
+}
+
 /// The portal's `/widget.js` on a customer's page (another origin): it shows
 /// its token's numbers, and nothing for a tampered token.
 #[tokio::test]
 async fn usage_widget_on_another_origin() {
-    // The customer's page, on its own port: its origin is what the tenant allows.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let page_origin = format!("http://{}", listener.local_addr().expect("addr"));
-    let html: std::sync::Arc<std::sync::Mutex<String>> = std::sync::Arc::default();
-    let served = html.clone();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::get(move || {
-            let served = served.clone();
-            async move { axum::response::Html(served.lock().expect("lock").clone()) }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (page_origin, html) = customer_page().await;
 
     let dir = temp_dir("dashboard-widget");
     let tenants = tenants_toml_with(&[("acme", &format!("portal_secret = \"widget-secret-0123456789abcdef\"\nportal_origins = [\"{page_origin}\"]"))]);
@@ -271,23 +381,14 @@ async fn usage_widget_on_another_origin() {
     assert_eq!(r.status(), 200);
     let token = r.json::<Value>().await.expect("json")["token"].as_str().expect("token").to_owned();
     // One character changed in the middle: the signature no longer matches.
-    let mut tampered: Vec<char> = token.chars().collect();
-    let mid = tampered.len() / 2;
-    tampered[mid] = if tampered[mid] == 'A' { 'B' } else { 'A' };
-    let tampered: String = tampered.into_iter().collect();
+    let tampered = tamper(&token);
     // The widget's numbers come from the same answer the API gives the token.
     let (_, portal) = poll_until(Duration::from_secs(20), "the widget user's usage", || async {
         let (status, body) = get_json(&format!("{url}/v1/portal/usage"), Some(&token)).await;
         (status == 200 && body["limits"][0]["used"] == json!("1.25")).then_some((status, body))
     })
     .await;
-    *html.lock().expect("lock") = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Acme app</title></head>\
-         <body style=\"font-family: sans-serif; padding: 24px; max-width: 520px\"><h1>Your usage</h1>\
-         <div id=\"usage\"></div><h2>Tampered token</h2><div id=\"tampered\"></div>\
-         <script src=\"{url}/widget.js\" data-token=\"{token}\" data-target=\"usage\"></script>\
-         <script src=\"{url}/widget.js\" data-token=\"{tampered}\" data-target=\"tampered\"></script></body></html>"
-    );
+    *html.lock().expect("lock") = widget_page(&url, &token, &tampered);
 
     let b = Browser::start().await;
     b.goto(&format!("{page_origin}/")).await;
