@@ -169,8 +169,8 @@ async fn all_in_one_dashboard() {
     // A plan before the traffic (events count toward limits as they are
     // written): the Limits view lists it and ranks who is nearest its caps.
     let plan = json!({"limits": [
-        {"name": "daily-spend", "measure": "cost_usd", "period": "day", "amount": "25"},
-        {"name": "daily-calls", "measure": "events", "period": "day", "amount": "100", "hard": false}]});
+        {"name": "monthly-spend", "measure": "cost_usd", "period": "month", "amount": "25"},
+        {"name": "monthly-calls", "measure": "events", "period": "month", "amount": "100", "hard": false}]});
     let r = reqwest::Client::new().put(format!("{url}/v1/plans/default")).bearer_auth("acme-admin-key").json(&plan).send().await.expect("plan");
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 
@@ -233,7 +233,7 @@ async fn all_in_one_dashboard() {
     b.screenshot("user").await;
 
     let first = limits_match(&b, &url).await;
-    assert_eq!((first["subject_id"].as_str(), first["name"].as_str(), first["ratio"].as_str()), (Some("runaway"), Some("daily-spend"), Some("0.8")), "$20 of $25 today: {first}");
+    assert_eq!((first["subject_id"].as_str(), first["name"].as_str(), first["ratio"].as_str()), (Some("runaway"), Some("monthly-spend"), Some("0.8")), "$20 of $25 this month: {first}");
     // The plans and the ranking, below the key's reach table.
     b.eval("document.querySelector('#plans').closest('.panel').previousElementSibling.scrollIntoView()").await;
     b.screenshot("limits").await;
