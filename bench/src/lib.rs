@@ -2,7 +2,29 @@
 //! `query-bench` and `dashboard-bench` measure over, generated server-side in
 //! the stack's ClickHouse.
 
+use meterline_tests::free_port;
 use meterline_tests::stack::ClickHouse;
+
+/// The database a bench measures over, migrated with the aggregator's own
+/// migrations: the one `BENCH_DB` names (a database `BENCH_KEEP` kept, to skip
+/// the load while iterating; the bool is then true), else a fresh
+/// `<prefix>_<port>`.
+pub async fn database(ch: &ClickHouse, prefix: &str) -> anyhow::Result<(String, bool)> {
+    let reuse = std::env::var("BENCH_DB").ok();
+    let db = match &reuse {
+        Some(db) => db.clone(),
+        None => ch.database(&format!("{prefix}_{}", free_port())).await,
+    };
+    let config = meterline_clickhouse::ClickHouseConfig {
+        url: ch.url.clone(),
+        database: db.clone(),
+        user: "default".into(),
+        password: String::new(),
+        request_timeout_ms: 600_000,
+    };
+    meterline_clickhouse::connect(&config).await?.migrate().await?;
+    Ok((db, reuse.is_some()))
+}
 
 /// Fills `db` (already migrated) with `users` users x 30 days ending at `now`,
 /// `per_day` minute rows per user-day, and the span and user-first daily rows

@@ -14,7 +14,7 @@
 
 use meterline_tests::browser::Browser;
 use meterline_tests::stack::ClickHouse;
-use meterline_tests::{QueryApi, free_port};
+use meterline_tests::QueryApi;
 use std::time::{Duration, Instant};
 
 /// The goal: every view's data in under a second.
@@ -29,23 +29,9 @@ async fn main() -> anyhow::Result<()> {
     let per_day = args.get(1).copied().unwrap_or(3);
     let runs = args.get(2).copied().unwrap_or(10).max(1) as usize;
     let ch = ClickHouse::shared();
-    // BENCH_DB=<a database BENCH_KEEP kept> skips the load (for iterating).
-    let reuse = std::env::var("BENCH_DB").ok();
-    let db = match &reuse {
-        Some(db) => db.clone(),
-        None => ch.database(&format!("dbench_{}", free_port())).await,
-    };
-    let config = meterline_clickhouse::ClickHouseConfig {
-        url: ch.url.clone(),
-        database: db.clone(),
-        user: "default".into(),
-        password: String::new(),
-        request_timeout_ms: 600_000,
-    };
-    let store = meterline_clickhouse::connect(&config).await?;
-    store.migrate().await?;
+    let (db, reused) = meterline_bench::database(&ch, "dbench").await?;
     let started = Instant::now();
-    if reuse.is_none() {
+    if !reused {
         meterline_bench::load(&ch, &db, users, per_day, chrono::Utc::now().timestamp()).await;
     }
     let loaded = started.elapsed().as_secs_f64();
@@ -128,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     drop(api);
     if std::env::var_os("BENCH_KEEP").is_some() {
         println!("dashboard-bench: kept database {db}");
-    } else if reuse.is_none() {
+    } else if !reused {
         ch.query(&format!("DROP DATABASE {db}")).await;
     }
     // One line for scripts/bench to collect.

@@ -7,7 +7,7 @@
 //! with the stack up.
 
 use meterline_tests::stack::ClickHouse;
-use meterline_tests::{QueryApi, free_port, stack_var};
+use meterline_tests::{QueryApi, stack_var};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,24 +21,9 @@ async fn main() -> anyhow::Result<()> {
     let per_day = args.get(1).copied().unwrap_or(3);
     let runs = args.get(2).copied().unwrap_or(50) as usize;
     let ch = ClickHouse::shared();
-    // BENCH_DB=<a database BENCH_KEEP kept> skips the load (for iterating).
-    let reuse = std::env::var("BENCH_DB").ok();
-    let db = match &reuse {
-        Some(db) => db.clone(),
-        None => ch.database(&format!("qbench_{}", free_port())).await,
-    };
-    // The schema, through the aggregator's own migrations.
-    let config = meterline_clickhouse::ClickHouseConfig {
-        url: ch.url.clone(),
-        database: db.clone(),
-        user: "default".into(),
-        password: String::new(),
-        request_timeout_ms: 600_000,
-    };
-    let store = meterline_clickhouse::connect(&config).await?;
-    store.migrate().await?;
+    let (db, reused) = meterline_bench::database(&ch, "qbench").await?;
     let started = Instant::now();
-    let now = if reuse.is_some() {
+    let now = if reused {
         ch.query(&format!("SELECT toUInt32(max(window_start)) FROM {db}.rollups_minute")).await.trim().parse()?
     } else {
         let now = chrono::Utc::now().timestamp();
