@@ -39,7 +39,14 @@ pub fn load_toml_with_env<T: serde::de::DeserializeOwned>(
     // Re-read as text rather than converting the table: only errors from text
     // carry a position, and the quoted line shows the offending key.
     let merged = toml::to_string(&doc).map_err(|e| SchemaError::ConfigFile(e.to_string()))?;
-    toml::from_str(&merged).map_err(|e: toml::de::Error| SchemaError::ConfigFile(e.to_string().trim_end().to_owned()))
+    let de = toml::Deserializer::parse(&merged).map_err(|e| SchemaError::ConfigFile(e.to_string().trim_end().to_owned()))?;
+    // The position alone can point at a nested key (`zz = 1` under a table
+    // given where a word belongs); the path names the key the schema has.
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string().trim_end().to_owned();
+        SchemaError::ConfigFile(if path == "." { message } else { format!("at `{path}`: {message}") })
+    })
 }
 
 fn literal(value: &str) -> toml::Value {
@@ -81,6 +88,15 @@ mod tests {
     #[serde(deny_unknown_fields)]
     struct Server {
         port: u16,
+        #[serde(default)]
+        mode: Mode,
+    }
+    #[derive(serde::Deserialize, Debug, Default)]
+    #[serde(rename_all = "snake_case")]
+    enum Mode {
+        #[default]
+        Allow,
+        Deny,
     }
     #[derive(serde::Deserialize, Debug)]
     #[serde(deny_unknown_fields)]
@@ -104,6 +120,10 @@ mod tests {
         ];
         let s: Sample = load_toml_with_env("[kafka]\nbrokers = \"x:2\"\n", SECTIONS, vars).unwrap();
         assert_eq!((s.kafka.brokers.as_str(), s.kafka.partitions, s.server.port), ("h:1", 8, 99));
+        assert!(matches!(s.server.mode, Mode::Allow), "the default when unset");
+        let vars = [("METERLINE_SERVER__PORT".to_owned(), "1".to_owned()), ("METERLINE_SERVER__MODE".to_owned(), "deny".to_owned())];
+        let s: Sample = load_toml_with_env("[kafka]\nbrokers = \"x\"\n", SECTIONS, vars).unwrap();
+        assert!(matches!(s.server.mode, Mode::Deny));
     }
 
     #[test]
@@ -112,5 +132,14 @@ mod tests {
         assert!(err.to_string().contains("brokerz"), "{err}");
         let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\n", SECTIONS, [("METERLINE_KAFKA__TYPO".into(), "1".into())]);
         assert!(err.unwrap_err().to_string().contains("typo"));
+    }
+
+    #[test]
+    fn a_wrong_shape_names_its_key() {
+        let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\n[server]\nport = 1\n[server.mode]\nzz_nested = 1\n", SECTIONS, []).unwrap_err();
+        assert!(err.to_string().contains("server.mode"), "{err}");
+        let vars = [("METERLINE_SERVER__MODE__ZZ".to_owned(), "1".to_owned())];
+        let err = load_toml_with_env::<Sample>("[kafka]\nbrokers = \"x\"\n[server]\nport = 1\n", SECTIONS, vars).unwrap_err();
+        assert!(err.to_string().contains("server.mode"), "{err}");
     }
 }

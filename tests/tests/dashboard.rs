@@ -336,6 +336,14 @@ async fn query_api_widget_and_limits() {
     })
     .await;
     assert_eq!(portal["limits"][0]["remaining"], json!("3.75"), "{portal}");
+    // The three users land on different partitions, each applied to Redis
+    // on its own flush: the ranking is only settled once all three count.
+    poll_until(Duration::from_secs(30), "every user's spend counted in Redis", || async {
+        let (status, body) = get_json(&format!("{url}/v1/limits/nearest?limit=20"), Some("acme-read-key")).await;
+        let spends = body["subjects"].as_array().map(|s| s.iter().filter(|s| s["name"] == json!("monthly-spend") && s["used"] != json!("0")).count());
+        (status == 200 && spends == Some(3)).then_some(())
+    })
+    .await;
     let (status, _) = get_json(&format!("{url}/v1/portal/usage"), Some(&tampered)).await;
     assert_eq!(status, 401, "a tampered token is refused");
     *html.lock().expect("lock") = widget_page(&url, &token, &tampered);
