@@ -109,9 +109,16 @@ pub async fn serve(
         // Limits are served here, beside ingest, because a commit meters its
         // event into the same topic (durable in Kafka before the answer), and
         // everything else they read is in Redis, not ClickHouse. A commit is
-        // one event its caller waits on: its own producer sends at once,
-        // where batches of events wait up to `linger_ms` to fill.
-        let producer = EventProducer::new(&KafkaConfig { linger_ms: 0, ..config.kafka.clone() })?;
+        // one event its caller waits on: its own producer lingers only
+        // `limits.commit_linger_us` (1 ms by default; batches of events wait
+        // `linger_ms`): with no linger librdkafka wakes its broker thread for
+        // each message (about half the process's CPU at 64 concurrent commits
+        // under perf); a short linger lets concurrent commits share a produce
+        // request. Each commit still answers only once its event is acked.
+        // A `linger.ms` in `kafka.options` still wins.
+        let mut kafka = KafkaConfig { linger_ms: 0, ..config.kafka.clone() };
+        kafka.options.entry("linger.ms".to_owned()).or_insert_with(|| (config.limits.commit_linger_us as f64 / 1_000.0).to_string());
+        let producer = EventProducer::new(&kafka)?;
         commits = Some(producer.clone());
         let redis = meterline_redis::RedisLimits::connect(url).await?;
         let limits = meterline_limits::Limits::new(

@@ -26,6 +26,13 @@ pub struct TenantLimits {
     pub on_store_error: Option<OnStoreError>,
 }
 
+/// `commit_linger_us` unless set: 1 ms. In limits-bench on 2 cores it added
+/// about 0.8 ms to a lone commit's p50 (far inside the 50 ms commit goal; a
+/// reservation is not delayed), and at 64 clients gave about 1.4x the pairs/s
+/// of no linger with a lower reserve p99, in each alternated run.
+pub const DEFAULT_COMMIT_LINGER_US: u64 = 1_000;
+const MAX_COMMIT_LINGER_US: u64 = 100_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -42,6 +49,12 @@ pub struct LimitsConfig {
     pub default_ttl_secs: u64,
     #[serde(deserialize_with = "secs")]
     pub max_ttl_secs: u64,
+    /// Distributed: how long the commit producer waits for more commits to
+    /// share a Kafka produce request, in microseconds. A commit still answers
+    /// only once its own event is acknowledged; this trades up to this much
+    /// latency per commit for fewer produce requests (less producer CPU) when
+    /// commits are concurrent.
+    pub commit_linger_us: u64,
     pub tenants: BTreeMap<String, TenantLimits>,
 }
 
@@ -53,6 +66,7 @@ impl Default for LimitsConfig {
             store_timeout_ms: 250,
             default_ttl_secs: 300,
             max_ttl_secs: 86_400,
+            commit_linger_us: DEFAULT_COMMIT_LINGER_US,
             tenants: BTreeMap::new(),
         }
     }
@@ -67,6 +81,9 @@ impl LimitsConfig {
         if self.default_ttl_secs == 0 || self.default_ttl_secs > self.max_ttl_secs {
             return err("default_ttl_secs", "must be between 1s and limits.max_ttl_secs");
         }
+        if self.commit_linger_us > MAX_COMMIT_LINGER_US {
+            return err("commit_linger_us", "must be at most 100000 (100 ms): a commit waits this long before it is sent");
+        }
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -77,5 +94,18 @@ impl LimitsConfig {
 
     pub fn on_store_error(&self, tenant: &str) -> OnStoreError {
         self.tenants.get(tenant).and_then(|t| t.on_store_error).unwrap_or(self.on_store_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_linger_past_100_ms_is_refused_by_name() {
+        let ok = LimitsConfig { commit_linger_us: 100_000, ..LimitsConfig::default() };
+        assert!(ok.validate().is_ok());
+        let e = LimitsConfig { commit_linger_us: 100_001, ..LimitsConfig::default() }.validate().expect_err("refused");
+        assert!(matches!(&e, LimitsError::Config { key, .. } if key == "limits.commit_linger_us"), "{e:?}");
     }
 }

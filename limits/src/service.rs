@@ -124,6 +124,13 @@ fn refusal(r: Refusal) -> ApiError {
     }
 }
 
+/// The limits of `applied` an action touches (by index) and their current counters.
+fn touched_by(applied: &[crate::book::Applied<'_>], action: &Action, now: DateTime<Utc>) -> (Vec<usize>, Vec<String>) {
+    let touched: Vec<usize> = (0..applied.len()).filter(|i| applied[*i].limit.filter.matches(&action.feature, &action.model, &action.environment)).collect();
+    let counters = touched.iter().map(|i| applied[*i].counter(now).key).collect();
+    (touched, counters)
+}
+
 impl<S: LimitStore> Limits<S> {
     pub fn new(store: S, meter: Arc<dyn Meter>, keys: KeyRing, bounds: TimeBounds, config: LimitsConfig, clock: Clock) -> Result<Limits<S>, LimitsError> {
         config.validate()?;
@@ -293,15 +300,16 @@ impl<S: LimitStore> Limits<S> {
             let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
             let holds: Vec<Hold> =
                 counts(&applied, &row).into_iter().map(|c| Hold { counter: c.counter.key, amount: c.amount, keep_until: c.counter.keep_until }).collect();
-            let outcome = self.store.commit(tenant, id, &holds, &fp, now_ms).await?;
-            Ok::<_, LimitsError>((book, outcome))
+            // The answer's statuses are read by the commit's own step: one
+            // round trip fewer than a balance read after it.
+            let (touched, counters) = touched_by(&applied, &action, now);
+            let (outcome, balances) = self.store.commit_and_balances(tenant, id, &holds, &fp, now_ms, &counters).await?;
+            let limits: Vec<LimitStatus> = touched.iter().zip(balances).map(|(i, b)| status(&applied[*i], b, now)).collect();
+            Ok::<_, LimitsError>((outcome, limits))
         };
         match self.bounded(settled).await {
-            Ok((book, Ok(r))) => {
-                let limits = self.statuses_for(tenant, &book, &action, now).await.unwrap_or_default();
-                Ok(SettleAnswer { reservation_id: id.to_owned(), state: r.state, idempotency_key: Some(key), limits, degraded: false })
-            }
-            Ok((_, Err(r))) => Err(refusal(r)),
+            Ok((Ok(r), limits)) => Ok(SettleAnswer { reservation_id: id.to_owned(), state: r.state, idempotency_key: Some(key), limits, degraded: false }),
+            Ok((Err(r), _)) => Err(refusal(r)),
             Err(e) => {
                 tracing::warn!(error = %e, %tenant, "limits store unreachable at commit; the usage is metered and counts when it is back");
                 metrics::store_error("commit");
@@ -331,9 +339,7 @@ impl<S: LimitStore> Limits<S> {
     /// The statuses of the limits an action touches.
     async fn statuses_for(&self, tenant: &str, book: &Book, action: &Action, now: DateTime<Utc>) -> Result<Vec<LimitStatus>, LimitsError> {
         let applied = book.applicable(&action.user_id, action.customer_id.as_deref());
-        let touched: Vec<usize> =
-            (0..applied.len()).filter(|i| applied[*i].limit.filter.matches(&action.feature, &action.model, &action.environment)).collect();
-        let counters: Vec<String> = touched.iter().map(|i| applied[*i].counter(now).key).collect();
+        let (touched, counters) = touched_by(&applied, action, now);
         let balances = self.bounded(self.store.balances(tenant, &counters, now.timestamp_millis())).await?;
         Ok(touched.iter().zip(balances).map(|(i, b)| status(&applied[*i], b, now)).collect())
     }

@@ -96,6 +96,28 @@ pub trait LimitStore: Send + Sync + 'static {
         fingerprint: &str,
         now_ms: i64,
     ) -> impl Future<Output = Result<std::result::Result<Reservation, Refusal>>> + Send;
+    /// [`commit`](LimitStore::commit), then the balances of `counters` (the
+    /// statuses a commit answers), in one round trip where the store can;
+    /// none after a refusal. A failed balance read after a commit that took
+    /// effect answers no balances rather than hide the commit.
+    fn commit_and_balances(
+        &self,
+        tenant: &str,
+        id: &str,
+        holds: &[crate::reservation::Hold],
+        fingerprint: &str,
+        now_ms: i64,
+        counters: &[String],
+    ) -> impl Future<Output = Result<(std::result::Result<Reservation, Refusal>, Vec<Balance>)>> + Send {
+        async move {
+            let outcome = self.commit(tenant, id, holds, fingerprint, now_ms).await?;
+            let balances = match &outcome {
+                Ok(_) => self.balances(tenant, counters, now_ms).await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            Ok((outcome, balances))
+        }
+    }
     /// Applies [`reservation::release`](crate::reservation::release) and frees its holds, atomically.
     fn release(&self, tenant: &str, id: &str, now_ms: i64) -> impl Future<Output = Result<std::result::Result<Reservation, Refusal>>> + Send;
 

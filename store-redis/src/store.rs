@@ -217,10 +217,25 @@ impl LimitStore for RedisLimits {
     }
 
     async fn commit(&self, tenant: &str, id: &str, holds: &[Hold], fingerprint: &str, now_ms: i64) -> Result<std::result::Result<Reservation, Refusal>> {
+        Ok(self.commit_and_balances(tenant, id, holds, fingerprint, now_ms, &[]).await?.0)
+    }
+
+    /// One script: the commit, and then its counters' balances.
+    async fn commit_and_balances(
+        &self,
+        tenant: &str,
+        id: &str,
+        holds: &[Hold],
+        fingerprint: &str,
+        now_ms: i64,
+        counters: &[String],
+    ) -> Result<(std::result::Result<Reservation, Refusal>, Vec<Balance>)> {
         let key = keys::reservation(id);
         let mut args = vec![prefix(tenant), now_ms.to_string(), key.to_owned(), id.to_owned(), fingerprint.to_owned()];
         args.extend(hold_args(holds)?);
-        settled(tenant, key, self.script(&COMMIT, &keys::key(tenant, "exp"), &args).await?)
+        args.extend(counters.iter().cloned());
+        let (kind, body, flat): (String, Vec<String>, Vec<String>) = self.script(&COMMIT, &keys::key(tenant, "exp"), &args).await?;
+        Ok((settled(tenant, key, (kind, body))?, balances(tenant, &flat)?))
     }
 
     async fn release(&self, tenant: &str, id: &str, now_ms: i64) -> Result<std::result::Result<Reservation, Refusal>> {

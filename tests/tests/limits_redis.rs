@@ -148,6 +148,23 @@ async fn expiry_frees_the_room() {
 }
 
 #[tokio::test]
+async fn a_commit_reads_its_statuses_balances_in_the_same_step() {
+    let redis = Redis::private().await;
+    let s = store(&redis).await;
+    let now = base();
+    let (c, other) = ("u:c:0:u1", "u:e:0:u1");
+    s.admit(T, &admit(1, vec![charge(c, 5, 100, true)], None, now)).await.expect("admit");
+    let counters = [c.to_owned(), other.to_owned()];
+    let (r, balances) = s.commit_and_balances(T, &id(1), &hold(c, 3), "f", now + 1, &counters).await.expect("commit");
+    assert_eq!(r.map(|r| r.state), Ok(ReservationState::Committed));
+    assert_eq!(balances, [Balance { used: 0, reserved: 3 }, Balance { used: 0, reserved: 0 }], "after the commit, in the order asked");
+    let (again, balances) = s.commit_and_balances(T, &id(1), &hold(c, 3), "f", now + 2, &counters).await.expect("retry");
+    assert!(again.is_ok() && balances == [Balance { used: 0, reserved: 3 }, Balance { used: 0, reserved: 0 }], "a retry answers the same: {balances:?}");
+    let (refused, balances) = s.commit_and_balances(T, &id(2), &hold(c, 3), "f", now + 2, &counters).await.expect("answer");
+    assert_eq!((refused, balances), (Err(Refusal::NotFound), vec![]), "a refusal reads nothing");
+}
+
+#[tokio::test]
 async fn commit_moves_the_hold_to_the_actual_usage_until_counted() {
     let redis = Redis::private().await;
     let s = store(&redis).await;

@@ -4,12 +4,17 @@
 //! (`redis-benchmark` running an admit-sized Lua script on the same Redis),
 //! and in the embedded mode (the all-in-one server over SQLite).
 //!
-//! `cargo run --release -p meterline-bench --bin limits-bench -- [SECONDS] [USERS] [LEVELS]`
+//! `cargo run --release -p meterline-bench --bin limits-bench -- [SECONDS] [USERS] [LEVELS] [MODES]`
 //! (seconds per level, default 20; users spread over, default 1,000; levels
-//! as `1,16,64`) with the stack up (`eval "$(scripts/stack up)"`) and
-//! `meterline-ingest` built in the same profile. Prints a table and one
-//! `BENCH_JSON {...}` line.
+//! as `1,16,64`; modes `distributed,embedded`, both by default) with the
+//! stack up (`eval "$(scripts/stack up)"`) and `meterline-ingest` built in
+//! the same profile. Prints a table, the CPU each process spent per pair
+//! (and per raw admit), and one `BENCH_JSON {...}` line.
 
+#[path = "limits_bench/cpu.rs"]
+mod cpu;
+
+use cpu::{Pids, Reading, Who};
 use meterline_tests::stack::{Process, Redis};
 use meterline_tests::{Embedded, create_topic, free_port, poll_until, stack_var, temp_dir, tenants_toml, unique_topic};
 use serde_json::{Value, json};
@@ -223,10 +228,11 @@ fn redis_benchmark(redis: &Redis, sha: &str, clients: usize, requests: usize, us
 }
 
 /// The raw admit rate at `clients`: a short probe sizes a run of about `secs` seconds.
-fn raw_level(redis: &Redis, sha: &str, clients: usize, secs: u64, users: usize) -> anyhow::Result<Raw> {
+/// Also answers the probe's request count.
+fn raw_level(redis: &Redis, sha: &str, clients: usize, secs: u64, users: usize) -> anyhow::Result<(Raw, usize)> {
     let probe = redis_benchmark(redis, sha, clients, 2_000.max(clients * 50), users)?;
     let requests = ((probe.rps * secs as f64) as usize).clamp(2_000, 20_000_000);
-    redis_benchmark(redis, sha, clients, requests, users)
+    Ok((redis_benchmark(redis, sha, clients, requests, users)?, probe.requests))
 }
 
 fn ingest_toml(topic: &str, port: u16, redis: &str) -> String {
@@ -253,16 +259,26 @@ fn goals(clients: usize, level: &Level, ratio: f64) -> (Option<bool>, bool, bool
     (reserve_goal.map(|g| pct(&level.reserve, 0.99) <= g), pct(&level.commit, 0.99) <= COMMIT_P99_MS, ratio >= MIN_RATIO)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let secs: u64 = args.first().map(|a| a.parse()).transpose()?.unwrap_or(20);
-    let users: usize = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(1_000).max(1);
-    let levels: Vec<usize> = args.get(2).map_or("1,16,64", String::as_str).split(',').map(str::parse).collect::<Result<_, _>>()?;
-    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+/// One level's CPU seconds per process, as per-operation microseconds.
+fn per_op_us(cpu: &Reading, ops: f64) -> [f64; 4] {
+    std::array::from_fn(|i| cpu.0[i] / ops.max(1.0) * 1e6)
+}
 
-    // Distributed: one ingest process over a private Redis (AOF, an fsync
-    // per write, as deployed) and the stack's broker.
+fn cpu_json(cpu: &Reading, ops: f64) -> Value {
+    let us = per_op_us(cpu, ops);
+    let mut map = serde_json::Map::new();
+    for (who, us) in cpu::ALL.iter().zip(us) {
+        map.insert(who.name().replace(' ', "_"), json!(us));
+    }
+    map.insert("total".into(), json!(us.iter().sum::<f64>()));
+    Value::Object(map)
+}
+
+/// The distributed mode and the raw store: (levels, raw levels, CPU per level, CPU per raw level).
+async fn distributed(secs: u64, users: usize, levels: &[usize]) -> anyhow::Result<(Vec<Level>, Vec<Raw>, Vec<Reading>, Vec<Reading>)> {
+    let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
+    // One ingest process over a private Redis (AOF, an fsync per write, as
+    // deployed) and the stack's broker.
     let redis = Redis::private().await;
     let topic = unique_topic("limits-bench");
     create_topic(&brokers, &topic, 4).await;
@@ -276,21 +292,35 @@ async fn main() -> anyhow::Result<()> {
     put_default_plan(&url).await?;
     let sha = redis_cli(&redis, &["SCRIPT", "LOAD", RAW_ADMIT])?;
     anyhow::ensure!(sha.len() == 40, "SCRIPT LOAD answered {sha:?}");
+    let broker_port = format!("tcp://{brokers}");
+    let pids = Pids {
+        ingest: ingest.pid(),
+        redis: cpu::find(&["redis-server", &redis.addr()]),
+        broker: cpu::find(&["tansu", &broker_port]).or_else(|| cpu::find(&["tansu"])),
+    };
 
-    let mut distributed = Vec::new();
-    let mut raw = Vec::new();
+    let (mut done, mut raw, mut cpus, mut raw_cpus) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, &clients) in levels.iter().enumerate() {
+        let before = cpu::read(&pids);
         let level = run_level(&url, clients, secs, users, i * 31).await;
+        cpus.push(cpu::read(&pids).since(&before));
         eprintln!("limits-bench: distributed, {clients} clients: {:.0} pairs/s", level.pairs_per_s());
-        distributed.push(level);
-        let r = raw_level(&redis, &sha, clients, secs, users)?;
+        done.push(level);
+        let before = cpu::read(&pids);
+        let (r, probe) = raw_level(&redis, &sha, clients, secs, users)?;
+        // The probe's CPU is not the sized run's: taken out by its share of the requests.
+        let spent = cpu::read(&pids).since(&before);
+        raw_cpus.push(Reading(std::array::from_fn(|k| spent.0[k] * r.requests as f64 / (r.requests + probe) as f64)));
         eprintln!("limits-bench: raw admit, {clients} clients: {:.0} requests/s", r.rps);
         raw.push(r);
     }
     ingest.stop().await;
     drop(redis);
+    Ok((done, raw, cpus, raw_cpus))
+}
 
-    // Embedded: the all-in-one server in this process, over a fresh data dir.
+/// The embedded mode: the all-in-one server in this process, over a fresh data dir.
+async fn embedded(secs: u64, users: usize, levels: &[usize]) -> anyhow::Result<Vec<Level>> {
     let dir = temp_dir("limits-bench");
     let server = Embedded::start(&dir, "").await;
     poll_until(Duration::from_secs(30), "the embedded server to answer", || async {
@@ -298,14 +328,30 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     put_default_plan(&server.url).await?;
-    let mut embedded = Vec::new();
+    let mut out = Vec::new();
     for (i, &clients) in levels.iter().enumerate() {
         let level = run_level(&server.url, clients, secs, users, i * 31).await;
         eprintln!("limits-bench: embedded, {clients} clients: {:.0} pairs/s", level.pairs_per_s());
-        embedded.push(level);
+        out.push(level);
     }
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let secs: u64 = args.first().map(|a| a.parse()).transpose()?.unwrap_or(20);
+    let users: usize = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(1_000).max(1);
+    let levels: Vec<usize> = args.get(2).map_or("1,16,64", String::as_str).split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let modes = args.get(3).map_or("distributed,embedded", String::as_str);
+    let unknown: Vec<&str> = modes.split(',').filter(|m| !matches!(*m, "distributed" | "embedded")).collect();
+    anyhow::ensure!(unknown.is_empty(), "unknown modes {unknown:?}: distributed, embedded");
+
+    let (dist, raw, cpus, raw_cpus) =
+        if modes.contains("distributed") { distributed(secs, users, &levels).await? } else { (Vec::new(), Vec::new(), Vec::new(), Vec::new()) };
+    let emb = if modes.contains("embedded") { embedded(secs, users, &levels).await? } else { Vec::new() };
 
     println!(
         "limits-bench: reserve-then-commit pairs, {secs} s per level, {users} users, plan `default` with two hard limits that never deny, {} cores",
@@ -316,49 +362,69 @@ async fn main() -> anyhow::Result<()> {
         "| mode | clients | reserve p50 ms | reserve p99 ms | commit p50 ms | commit p99 ms | pairs/s | raw admits/s (p99 ms) | pairs/s ÷ raw | reserve p99 goal | commit p99 ≤ {COMMIT_P99_MS} ms | ratio ≥ {MIN_RATIO} | denied/errors |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|");
+    let row = |mode: &str, clients: usize, l: &Level, raw_cell: String, ratio_cell: String, goal_cells: [String; 3]| {
+        println!(
+            "| {mode} | {clients} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {raw_cell} | {ratio_cell} | {} | {} | {} | {}/{} |",
+            pct(&l.reserve, 0.5),
+            pct(&l.reserve, 0.99),
+            pct(&l.commit, 0.5),
+            pct(&l.commit, 0.99),
+            l.pairs_per_s(),
+            goal_cells[0],
+            goal_cells[1],
+            goal_cells[2],
+            l.denied,
+            l.errors,
+        );
+    };
+    let dash = || "—".to_owned();
     let mut json_levels = Vec::new();
     for (i, &clients) in levels.iter().enumerate() {
-        let (d, e, r) = (&distributed[i], &embedded[i], raw[i]);
-        let ratio = d.pairs_per_s() / r.rps;
-        let (reserve_ok, commit_ok, ratio_ok) = goals(clients, d, ratio);
-        let reserve_goal = match (clients, reserve_ok) {
-            (16, Some(ok)) => format!("≤ {RESERVE_P99_AT_16_MS} ms: {}", verdict(ok)),
-            (64, Some(ok)) => format!("≤ {RESERVE_P99_AT_64_MS} ms: {}", verdict(ok)),
-            _ => "—".to_owned(),
-        };
-        let row = |mode: &str, l: &Level, raw_cell: String, ratio_cell: String, goal_cells: [String; 3]| {
-            println!(
-                "| {mode} | {clients} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {raw_cell} | {ratio_cell} | {} | {} | {} | {}/{} |",
-                pct(&l.reserve, 0.5),
-                pct(&l.reserve, 0.99),
-                pct(&l.commit, 0.5),
-                pct(&l.commit, 0.99),
-                l.pairs_per_s(),
-                goal_cells[0],
-                goal_cells[1],
-                goal_cells[2],
-                l.denied,
-                l.errors,
+        let mut level = json!({"clients": clients});
+        if let (Some(d), Some(r)) = (dist.get(i), raw.get(i)) {
+            let ratio = d.pairs_per_s() / r.rps;
+            let (reserve_ok, commit_ok, ratio_ok) = goals(clients, d, ratio);
+            let reserve_goal = match (clients, reserve_ok) {
+                (16, Some(ok)) => format!("≤ {RESERVE_P99_AT_16_MS} ms: {}", verdict(ok)),
+                (64, Some(ok)) => format!("≤ {RESERVE_P99_AT_64_MS} ms: {}", verdict(ok)),
+                _ => dash(),
+            };
+            row(
+                "distributed",
+                clients,
+                d,
+                format!("{:.0} ({:.2})", r.rps, r.p99_ms),
+                format!("{ratio:.2}"),
+                [reserve_goal, verdict(commit_ok).to_owned(), verdict(ratio_ok).to_owned()],
             );
-        };
-        row(
-            "distributed",
-            d,
-            format!("{:.0} ({:.2})", r.rps, r.p99_ms),
-            format!("{ratio:.2}"),
-            [reserve_goal, verdict(commit_ok).to_owned(), verdict(ratio_ok).to_owned()],
-        );
-        row("embedded", e, "—".to_owned(), "—".to_owned(), ["—".to_owned(), "—".to_owned(), "—".to_owned()]);
-        json_levels.push(json!({
-            "clients": clients,
-            "distributed": d.json(),
-            "embedded": e.json(),
-            "raw": {"requests": r.requests, "admits_per_s": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms},
-            "ratio": ratio,
-            "goals": {"reserve_p99": reserve_ok, "commit_p99": commit_ok, "ratio": ratio_ok},
-        }));
+            level["distributed"] = d.json();
+            level["raw"] = json!({"requests": r.requests, "admits_per_s": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms});
+            level["ratio"] = json!(ratio);
+            level["goals"] = json!({"reserve_p99": reserve_ok, "commit_p99": commit_ok, "ratio": ratio_ok});
+            level["cpu_us_per_pair"] = cpu_json(&cpus[i], d.pairs as f64);
+            level["cpu_us_per_raw_admit"] = cpu_json(&raw_cpus[i], r.requests as f64);
+        }
+        if let Some(e) = emb.get(i) {
+            row("embedded", clients, e, dash(), dash(), [dash(), dash(), dash()]);
+            level["embedded"] = e.json();
+        }
+        json_levels.push(level);
     }
-    for (mode, list) in [("distributed", &distributed), ("embedded", &embedded)] {
+    if !dist.is_empty() {
+        // What each process spent: on shared cores, the pairs/s a level can
+        // reach is bounded by its total, as the raw admits/s is by the raw's.
+        println!("CPU µs per distributed pair (per raw admit), by process; `ceiling` is raw CPU per admit ÷ CPU per pair, the ratio if both were CPU-bound:");
+        println!("| clients | {} | total | ceiling |", cpu::ALL.map(Who::name).join(" | "));
+        println!("|---:|{}---:|---:|", "---:|".repeat(cpu::ALL.len()));
+        for (i, &clients) in levels.iter().enumerate() {
+            let pair = per_op_us(&cpus[i], dist[i].pairs as f64);
+            let admit = per_op_us(&raw_cpus[i], raw[i].requests as f64);
+            let cells: Vec<String> = pair.iter().zip(admit).map(|(p, a)| format!("{p:.0} ({a:.0})")).collect();
+            let (p, a) = (pair.iter().sum::<f64>(), admit.iter().sum::<f64>());
+            println!("| {clients} | {} | {p:.0} ({a:.0}) | {:.2} |", cells.join(" | "), a / p.max(1e-9));
+        }
+    }
+    for (mode, list) in [("distributed", &dist), ("embedded", &emb)] {
         if let Some(e) = list.iter().find_map(|l| l.first_error.as_deref()) {
             println!("limits-bench: {mode}: first error: {e}");
         }
