@@ -6,11 +6,17 @@
 //! Why here: the aggregator is the component that knows, flush by flush,
 //! which users just spent, and the rollups it has just written are exact (no
 //! replay is ever counted twice), so evaluating right after a flush is both
-//! near real time and exact. Users are partitioned by Kafka key, so with
-//! several aggregators each evaluates the users of its own partitions; open
-//! alerts are re-evaluated by whichever aggregator holds them in memory (after
-//! a restart, every aggregator loads all open alerts, so a resolve may be
-//! notified twice, never missed).
+//! near real time and exact. Events are partitioned by idempotency key, so
+//! with several aggregators one user's events are written by several of
+//! them, and each evaluates the users its own flushes touched against the
+//! rollups of all: two may find the same user over a threshold. Before an
+//! alert is opened the stored open alerts are read again, so one that
+//! another aggregator opened is adopted rather than opened twice (what is
+//! left is the moment between that read and the other's insert: two
+//! evaluations in the same few milliseconds may both open, and the webhook
+//! hears of the user twice). Open alerts are re-evaluated by whichever
+//! aggregator holds them in memory (after a restart, every aggregator loads
+//! all open alerts, so a resolve may be notified twice, never missed).
 
 use chrono::Utc;
 use meterline_clickhouse::write::{UserSum, user_sums};
@@ -186,7 +192,13 @@ impl Evaluator {
                 week: store.user_sums(&user_sums(UserSum::Cost, &tenant, periods.week, Some(&users))).await?,
                 loss: store.user_sums(&user_sums(UserSum::Loss, &tenant, periods.month, Some(&users))).await?,
             };
-            let transitions = self.book.decide(&tenant, &users, &spend, now.timestamp());
+            let mut transitions = self.book.decide(&tenant, &users, &spend, now.timestamp());
+            if transitions.iter().any(|t| t.notice == Some(Notice::Opened)) {
+                // Another aggregator's flush may have touched the same user
+                // and opened it already: adopt what is stored, then decide again.
+                self.book.load(store.open_alerts().await?);
+                transitions = self.book.decide(&tenant, &users, &spend, now.timestamp());
+            }
             if !transitions.is_empty() {
                 let rows: Vec<AlertRow> = transitions.iter().map(|t| t.row.clone()).collect();
                 store.insert_alerts(&rows).await?;

@@ -25,6 +25,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// How long each table is kept (`retention.rs`).
+    #[serde(default)]
+    pub retention: meterline_domain::RetentionConfig,
     /// Limits: with `redis_url` set, counted events are applied to the
     /// limits' counters in Redis (`limits.rs`); the rest of the section is
     /// the reservation-serving role's.
@@ -63,6 +66,13 @@ pub struct KafkaConfig {
     #[serde(default = "KafkaConfig::default_session_timeout_ms")]
     #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub session_timeout_ms: u64,
+    /// `key` (the default): a record is counted only on its key's home
+    /// partition, and one found elsewhere is produced there (`forward.rs`).
+    /// `user`: counted where it sits, as before the keying change; exact
+    /// only while every copy of a key keeps its user_id. Set it only to run
+    /// the old behaviour; going back to `user` after an upgrade is unsupported.
+    #[serde(default)]
+    pub keying: meterline_schemas::wire::Keying,
     /// Further librdkafka consumer properties, passed through as given.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -130,6 +140,14 @@ pub struct DedupeConfig {
     pub recent_secs: i64,
     /// Most keys in the recent map, per partition.
     pub max_recent_keys: usize,
+    /// Whether each partition's bloom slices are persisted to `dedupe_snapshots`
+    /// (`snapshot.rs`), so an assignment reads them and only the events after
+    /// them instead of every key in the window.
+    pub snapshots: bool,
+    /// Least time between two snapshots of one partition (default 5 minutes):
+    /// each writes every live slice, about 3.4 MB per slice at the defaults.
+    #[serde(deserialize_with = "meterline_schemas::duration::secs")]
+    pub snapshot_interval_secs: i64,
 }
 
 impl Default for DedupeConfig {
@@ -141,6 +159,8 @@ impl Default for DedupeConfig {
             false_positive_rate: 0.01,
             recent_secs: 600,
             max_recent_keys: 500_000,
+            snapshots: true,
+            snapshot_interval_secs: 300,
         }
     }
 }
@@ -161,7 +181,7 @@ impl Default for MetricsConfig {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, AggregatorError> {
-        let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe", "metrics", "alerts", "limits"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "kafka", "clickhouse", "flush", "dedupe", "metrics", "alerts", "limits", "retention"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -209,7 +229,11 @@ impl Config {
         if self.dedupe.recent_secs < 0 {
             return bad("dedupe.recent_secs", "must not be negative");
         }
+        if self.dedupe.snapshot_interval_secs < 1 {
+            return bad("dedupe.snapshot_interval_secs", "must be at least 1");
+        }
         self.alerts.validate()?;
+        self.retention.validate(u64::try_from(self.dedupe.window_secs).unwrap_or(0))?;
         KeyRing::from_config(&self.tenants)?;
         Ok(())
     }
@@ -236,6 +260,9 @@ mod tests {
             ("METERLINE_DEDUPE__FALSE_POSITIVE_RATE", "0", "dedupe.false_positive_rate"),
             ("METERLINE_DEDUPE__SLICE_SECS", "10", "dedupe.slice_secs"),
             ("METERLINE_KAFKA__GROUPID", "x", "groupid"),
+            // Raw events must outlive the dedupe window (35 days) plus the audit period.
+            ("METERLINE_RETENTION__EVENTS_DAYS", "60", "retention.events_days"),
+            ("METERLINE_RETENTION__ROLLUPS_MINUTE_DAYS", "always", "retention.rollups_minute_days"),
         ] {
             let err = Config::load(EXAMPLE, [(var.to_owned(), value.to_owned())]).unwrap_err().to_string();
             assert!(err.contains(key), "{var}={value}: {err}");

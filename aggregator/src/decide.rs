@@ -1,13 +1,24 @@
-//! The decision of a flush, pure (no I/O): each buffered record is a dead letter, a duplicate or a new priced event, and each partition gets its rows, rollup range and commit.
+//! The decision of a flush, pure (no I/O): each buffered record is a dead letter, a record to forward to its home partition, a duplicate or a new priced event, and each partition gets its rows, rollup range and commit.
+//!
+//! Exactness across partitions: under the `key` keying a record is counted
+//! only on its key's home partition ([`home_partition`]), so the home
+//! partition's dedupe state has seen every counted copy of the key, whatever
+//! else the copies change; a record found elsewhere is forwarded there, never
+//! counted where it sits. The only counted copies the home may not know are
+//! those the `user` keying counted before the upgrade, on other partitions: a
+//! set that no longer grows. While any of them is in the dedupe window the
+//! caller looks up every key its dedupe state does not know as seen, and
+//! `inputs.found` holds those already written anywhere.
 
 use meterline_clickhouse::{DeadLetterRow, Range};
 use meterline_domain::{Decision, EventRow, Source, fingerprint, key_hash, price};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
-use meterline_schemas::wire::Envelope;
+use meterline_schemas::wire::{Envelope, home_partition};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::dedupe::Known;
+use crate::forward::Forward;
 use crate::partitions::Buffered;
 
 /// The record a new event was made from: what a refused events insert writes
@@ -30,6 +41,9 @@ pub(crate) struct Flush {
     pub(crate) ranges: BTreeMap<i32, Range>,
     /// The next offset to commit.
     pub(crate) commits: BTreeMap<i32, i64>,
+    /// Per source partition, records to produce to their home partition
+    /// before this flush records progress past them.
+    pub(crate) forwards: BTreeMap<i32, Vec<Forward>>,
     pub(crate) written_at: u32,
 }
 
@@ -44,6 +58,16 @@ pub(crate) struct Inputs<'a> {
     /// The exact look-up's answer for the keys the dedupe state only maybe
     /// knows: key hash -> fingerprint of the copy already written.
     pub(crate) found: &'a HashMap<u128, u64>,
+    pub(crate) placement: Placement,
+}
+
+/// Where a record may be counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Where it sits (the `user` keying: exact only while copies keep their user).
+    InPlace,
+    /// Only on its key's home partition out of this many; elsewhere it is forwarded.
+    Home { partitions: i32 },
 }
 
 /// A decided flush, and what the caller records of it.
@@ -97,6 +121,13 @@ pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, kn
                     continue;
                 }
             };
+            if let Placement::Home { partitions } = inputs.placement {
+                let home = home_partition(&env.tenant, &env.event.idempotency_key, partitions);
+                if home != p {
+                    decided.flush.forwards.entry(p).or_default().push(Forward::of(&env, home));
+                    continue;
+                }
+            }
             let h = key_hash(&env.tenant, &env.event.idempotency_key);
             let fp = fingerprint(&env.tenant, &env.event);
             let seen = match batch_new.get(&h) {
@@ -110,7 +141,9 @@ pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, kn
                         }
                         f
                     }
-                    Known::New => None,
+                    // Looked up only while rows the user keying counted
+                    // elsewhere are in the window; otherwise not in `found`.
+                    Known::New => inputs.found.get(&h).copied(),
                 },
             };
             match Decision::of(seen, fp) {
@@ -151,7 +184,7 @@ mod tests {
     use crate::testing::{TENANT, buffered, garbage};
 
     fn inputs<'a>(found: &'a HashMap<u128, u64>, tenants: &'a KeyRing, catalog: &'a Catalog) -> Inputs<'a> {
-        Inputs { topic: "events", written_at: 1_800_000_000, tenants, catalog, found }
+        Inputs { topic: "events", written_at: 1_800_000_000, tenants, catalog, found, placement: Placement::InPlace }
     }
 
     fn offsets(rows: &[EventRow]) -> Vec<i64> {
@@ -239,6 +272,39 @@ mod tests {
         assert_eq!(d.retries, 0, "a different payload under a seen key is a conflict");
         assert_eq!(d.conflicts.len(), 2);
         assert_eq!(d.false_positives, 0);
+    }
+
+    #[test]
+    fn only_the_home_partition_counts_a_key_and_others_forward_it() {
+        let (tenants, catalog) = (KeyRing::default(), Catalog::builtin().unwrap());
+        let home = |k: &str| home_partition(TENANT, k, 4);
+        let (here, away) = {
+            let mut keys = (0..).map(|n| format!("k-{n}"));
+            let here = keys.by_ref().find(|k| home(k) == 1).unwrap();
+            let away = keys.find(|k| home(k) != 1).unwrap();
+            (here, away)
+        };
+        // "legacy" is new to this partition's state; the transition look-up
+        // found it written elsewhere before the upgrade, under another user.
+        let legacy = (0..).map(|n| format!("l-{n}")).find(|k| home(k) == 1).unwrap();
+        let found = HashMap::from([(key_hash(TENANT, &legacy), 7)]);
+        let mut inputs = inputs(&found, &tenants, &catalog);
+        inputs.placement = Placement::Home { partitions: 4 };
+        let batch = vec![buffered(5, &here, "u", 1), buffered(6, &away, "u", 1), buffered(7, &legacy, "someone-else", 1), garbage(8, b"?")];
+        let d = decide(&inputs, vec![(1, batch)], |_, _| Known::New);
+        assert_eq!(offsets(&d.flush.events[&1]), vec![5], "counted here: only the key at home");
+        let forwards = &d.flush.forwards[&1];
+        assert_eq!(forwards.len(), 1);
+        assert_eq!((forwards[0].home, forwards[0].key.as_slice()), (home(&away), format!("{TENANT}/{away}").as_bytes()));
+        let forwarded = meterline_schemas::wire::decode(&forwards[0].payload).unwrap();
+        assert_eq!((forwarded.event.idempotency_key.as_str(), forwarded.event.user_id.as_str()), (away.as_str(), "u"), "forwarded unchanged");
+        assert_eq!(d.conflicts, vec![(TENANT.to_owned(), legacy.clone())], "a new key found written is a copy");
+        assert_eq!(d.flush.commits[&1], 9, "progress past the forwarded and the dead");
+        assert_eq!(d.flush.dead_letters[&1].len(), 1, "an undecodable record has no home: a dead letter where it is");
+        // Counted in place, as before the keying: nothing is forwarded.
+        inputs.placement = Placement::InPlace;
+        let d = decide(&inputs, vec![(1, vec![buffered(6, &away, "u", 1)])], |_, _| Known::New);
+        assert!(d.flush.forwards.is_empty() && d.flush.events[&1].len() == 1);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Per-partition dedupe state: an exact map of recent keys, and time-sliced
 //! bloom filters over the whole window that prove most keys new.
 //!
-//! Design, per Kafka partition (events are keyed tenant/user, so every retry of
-//! an action lands on the partition its first copy did):
+//! Design, per Kafka partition (a record is counted only on its key's home
+//! partition, so every copy of an action, whatever it changes, is decided
+//! where its first copy was: see `decide.rs`):
 //!
 //! - **Recent exact map**: key hash -> payload fingerprint for keys written in
 //!   the last `recent_secs`, at most `max_recent_keys`. Client retries come
@@ -19,6 +20,9 @@
 //! Memory is bounded and known: slices * bloom bytes (the configured
 //! false-positive rate is split across the live slices, about 1.7 bytes per
 //! key for 1% over seven slices) plus about 50 bytes per recent key, capped.
+//!
+//! The slices (not the recent map) are what a dedupe snapshot persists and
+//! restores (`snapshot.rs`): a restored slice answers as it did when written.
 
 use bloomfilter::Bloom;
 use std::collections::{HashMap, VecDeque};
@@ -130,6 +134,25 @@ impl PartitionDedupe {
     fn slice_fp_rate(&self) -> f64 {
         let slices = (self.config.window_secs / self.config.slice_secs.max(1)) + 2;
         self.config.false_positive_rate / slices as f64
+    }
+
+    /// The bloom slices, oldest first, as (start, keys inserted, filter):
+    /// what a snapshot persists (`snapshot.rs`). The recent map is left out:
+    /// without it a recent key answers `Maybe`, and the exact look-up decides.
+    pub(crate) fn slices(&self) -> impl Iterator<Item = (i64, usize, &Bloom<u128>)> {
+        self.slices.iter().map(|s| (s.start, s.inserted, &s.bloom))
+    }
+
+    /// Puts back one slice read from a snapshot (replacing any slice with its start).
+    pub(crate) fn restore_slice(&mut self, start: i64, inserted: usize, bloom: Bloom<u128>) {
+        self.slices.retain(|s| s.start != start);
+        self.slices.push_back(Slice { start, bloom, inserted });
+        self.slices.make_contiguous().sort_by_key(|s| s.start);
+    }
+
+    /// Keys inserted into the live slices.
+    pub(crate) fn keys(&self) -> usize {
+        self.slices.iter().map(|s| s.inserted).sum()
     }
 
     /// Keys in the recent map.

@@ -134,6 +134,8 @@ impl Pending {
         self.flush.originals.remove(&partition);
         self.flush.ranges.remove(&partition);
         self.flush.commits.remove(&partition);
+        // Re-read and forwarded again by the next owner if not yet acked.
+        self.flush.forwards.remove(&partition);
         self.diverted.remove(&partition);
         self.diverted_keys.remove(&partition);
     }

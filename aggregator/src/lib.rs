@@ -53,8 +53,12 @@
 //! a rollup's markers (present: that rollup is done).
 //!
 //! Duplicates are decided before writing: the dedupe state (see `dedupe.rs`)
-//! is rebuilt from `events` on assignment, so a restart or rebalance does
-//! not reopen the door to a copy of an event already written.
+//! is rebuilt on assignment from the partition's newest dedupe snapshot plus
+//! the `events` written after it (or from every key in the window, with no
+//! usable snapshot), so a restart or rebalance does not reopen the door to a
+//! copy of an event already written. A snapshot is written only after a
+//! flush's last rollup marker, and claims only the offsets up to that flush;
+//! why a crash on either side of it stays exact is in `snapshot.rs`.
 //!
 //! # Refused data
 //!
@@ -102,12 +106,17 @@
 //! loop), `pipeline.rs` (the state they share: loading an assigned
 //! partition, the repair above, driving flushes, commits, alerts),
 //! `partitions.rs` (per-partition buffers, positions, pauses), `decide.rs`,
-//! `flush.rs`, `dedupe.rs`.
+//! `flush.rs`, `dedupe.rs`, `snapshot.rs` (dedupe snapshots, the rebuild
+//! on assignment), `keying.rs` and `forward.rs` (where a record is counted,
+//! and moving it there).
 //!
-//! Limits, stated: dedupe is exact per Kafka partition. Events are keyed
-//! tenant/user, so a retry (same payload) always meets its first copy; a
-//! *conflicting* copy that changes `user_id` can land on another partition
-//! and is then counted.
+//! Dedupe across partitions: the state above is per partition, and it is
+//! exact for every copy of a key because a record is counted only on its
+//! key's home partition (ingest produces there; `forward.rs` moves any other
+//! record there before progress past it is recorded). Rows counted before
+//! the keying upgrade, perhaps elsewhere, are a set that no longer grows and
+//! are checked by an exact look-up while they are in the window
+//! (`decide.rs`, `pipeline.rs`; the README's "Upgrading the keying").
 
 mod alerts;
 mod config;
@@ -116,11 +125,15 @@ mod decide;
 mod dedupe;
 mod error;
 mod flush;
+mod forward;
+mod keying;
 mod limits;
 pub mod metrics;
 mod partitions;
 mod pipeline;
+pub mod retention;
 mod server;
+mod snapshot;
 #[cfg(test)]
 mod testing;
 

@@ -24,6 +24,15 @@ pub const CONSUMER_LAG: &str = "meterline_aggregator_consumer_lag_messages";
 pub const BUFFERED: &str = "meterline_aggregator_buffered_events";
 pub const PARTITIONS: &str = "meterline_aggregator_assigned_partitions";
 pub const REFUSED_BATCHES: &str = "meterline_aggregator_refused_batches_total";
+pub const SNAPSHOTS: &str = "meterline_aggregator_dedupe_snapshots_total";
+pub const SNAPSHOT_BYTES: &str = "meterline_aggregator_dedupe_snapshot_bytes";
+pub const SNAPSHOT_DURATION: &str = "meterline_aggregator_dedupe_snapshot_seconds";
+pub const PARTITION_LOAD: &str = "meterline_aggregator_partition_load_seconds";
+pub const FORWARDED: &str = "meterline_aggregator_forwarded_records_total";
+pub const TRANSITION_LOOKUPS: &str = "meterline_aggregator_keying_transition_lookups_total";
+pub const RETENTION_PARTITIONS: &str = "meterline_aggregator_retention_dropped_partitions_total";
+pub const RETENTION_ROWS: &str = "meterline_aggregator_retention_dropped_rows_total";
+pub const RETENTION_HELD: &str = "meterline_aggregator_retention_held_total";
 
 /// Bucket bounds of the aggregator's histograms other than `*_seconds`.
 pub const BUCKETS: &[(&str, &[f64])] = &[(FLUSH_ROWS, &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0])];
@@ -43,17 +52,26 @@ fn describe() {
     describe_counter!(DUPLICATES, "Copies dropped as duplicates, by reason (retry: same payload; conflict: different payload).");
     describe_counter!(UNPRICED, "Events written with no cost_usd and no price for their model, by tenant.");
     describe_counter!(DEAD_LETTERS, "Records sent to the dead_letters table: undecodable, or refused by ClickHouse as events.");
+    describe_counter!(FORWARDED, "Records found off their key's home partition (the user keying's) and produced to it, uncounted where they were.");
+    describe_counter!(TRANSITION_LOOKUPS, "Keys new to their home partition checked in ClickHouse while rows counted under the user keying are in the dedupe window.");
     describe_counter!(EXACT_LOOKUPS, "Keys checked in ClickHouse because a bloom filter held them.");
     describe_counter!(BLOOM_FALSE_POSITIVES, "Exact look-ups that found the key new: bloom false positives.");
     describe_gauge!(BLOOM_FILL, "Inserted keys over design capacity of the fullest bloom slice, by partition.");
     describe_gauge!(DEDUPE_BYTES, "Approximate bytes of dedupe state, by partition.");
     describe_histogram!(FLUSH_DURATION, metrics::Unit::Seconds, "Time to write one flush to ClickHouse and commit.");
     describe_histogram!(FLUSH_ROWS, "Events written per flush.");
-    describe_counter!(WRITE_RETRIES, "Failed ClickHouse writes that will be retried, by table.");
+    describe_counter!(WRITE_RETRIES, "Failed writes that will be retried, by table (`forward`: records produced to their home partition).");
     describe_counter!(REPAIRS, "Rollups rebuilt from raw events after a crash between the two inserts.");
+    describe_counter!(RETENTION_PARTITIONS, "Table partitions dropped past their retention horizon, by table.");
+    describe_counter!(RETENTION_ROWS, "Rows removed past their retention horizon (dropped partitions, deleted alerts, embedded purges), by table.");
+    describe_counter!(RETENTION_HELD, "Retention runs that left a table alone because events past a progress marker await repair, by table.");
     describe_gauge!(CONSUMER_LAG, "Messages between the partition's end and the aggregator's position, by partition.");
     describe_gauge!(BUFFERED, "Events consumed and not yet written.");
     describe_gauge!(PARTITIONS, "Partitions assigned to this aggregator.");
+    describe_counter!(SNAPSHOTS, "Dedupe snapshots written or failed, by result.");
+    describe_gauge!(SNAPSHOT_BYTES, "Bytes of the partition's last dedupe snapshot, by partition.");
+    describe_histogram!(SNAPSHOT_DURATION, metrics::Unit::Seconds, "Time to serialize and write one dedupe snapshot.");
+    describe_histogram!(PARTITION_LOAD, metrics::Unit::Seconds, "Time to rebuild an assigned partition's dedupe state, by source (snapshot or events).");
     describe_counter!(
         REFUSED_BATCHES,
         "Inserts ClickHouse refused as bad data (permanent), by table: events (the flush's events went to dead_letters instead) or dead_letters (those dead letters were dropped)."
@@ -91,6 +109,12 @@ pub fn exact_lookups(n: u64, false_positives: u64) {
     counter!(EXACT_LOOKUPS).increment(n);
     counter!(BLOOM_FALSE_POSITIVES).increment(false_positives);
 }
+pub fn forwarded(n: u64) {
+    counter!(FORWARDED).increment(n);
+}
+pub fn transition_lookups(n: u64) {
+    counter!(TRANSITION_LOOKUPS).increment(n);
+}
 pub fn dedupe_state(partition: i32, fill: f64, bytes: usize) {
     gauge!(BLOOM_FILL, "partition" => partition.to_string()).set(fill);
     gauge!(DEDUPE_BYTES, "partition" => partition.to_string()).set(bytes as f64);
@@ -106,8 +130,28 @@ pub fn write_retry(table: &'static str) {
 pub fn refused(table: &'static str) {
     counter!(REFUSED_BATCHES, "table" => table).increment(1);
 }
+pub fn snapshot_written(partition: i32, bytes: usize, seconds: f64) {
+    counter!(SNAPSHOTS, "result" => "written").increment(1);
+    gauge!(SNAPSHOT_BYTES, "partition" => partition.to_string()).set(bytes as f64);
+    histogram!(SNAPSHOT_DURATION).record(seconds);
+}
+pub fn snapshot_failed() {
+    counter!(SNAPSHOTS, "result" => "failed").increment(1);
+}
+/// `source` is `snapshot` or `events`.
+pub fn partition_loaded(source: &'static str, seconds: f64) {
+    histogram!(PARTITION_LOAD, "source" => source).record(seconds);
+}
 pub fn repaired() {
     counter!(REPAIRS).increment(1);
+}
+/// What retention removed from `table` (a fixed table name).
+pub fn retention_dropped(table: &'static str, partitions: u64, rows: u64) {
+    counter!(RETENTION_PARTITIONS, "table" => table).increment(partitions);
+    counter!(RETENTION_ROWS, "table" => table).increment(rows);
+}
+pub fn retention_held(table: &'static str) {
+    counter!(RETENTION_HELD, "table" => table).increment(1);
 }
 pub fn lag(partition: i32, messages: i64) {
     gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(messages as f64);

@@ -44,6 +44,13 @@ pub(crate) struct PartitionState {
     pub(crate) next_offset: i64,
     pub(crate) buffer: Vec<Buffered>,
     pub(crate) dedupe: PartitionDedupe,
+    /// When its dedupe state was last snapshotted (Unix seconds), if it was (`snapshot.rs`).
+    pub(crate) snapshot_at: Option<i64>,
+    /// The last offset the newest snapshot covers, if there is one.
+    pub(crate) snapshot_covers: Option<i64>,
+    /// The last offset of its last durable flush: what a snapshot taken
+    /// between flushes covers (its dedupe state holds nothing decided later).
+    pub(crate) flushed_through: Option<i64>,
 }
 
 /// Every assigned partition's state.
@@ -57,7 +64,16 @@ impl Partitions {
     pub(crate) fn assign(&mut self, partition: i32, dedupe: &DedupeConfig) {
         self.states.insert(
             partition,
-            PartitionState { ready: false, paused: true, next_offset: 0, buffer: Vec::new(), dedupe: PartitionDedupe::new(dedupe) },
+            PartitionState {
+                ready: false,
+                paused: true,
+                next_offset: 0,
+                buffer: Vec::new(),
+                dedupe: PartitionDedupe::new(dedupe),
+                snapshot_at: None,
+                snapshot_covers: None,
+                flushed_through: None,
+            },
         );
     }
 
@@ -79,14 +95,32 @@ impl Partitions {
         self.states.iter().filter(|(_, s)| !s.ready).map(|(p, _)| *p).collect()
     }
 
-    /// Marks a loaded partition ready to take records from `start`.
-    pub(crate) fn ready(&mut self, partition: i32, start: i64, dedupe: PartitionDedupe) -> Option<&PartitionState> {
+    /// Marks a loaded partition ready to take records from `start`, with the
+    /// dedupe state rebuilt for it and the snapshot it came from (when
+    /// written, last offset covered), if it did.
+    pub(crate) fn ready(&mut self, partition: i32, start: i64, dedupe: PartitionDedupe, snapshot: Option<(i64, i64)>) -> Option<&PartitionState> {
         let state = self.states.get_mut(&partition)?;
         state.ready = true;
         state.next_offset = start;
         state.buffer.clear();
         state.dedupe = dedupe;
+        state.snapshot_at = snapshot.map(|s| s.0);
+        state.snapshot_covers = snapshot.map(|s| s.1);
+        state.flushed_through = None;
         Some(state)
+    }
+
+    /// The partition to snapshot next, if any: flushed past its last
+    /// snapshot, which is at least `interval` old (or missing); the one
+    /// snapshotted longest ago (never first), so that one snapshot per flush
+    /// reaches every partition in turn.
+    pub(crate) fn snapshot_due(&self, now: i64, interval: i64) -> Option<(i32, i64)> {
+        self.states
+            .iter()
+            .filter(|(_, s)| s.ready && s.snapshot_at.is_none_or(|at| now - at >= interval))
+            .filter_map(|(p, s)| s.flushed_through.filter(|f| s.snapshot_covers.is_none_or(|c| *f > c)).map(|f| (*p, f, s.snapshot_at)))
+            .min_by_key(|(_, _, at)| *at)
+            .map(|(p, f, _)| (p, f))
     }
 
     /// Keeps one record in its partition's buffer. False when it is not
@@ -143,6 +177,24 @@ impl Partitions {
         maybe
     }
 
+    /// The (tenant, idempotency key) of every record in `quota` that its
+    /// partition's dedupe state does not know as seen (maybe or new): during
+    /// the keying upgrade all of them need an exact answer (`decide.rs`).
+    pub(crate) fn unseen_keys(&self, quota: &BTreeMap<i32, usize>) -> Vec<(&str, &str)> {
+        let mut unseen = Vec::new();
+        for (p, n) in quota {
+            let Some(state) = self.states.get(p) else { continue };
+            for b in state.buffer.iter().take(*n) {
+                if let Ok(env) = &b.decoded
+                    && !matches!(state.dedupe.check(key_hash(&env.tenant, &env.event.idempotency_key)), Known::Seen(_))
+                {
+                    unseen.push((env.tenant.as_str(), env.event.idempotency_key.as_str()));
+                }
+            }
+        }
+        unseen
+    }
+
     /// Takes the records of `quota` out of their buffers.
     pub(crate) fn drain(&mut self, quota: &BTreeMap<i32, usize>) -> Vec<(i32, Vec<Buffered>)> {
         quota
@@ -194,7 +246,7 @@ mod tests {
         ps.assign(0, &config());
         assert!(!ps.take(0, 5, None, Some(b"x")), "not positioned yet");
         assert!(!ps.take(1, 5, None, Some(b"x")), "not ours");
-        ps.ready(0, 5, PartitionDedupe::new(&config()));
+        ps.ready(0, 5, PartitionDedupe::new(&config()), None);
         assert!(!ps.take(0, 4, None, Some(b"x")), "before the position");
         assert!(ps.take(0, 5, Some(b"k"), None));
         assert!(!ps.take(0, 5, None, Some(b"x")), "a refetch");
@@ -215,7 +267,7 @@ mod tests {
             ps.assign(p, &config());
         }
         for p in [0, 1] {
-            ps.ready(p, 0, PartitionDedupe::new(&config()));
+            ps.ready(p, 0, PartitionDedupe::new(&config()), None);
             for o in 0..3 {
                 ps.take(p, o, None, None);
             }
@@ -231,5 +283,26 @@ mod tests {
         ps.revoke(0);
         assert_eq!(ps.len(), 2);
         assert_eq!(ps.loading(), vec![2]);
+    }
+
+    #[test]
+    fn one_partition_is_due_for_a_snapshot_at_a_time_oldest_first() {
+        let mut ps = Partitions::default();
+        for p in [0, 1, 2] {
+            ps.assign(p, &config());
+        }
+        ps.ready(0, 0, PartitionDedupe::new(&config()), Some((1_000, 9)));
+        ps.ready(1, 0, PartitionDedupe::new(&config()), Some((1_100, 5)));
+        ps.ready(2, 0, PartitionDedupe::new(&config()), None);
+        assert_eq!(ps.snapshot_due(2_000, 300), None, "nothing flushed since the snapshots");
+        let flushed = |ps: &mut Partitions, p: i32, through: i64| ps.get_mut(p).map(|s| s.flushed_through = Some(through));
+        flushed(&mut ps, 0, 9);
+        assert_eq!(ps.snapshot_due(2_000, 300), None, "flushed no further than the snapshot covers");
+        flushed(&mut ps, 0, 12);
+        flushed(&mut ps, 1, 7);
+        assert_eq!(ps.snapshot_due(1_200, 300), None, "the interval has not passed");
+        assert_eq!(ps.snapshot_due(2_000, 300), Some((0, 12)), "the oldest snapshot first");
+        flushed(&mut ps, 2, 3);
+        assert_eq!(ps.snapshot_due(2_000, 300), Some((2, 3)), "a partition never snapshotted before any other");
     }
 }

@@ -1,8 +1,14 @@
 //! The aggregator's state, shared by the run loop and the revoke callback: assignments applied and loaded (repair, dedupe rebuild, seek), flushes decided and driven, offsets committed, alerts evaluated.
+//!
+//! Keying (`kafka.keying = "key"`, the default; `keying.rs`): a flush counts
+//! a record only on its key's home partition and forwards any other there
+//! first, acked before the flush writes anything, so before any progress
+//! past it is recorded.
 
 use chrono::Utc;
 use meterline_clickhouse::{Range, Rollup, Store};
-use meterline_domain::{CostSource, EventRow, datetime_secs, key_hash};
+use meterline_schemas::wire::Keying;
+use meterline_domain::{CostSource, EventRow, datetime_secs};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
@@ -14,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use crate::AggregatorError;
 use crate::config::Config;
-use crate::decide::{Flush, Inputs, decide};
-use crate::dedupe::PartitionDedupe;
+use crate::decide::{Flush, Inputs, Placement, decide};
+use crate::keying::KeyingState;
 use crate::flush::Pending;
 use crate::limits::LimitsApplier;
 use crate::metrics;
@@ -40,6 +46,8 @@ pub struct Pipeline {
     last_evaluation: Instant,
     /// Counts written events toward limits, when limits are configured.
     limits: Option<LimitsApplier>,
+    /// The `key` keying's state; `None` under the `user` keying (count in place).
+    keying: Option<KeyingState>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -61,8 +69,13 @@ impl Pipeline {
             )),
             None => None,
         };
+        let keying = match config.kafka.keying {
+            Keying::Key => Some(KeyingState::new(&config.kafka)?),
+            Keying::User => None,
+        };
         Ok(Pipeline {
             limits,
+            keying,
             topic: config.kafka.topic.clone(),
             catalog: Catalog::builtin()?,
             tenants: KeyRing::from_config(&config.tenants)?,
@@ -182,6 +195,9 @@ impl Pipeline {
     async fn load<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C, partition: i32) -> Result<(), AggregatorError> {
         let started = Instant::now();
         let topic = self.topic.clone();
+        if let Some(keying) = self.keying.as_mut() {
+            keying.load(consumer, &self.store, &topic, self.config.dedupe.window_secs, now_secs()).await?;
+        }
         let mut written_next: Option<i64> = None;
         for rollup in Rollup::ALL {
             let progress = self.store.progress(rollup, &topic, partition).await?;
@@ -213,16 +229,8 @@ impl Pipeline {
         if let Some(limits) = self.limits.as_mut() {
             limits.assigned(partition, written_next.map(|next| next - 1));
         }
-        let now = Utc::now().timestamp();
-        let mut dedupe = PartitionDedupe::new(&self.config.dedupe);
-        let since = u32::try_from((now - self.config.dedupe.window_secs).max(0)).unwrap_or(0);
-        let mut keys = 0usize;
-        self.store
-            .keys_since(&topic, partition, since, |k| {
-                dedupe.insert(key_hash(&k.tenant, &k.idempotency_key), k.fingerprint, i64::from(k.written_at), now);
-                keys += 1;
-            })
-            .await?;
+        let loaded = crate::snapshot::rebuild(&self.store, &self.config.dedupe, &topic, partition, Utc::now().timestamp()).await?;
+        let (keys, source, snapshot) = (loaded.keys_read, loaded.source, loaded.snapshot());
 
         let mut list = TopicPartitionList::new();
         list.add_partition(&topic, partition);
@@ -238,10 +246,10 @@ impl Pipeline {
         };
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
         consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
-        if let Some(state) = self.partitions.ready(partition, start.unwrap_or(0), dedupe) {
+        if let Some(state) = self.partitions.ready(partition, start.unwrap_or(0), loaded.dedupe, snapshot) {
             metrics::dedupe_state(partition, state.dedupe.fill_ratio(), state.dedupe.approx_bytes());
         }
-        tracing::info!(partition, ?start, keys, ms = started.elapsed().as_millis() as u64, "partition ready");
+        tracing::info!(partition, ?start, keys, ?source, ms = started.elapsed().as_millis() as u64, "partition ready");
         Ok(())
     }
 
@@ -303,15 +311,21 @@ impl Pipeline {
         if quota.is_empty() {
             return Ok(None);
         }
-        // Keys a bloom filter may hold need an exact answer from ClickHouse.
-        let maybe = self.partitions.maybe_keys(&quota);
+        // Keys a bloom filter may hold need an exact answer from ClickHouse;
+        // during the keying upgrade's transition, so does every key not seen here.
+        let transition = self.keying.as_mut().is_some_and(|k| k.lookup_unseen(now_secs()));
+        let maybe = if transition { self.partitions.unseen_keys(&quota) } else { self.partitions.maybe_keys(&quota) };
         let found = if maybe.is_empty() { HashMap::new() } else { self.store.lookup(&maybe).await? };
         let looked_up = maybe.len() as u64;
+        if transition {
+            metrics::transition_lookups(looked_up);
+        }
 
         let started = Instant::now();
         let written_at = now_secs();
         let batches = self.partitions.drain(&quota);
-        let inputs = Inputs { topic: &self.topic, written_at, tenants: &self.tenants, catalog: &self.catalog, found: &found };
+        let placement = self.keying.as_ref().map_or(Placement::InPlace, KeyingState::placement);
+        let inputs = Inputs { topic: &self.topic, written_at, tenants: &self.tenants, catalog: &self.catalog, found: &found, placement };
         let partitions = &self.partitions;
         let decided = decide(&inputs, batches, |p, h| partitions.known(p, h));
 
@@ -337,6 +351,16 @@ impl Pipeline {
     /// pending (consumption paused) and is retried after a backoff.
     async fn write<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
         let Some(mut pending) = self.pending.take() else { return };
+        // Forwards first: the writes below record progress past their offsets.
+        if let Some(keying) = &self.keying
+            && let Err(e) = keying.forward(&mut pending.flush).await
+        {
+            tracing::warn!(error = %e, "cannot forward records to their home partitions; holding offsets and retrying");
+            metrics::write_retry("forward");
+            self.pending = Some(pending);
+            self.fail();
+            return;
+        }
         if let Err(failed) = pending.advance(&self.store, &self.topic).await {
             let table = failed.stage.table();
             if failed.permanent {
@@ -356,6 +380,8 @@ impl Pipeline {
                 keys.iter().for_each(|k| state.dedupe.forget(*k));
             }
         }
+        // Every stage is durable now: what a snapshot may claim (`snapshot.rs`).
+        crate::snapshot::after_flush(&self.store, &self.topic, &self.config.dedupe, &mut self.partitions, &pending.flush.commits, Utc::now().timestamp()).await;
         let flush = &pending.flush;
         self.commit(consumer, flush);
         if let Some(limits) = self.limits.as_mut() {

@@ -39,8 +39,10 @@ pub async fn serve(
         return Ok(());
     };
     let _ = store_tx.send(Some(store.clone()));
+    let retention = tokio::spawn(crate::retention::run(store.clone(), config.retention.clone(), stopped(stop_rx.clone())));
     let runner = Runner::new(config, store).await?;
     let result = runner.run(stopped(stop_rx)).await;
+    let _ = retention.await;
     let _ = http.await;
     result
 }

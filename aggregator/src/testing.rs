@@ -50,5 +50,7 @@ pub(crate) fn dedupe_config(expected_keys_per_slice: usize) -> DedupeConfig {
         false_positive_rate: 0.01,
         recent_secs: 600,
         max_recent_keys: 1_000,
+        snapshots: true,
+        snapshot_interval_secs: 300,
     }
 }

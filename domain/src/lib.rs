@@ -9,6 +9,7 @@ mod identity;
 mod measures;
 mod pricing;
 mod query;
+mod retention;
 mod window;
 
 pub use alerts::{AlertBook, AlertRow, AlertRules, AlertState, AlertsConfig, Notice, Periods, Rule, Spend, Transition};
@@ -16,6 +17,7 @@ pub use event::{EventRow, Source};
 pub use identity::{Decision, fingerprint, key_hash};
 pub use measures::{Measure, SumRow, Unit};
 pub use query::{Granularity, Metric, TimeColumn};
+pub use retention::{Keep, Kept, NotKept, RetentionConfig};
 pub use pricing::{CostSource, Priced, price};
 pub use window::{DAY_SECS, MINUTE_SECS, SPAN_DAYS, datetime_secs, spans, whole_days, window_start};
 

@@ -98,6 +98,11 @@ pub struct KafkaConfig {
     #[serde(default = "KafkaConfig::default_linger_ms")]
     #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub linger_ms: u64,
+    /// How events are partitioned: `key` (the default) produces every copy
+    /// of an idempotency key to one partition, so dedupe is exact whatever
+    /// a copy changes; `user` is the keying before it (tenant/user_id).
+    #[serde(default)]
+    pub keying: meterline_schemas::wire::Keying,
     /// Further librdkafka producer properties, passed through as given.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -175,6 +180,7 @@ mod tests {
     fn example_config_is_valid() {
         let config = Config::load(EXAMPLE, []).unwrap();
         assert_eq!(config.kafka.topic, "meterline.events.v1");
+        assert_eq!(config.kafka.keying, meterline_schemas::wire::Keying::Key, "the exact keying unless chosen otherwise");
         assert_eq!(config.events.max_past_secs, 35 * 24 * 3600);
         let ring = KeyRing::from_config(&config.tenants).unwrap();
         assert_eq!(ring.authenticate("demo-ingest-key").unwrap().tenant, "demo");
@@ -208,6 +214,8 @@ mod tests {
         for (var, value) in [("METERLINE_PROMTOOL", "/usr/bin/promtool"), ("METERLINE_CONFIG", "x.toml")] {
             assert!(Config::load(EXAMPLE, [(var.to_owned(), value.to_owned())]).is_ok(), "{var}");
         }
+        let err = Config::load(EXAMPLE, [("METERLINE_KAFKA__KEYING".to_owned(), "tenant".to_owned())]).unwrap_err().to_string();
+        assert!(err.contains("kafka.keying") && err.contains("user"), "names the key and a choice: {err}");
         let err = Config::load(&EXAMPLE.replace("id = \"demo\"", "id = \"Demo!\""), []).unwrap_err().to_string();
         assert!(err.contains("tenants[0].id"), "{err}");
     }

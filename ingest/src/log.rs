@@ -2,10 +2,10 @@
 //! in the distributed deployment, the embedded store in the all-in-one binary.
 
 use futures::future::BoxFuture;
-use meterline_schemas::wire::{self, Envelope};
+use meterline_schemas::wire::Envelope;
 
 use crate::IngestError;
-use crate::producer::{EventProducer, Outgoing};
+use crate::producer::EventProducer;
 
 /// Where validated events go. A 2xx answer is given only after `append`
 /// returned `Ok` for the request's events.
@@ -21,10 +21,7 @@ pub trait EventLog: Send + Sync + std::fmt::Debug {
 impl EventLog for EventProducer {
     fn append(&self, events: Vec<Envelope>) -> BoxFuture<'_, Result<(), IngestError>> {
         Box::pin(async move {
-            let outgoing: Vec<Outgoing> = events
-                .iter()
-                .map(|e| Outgoing { key: wire::message_key(&e.tenant, &e.event.user_id), payload: wire::encode(e) })
-                .collect();
+            let outgoing = self.outgoing(&events).await?;
             self.send_all(&outgoing).await
         })
     }

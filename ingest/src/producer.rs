@@ -7,6 +7,15 @@
 //! reached the topic: the client's retry carries the same idempotency keys and
 //! the aggregator drops the second copy, so nothing is counted twice.
 //!
+//! Keying (`kafka.keying`): by default each event is keyed
+//! `tenant/idempotency_key` and produced to that key's home partition
+//! ([`home_partition`], out of the topic's partition count as the broker
+//! reports it), so every copy of a key, whatever it changes, reaches the one
+//! partition whose dedupe state knows the key. The aggregator counts a record
+//! only on its home partition and forwards any other (the `user` keying's, or
+//! one produced while the partition count was different), so a stale count
+//! here costs a forward, never a double count.
+//!
 //! After a failed request the producer instance is replaced (at most every few
 //! seconds). An idempotent producer's session can outlive its broker's memory
 //! of it: a broker that restarts without its producer state (the in-memory
@@ -19,6 +28,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use meterline_schemas::wire::{self, Envelope, Keying, home_partition};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +40,8 @@ use crate::config::KafkaConfig;
 pub struct Outgoing {
     pub key: Vec<u8>,
     pub payload: Vec<u8>,
+    /// The partition to produce to; `None` leaves it to the client's partitioner.
+    pub partition: Option<i32>,
 }
 
 /// Shortest time between two producer replacements, so that an outage does
@@ -44,6 +56,8 @@ pub struct EventProducer {
     topic: Arc<str>,
     timeout: Duration,
     config: KafkaConfig,
+    /// The topic's partition count as the broker last reported it, if it has.
+    partitions: Arc<Mutex<Option<i32>>>,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -60,7 +74,56 @@ impl EventProducer {
             topic: Arc::from(config.topic.as_str()),
             timeout: Duration::from_millis(config.produce_timeout_ms),
             config: config.clone(),
+            partitions: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The messages for `events` under the configured keying.
+    pub async fn outgoing(&self, events: &[Envelope]) -> Result<Vec<Outgoing>, IngestError> {
+        let partitions = match self.config.keying {
+            Keying::User => None,
+            Keying::Key => Some(self.partition_count().await?),
+        };
+        Ok(events
+            .iter()
+            .map(|e| match partitions {
+                None => Outgoing { key: wire::message_key(&e.tenant, &e.event.user_id), payload: wire::encode(e), partition: None },
+                Some(n) => Outgoing {
+                    key: wire::message_key(&e.tenant, &e.event.idempotency_key),
+                    payload: wire::encode(e),
+                    partition: Some(home_partition(&e.tenant, &e.event.idempotency_key, n)),
+                },
+            })
+            .collect())
+    }
+
+    /// The topic's partition count: the last one seen, or asked of the broker.
+    async fn partition_count(&self) -> Result<i32, IngestError> {
+        let known = *self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        match known {
+            Some(n) => Ok(n),
+            None => self
+                .fetch_partition_count()
+                .await
+                .ok_or(IngestError::Kafka(rdkafka::error::KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition))),
+        }
+    }
+
+    /// Asks the broker for the topic's partitions and remembers the count;
+    /// `None` when it does not answer in time or has no such topic.
+    async fn fetch_partition_count(&self) -> Option<i32> {
+        let producer = self.current();
+        let topic = self.topic.clone();
+        let count = tokio::task::spawn_blocking(move || {
+            let metadata = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).ok()?;
+            let partitions = metadata.topics().iter().find(|t| t.error().is_none())?.partitions().len();
+            i32::try_from(partitions).ok().filter(|n| *n > 0)
+        })
+        .await
+        .ok()
+        .flatten()?;
+        *self.partitions.lock().unwrap_or_else(|p| p.into_inner()) = Some(count);
+        Some(count)
     }
 
     fn create(config: &KafkaConfig) -> Result<FutureProducer, IngestError> {
@@ -110,7 +173,10 @@ impl EventProducer {
     pub async fn send_all(&self, messages: &[Outgoing]) -> Result<(), IngestError> {
         let producer = self.current();
         let sends = messages.iter().map(|m| {
-            let record = FutureRecord::to(&self.topic).key(&m.key).payload(&m.payload);
+            let mut record = FutureRecord::to(&self.topic).key(&m.key).payload(&m.payload);
+            if let Some(p) = m.partition {
+                record = record.partition(p);
+            }
             // The queue timeout bounds the wait for room in librdkafka's bounded
             // queue; that wait is the backpressure when the broker is slow.
             producer.send(record, self.timeout)
@@ -118,24 +184,17 @@ impl EventProducer {
         let results = futures::future::join_all(sends).await;
         if let Some(Err((e, _))) = results.into_iter().find(Result::is_err) {
             self.rebuild();
+            // The topic may have been recreated or changed: ask again next time.
+            *self.partitions.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Err(IngestError::Kafka(e));
         }
         Ok(())
     }
 
-    /// True when the broker answers a metadata request for the topic in time.
+    /// True when the broker answers a metadata request for the topic in
+    /// time; the partition count it reports is the one keying uses next.
     pub async fn ready(&self) -> bool {
-        let producer = self.current();
-        let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                .map(|m| m.topics().iter().any(|t| t.error().is_none() && !t.partitions().is_empty()))
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false)
+        self.fetch_partition_count().await.is_some()
     }
 
     /// Creates the topic if it is missing. Brokers without durable storage (the

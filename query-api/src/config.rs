@@ -28,6 +28,10 @@ pub struct Config {
     /// mapping route here and by `meterline stripe-sync --role distributed`.
     #[serde(default)]
     pub billing: meterline_billing::BillingConfig,
+    /// The horizons the aggregator keeps (set them alike): a query over a
+    /// range older than what is kept answers 400.
+    #[serde(default)]
+    pub retention: meterline_domain::RetentionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,11 +100,13 @@ impl QueryLimits {
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, QueryError> {
-        let config: Config = load_toml_with_env(text, &["server", "query", "clickhouse", "limits", "billing"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "query", "clickhouse", "limits", "billing", "retention"], vars)?;
         if config.server.max_range_days < 1 {
             return Err(QueryError::config("server.max_range_days", "must be at least 1"));
         }
         config.query.validate()?;
+        // The dedupe window is the aggregator's to check; here only the horizons' own bounds.
+        config.retention.validate(0).map_err(|meterline_domain::DomainError::Config { key, message }| QueryError::config(key, message))?;
         if config.tenants.is_empty() {
             return Err(QueryError::config("tenants", "configure at least one tenant with a read key"));
         }

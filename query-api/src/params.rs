@@ -1,9 +1,9 @@
 //! Request parameters: parsed strictly, with 400s that name the parameter.
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
-use meterline_domain::TimeColumn;
+use meterline_domain::{Granularity, Kept, TimeColumn, whole_days};
 use meterline_http::ApiError;
-use meterline_sql::{DIMENSIONS, Scope, i, s};
+use meterline_sql::{DIMENSIONS, Plan, Scope, i, plan, s};
 use std::collections::HashMap;
 const STRING_FILTERS: &[&str] = &["user_id", "customer_id", "feature", "model", "environment"];
 const COMMON: &[&str] = &["from", "to", "user_id", "customer_id", "feature", "model", "environment", "billable"];
@@ -117,6 +117,29 @@ impl<'a> Params<'a> {
     }
 }
 
+/// The rollups a usage question reads, each with where its read starts, for
+/// the retention check: whole days from the day rollups and partial edge
+/// days from the minute rollups, or only minutes (see `meterline_sql::plan`;
+/// a question about one user reads its whole days from day rows whatever
+/// it groups by). Both stores plan the same way.
+pub fn rollup_reads(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(Kept, i64)> {
+    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+    let one_user_days = scope.one_user() && granularity.whole_days() && scope.time_column == TimeColumn::WindowStart;
+    let days = match plan(scope, granularity, group_by) {
+        Plan::Days { day_from, day_to, .. } => Some((day_from, day_to)),
+        Plan::Minutes { .. } if one_user_days => whole_days(from, to),
+        Plan::Minutes { .. } => None,
+    };
+    let Some((day_from, day_to)) = days else { return vec![(Kept::RollupsMinute, from)] };
+    let mut reads = vec![(Kept::RollupsDaily, day_from)];
+    if from < day_from {
+        reads.push((Kept::RollupsMinute, from));
+    }
+    if to > day_to {
+        reads.push((Kept::RollupsMinute, day_to));
+    }
+    reads
+}
 
 #[cfg(test)]
 mod tests {
@@ -157,6 +180,19 @@ mod tests {
         let long = "x".repeat(257);
         let r = raw(&[("feature", long.as_str())]);
         assert_eq!(field(Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err()), "feature");
+    }
+
+    #[test]
+    fn rollup_reads_name_what_each_plan_reads() {
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).map(|d| d.to_utc()).unwrap_or_default();
+        let scope = |from, to, filters| Scope { tenant: "t".into(), time_column: TimeColumn::WindowStart, from: at(from), to: at(to), filters };
+        let days = scope("2026-01-01T10:00:00Z", "2026-01-31T00:00:00Z", vec![]);
+        let (edge, first_day) = (at("2026-01-01T10:00:00Z").timestamp(), at("2026-01-02T00:00:00Z").timestamp());
+        assert_eq!(rollup_reads(&days, Granularity::Total, &["user_id"]), vec![(Kept::RollupsDaily, first_day), (Kept::RollupsMinute, edge)]);
+        assert_eq!(rollup_reads(&days, Granularity::Total, &["model"]), vec![(Kept::RollupsMinute, edge)]);
+        assert_eq!(rollup_reads(&days, Granularity::Hour, &[]), vec![(Kept::RollupsMinute, edge)]);
+        let one_user = scope("2026-01-01T00:00:00Z", "2026-01-31T00:00:00Z", vec![("user_id", s("u")), ("feature", s("f"))]);
+        assert_eq!(rollup_reads(&one_user, Granularity::Day, &["model"]), vec![(Kept::RollupsDaily, at("2026-01-01T00:00:00Z").timestamp())]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use axum::{Json, Router};
-use meterline_domain::{AlertState, EventRow, Granularity, Metric, Rule, SumRow, TimeColumn};
+use meterline_domain::{AlertState, EventRow, Granularity, Kept, Metric, RetentionConfig, Rule, SumRow, TimeColumn};
 use meterline_clickhouse::Limit;
 use meterline_http::{ApiError, HasKeys, PathId, ReadKey, with_operations};
 use meterline_schemas::tenants::{KeyRing, TenantConfig};
@@ -22,7 +22,7 @@ use crate::billing::ClickHouseBilling;
 use crate::config::Config;
 use crate::export::{ClickHouseExport, ExportSource};
 use crate::gate::TenantGate;
-use crate::params::Params;
+use crate::params::{Params, rollup_reads};
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
 use crate::{QueryError, metrics, pages};
 
@@ -44,13 +44,17 @@ pub struct AppState {
     /// The limits' read routes (`crate::limits::read_routes`) over the
     /// limits' store, when this service has one; merged into the API.
     limits: Option<Router>,
+    /// The horizons: a range starting before what is kept of the rows it
+    /// reads answers 400, never a partial sum. `None` for a store that
+    /// drops nothing (the tests' fakes).
+    retention: Option<RetentionConfig>,
 }
 
 impl AppState {
     /// The query API's state over any store: the all-in-one binary passes its
     /// embedded store, the query service ClickHouse.
     pub fn new(tenants: &[TenantConfig], store: Arc<dyn QueryStore>, max_range_days: i64) -> Result<AppState, QueryError> {
-        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None, portal: crate::portal::Portal::from_config(tenants)?, limits: None })
+        Ok(AppState { keys: KeyRing::from_config(tenants)?, store, max_days: max_range_days, export: None, billing: None, portal: crate::portal::Portal::from_config(tenants)?, limits: None, retention: None })
     }
 
     /// The state with the billing export reading from `source`.
@@ -73,6 +77,17 @@ impl AppState {
     /// from `source` (without one it shows no limits and calendar months).
     pub fn with_portal_limits(self, source: Arc<dyn crate::portal::LimitSource>) -> AppState {
         AppState { portal: self.portal.with_limits(source), ..self }
+    }
+
+    /// The state with the horizons of `[retention]`, which both services pass.
+    pub fn with_retention(self, retention: RetentionConfig) -> AppState {
+        AppState { retention: Some(retention), ..self }
+    }
+
+    /// Refuses, naming `from`, a range whose `reads` start before what is kept.
+    pub(crate) fn kept(&self, reads: &[(Kept, i64)], from: chrono::DateTime<chrono::Utc>) -> Result<(), ApiError> {
+        let Some(retention) = &self.retention else { return Ok(()) };
+        retention.check(reads, chrono::Utc::now()).map_err(|e| ApiError::bad_request("range_not_kept", e.message(from)).with_field("from"))
     }
 
     pub(crate) fn portal(&self) -> &crate::portal::Portal {
@@ -118,7 +133,7 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let billing = meterline_billing::BillingApi::new(ClickHouseBilling::new(clickhouse.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
     let gate = TenantGate::new(config.query.max_concurrent_per_tenant, Duration::from_millis(config.query.max_queue_wait_ms));
     let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups, gate);
-    let state = AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export));
+    let state = AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export)).with_retention(config.retention.clone());
     let state = state.with_billing(meterline_billing::routes(Arc::new(billing)));
     let state = match portal_limits {
         Some(source) => state.with_portal_limits(source),
@@ -285,6 +300,7 @@ async fn usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(r
         let limit = p.limit(10_000, 100_000)?;
         let after = p.get("cursor").map(|c| pages::decode(c, granularity, &group_by)).transpose()?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
+        state.kept(&rollup_reads(&scope, granularity, &group_by), scope.from)?;
         let read = after.as_ref().map_or_else(|| scope.clone(), |a| pages::rest(&scope, granularity, a));
         // One row more than asked tells whether the answer is cut.
         let q = SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, after, limit: limit + 1 };
@@ -306,6 +322,7 @@ async fn top_spenders(State(state): State<Shared>, ReadKey { tenant }: ReadKey, 
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
+        state.kept(&rollup_reads(&scope, Granularity::Total, &[by]), scope.from)?;
         let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit: limit + 1, count_negative: false };
         let Ranking { mut rows, total, .. } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
         let truncated = cut(&mut rows, limit);
@@ -333,6 +350,7 @@ async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query
         };
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
+        state.kept(&rollup_reads(&scope, Granularity::Total, &group_by), scope.from)?;
         let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit: limit + 1, count_negative: true };
         let Ranking { mut rows, total, negative } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
         let truncated = cut(&mut rows, limit);
@@ -361,6 +379,11 @@ async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Pa
         let p = Params::new(&raw, &[])?;
         // Default: this calendar month, as a customer-facing statement would.
         let scope = p.scope(&tenant, TimeColumn::WindowStart, None, state.max_days)?;
+        let reads: Vec<(Kept, i64)> = [(Granularity::Total, &["feature"][..]), (Granularity::Day, &[][..])]
+            .iter()
+            .flat_map(|(g, by)| rollup_reads(&scope, *g, by))
+            .collect();
+        state.kept(&reads, scope.from)?;
         // One row past the cut tells a cut list from a whole one.
         let (totals, mut by_feature, mut by_model, daily) = tokio::try_join!(
             sums(&state, &scope, SumsQuery::totals(&[], 1)),
@@ -411,6 +434,7 @@ async fn events(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(
         let limit = p.limit(100, 1_000)?;
         let cursor = p.get("cursor").map(decode_cursor).transpose()?;
         let scope = p.scope(&tenant, TimeColumn::EventTime, None, state.max_days)?;
+        state.kept(&[(Kept::Events, scope.from.timestamp())], scope.from)?;
         let mut rows: Vec<EventRow> = state.store.events(&scope, cursor.as_ref(), limit + 1).await.map_err(unavailable)?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
@@ -440,6 +464,7 @@ async fn alerts(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(
             .transpose()?;
         let limit = p.limit(100, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::OpenedAt, Some(30), state.max_days)?;
+        state.kept(&[(Kept::Alerts, scope.from.timestamp())], scope.from)?;
         let after = p.get("cursor").map(pages::decode_alert).transpose()?;
         let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
         let q = AlertsQuery { tenant: tenant.clone(), from, to, state: state_filter, user: p.get("user_id").map(str::to_owned), rule, after, limit: limit + 1 };

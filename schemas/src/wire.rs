@@ -64,6 +64,38 @@ pub fn message_key(tenant: &str, user_id: &str) -> Vec<u8> {
     key
 }
 
+/// How ingest chooses an event's partition. `Key` is the default and the
+/// one dedupe is exact under whatever a copy changes; `User` is the keying
+/// before it, kept for a deployment's upgrade (and its test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keying {
+    /// Keyed `tenant/user_id`, partition chosen by the client's partitioner:
+    /// copies of one key that change `user_id` may land on different partitions.
+    User,
+    /// Keyed `tenant/idempotency_key`, produced to [`home_partition`]: every
+    /// copy of a key lands on one partition, whatever else it changes.
+    #[default]
+    Key,
+}
+
+/// The partition every copy of (tenant, idempotency key) belongs on, out of
+/// `partitions`: ingest produces there and the aggregator counts only there,
+/// forwarding a record it finds anywhere else. FNV-1a 64 over
+/// `tenant/key`, spelled out here rather than taken from a library or the
+/// client's partitioner so that its value can never change under a
+/// dependency upgrade or a producer option (a change would move homes).
+pub fn home_partition(tenant: &str, idempotency_key: &str, partitions: i32) -> i32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in tenant.as_bytes().iter().chain(b"/").chain(idempotency_key.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A partition count is positive; a non-positive one (never from a broker) maps to 0.
+    let n = u64::try_from(partitions).unwrap_or(0).max(1);
+    i32::try_from(hash % n).unwrap_or(0)
+}
+
 fn nanos_of(ts: DateTime<Utc>) -> i64 {
     // Event times are bounded to weeks around now, far inside i64 nanoseconds
     // (years 1677..2262); saturate rather than panic on anything else.

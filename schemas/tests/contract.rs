@@ -279,3 +279,18 @@ proptest! {
         let _ = parse(&with(field, value));
     }
 }
+
+/// Home partitions are part of the contract between ingest, the aggregator
+/// and every record already on a topic: a change would move keys' homes.
+/// Values computed independently (FNV-1a 64 of "tenant/key", modulo n).
+#[test]
+fn home_partitions_never_change() {
+    let homes: Vec<i32> = [("acme", "k-0", 4), ("acme", "k-1", 4), ("acme", "order-42", 8), ("globex", "k-0", 4), ("acme", "k-0", 1)]
+        .iter()
+        .map(|(t, k, n)| wire::home_partition(t, k, *n))
+        .collect();
+    assert_eq!(homes, vec![0, 3, 1, 1, 0]);
+    assert_eq!(wire::home_partition("acme", "k-0", 0), 0, "no partitions (never from a broker) is not a panic");
+    let spread: std::collections::BTreeSet<i32> = (0..1_000).map(|n| wire::home_partition("acme", &format!("key-{n}"), 8)).collect();
+    assert_eq!(spread.len(), 8, "keys spread over every partition");
+}

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use crate::migrations::{MIGRATIONS, MIGRATIONS_TABLE_DDL};
 use crate::queries;
 use meterline_sql::AlertsQuery;
+use crate::snapshots::{self, SnapshotRow};
 use crate::statements::{self, Range, Rollup, UserSum};
 use crate::store::{DeadLetterRow, KeyRow, LookupRow};
 
@@ -114,6 +115,16 @@ fn writer_statements() -> Vec<String> {
     let users: BTreeSet<String> = ["u-1", "it's-u-2"].map(str::to_owned).into_iter().collect();
     out.push(statements::user_sums(UserSum::Loss, "acme", 0, Some(&users)).render(""));
     out.push(statements::keys_since("topic", 3, 0).render(&fields::<KeyRow>()));
+    out.push(statements::record_keying_upgrade("topic", written_at, written_at + 86_400).render(""));
+    out.push(statements::keying_upgrade("topic").render(""));
+    out.push(statements::written_since("topic", 0).render(""));
+    // The payload is bytes, which JSON cannot carry as a string: the sample row by hand.
+    out.push(format!(
+        "INSERT INTO dedupe_snapshots ({}) VALUES ('topic', 3, 42, 1, 4, 'MLDS', {written_at}, 43)",
+        fields::<SnapshotRow>().replace(',', ", ")
+    ));
+    out.push(snapshots::latest_snapshot("topic", 3).render(&fields::<SnapshotRow>()));
+    out.push(snapshots::keys_after("topic", 3, 42, 0).render(&fields::<KeyRow>()));
     out.push(statements::events_between("topic", 3, -1, 42, 0, 50_000).render(&fields::<EventRow>()));
     let (a, b) = (["it's-a-key", "k2"], ["k3"]);
     out.push(statements::lookup([("acme", &a[..]), ("globex", &b[..])]).render(&fields::<LookupRow>()));
@@ -199,6 +210,8 @@ pub fn compat_statements() -> Vec<String> {
     out.push(values_insert("billing_windows", &window));
     out.push(values_insert("billing_customers", &customer));
     out.extend(crate::billing::compat_reads());
+    // Retention last: it drops what the statements above wrote into 2001 only.
+    out.extend(crate::retention::compat_statements());
     out
 }
 
@@ -208,6 +221,6 @@ mod tests {
     fn every_placeholder_is_bound() {
         let all = super::compat_statements();
         assert!(all.iter().all(|s| !s.contains('?')), "every placeholder bound");
-        assert_eq!(all.len(), 75);
+        assert_eq!(all.len(), 103);
     }
 }

@@ -9,6 +9,8 @@ mod config;
 mod error;
 mod migrations;
 mod queries;
+mod retention;
+mod snapshots;
 mod statements;
 mod store;
 
@@ -17,6 +19,8 @@ pub use compat::compat_statements;
 pub use config::ClickHouseConfig;
 pub use error::{ClickHouseError, Limit, Retry, exception_code};
 pub use migrations::{MIGRATIONS, Migration};
+pub use retention::{Purged, expired as expired_partitions};
+pub use snapshots::{Blob, SnapshotRow};
 pub use statements::{Range, Rollup, UserSum};
 pub use store::{DeadLetterRow, KeyRow, Progress, ReadLimits, Store, bind, connect};
 

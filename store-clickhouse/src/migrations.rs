@@ -245,6 +245,49 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         ) ENGINE = ReplacingMergeTree(version)
         ORDER BY (tenant, subject)",
     ],
+}, Migration {
+    version: 7,
+    name: "keying upgrades",
+    statements: &[
+        // When aggregators counting only on a key's home partition first
+        // ran on a topic, and until when rows counted before (under the
+        // user keying, perhaps off their key's home) stay in the dedupe
+        // window: toDateTime(0) when there were none. Written once, by the
+        // first such aggregator; two starting at once may both write, and
+        // readers take the latest `legacy_until`.
+        "CREATE TABLE IF NOT EXISTS keying_upgrades (
+            topic String,
+            upgraded_at DateTime,
+            legacy_until DateTime
+        ) ENGINE = MergeTree
+        ORDER BY topic",
+    ],
+}, Migration {
+    version: 8,
+    name: "dedupe snapshots",
+    statements: &[
+        // One row per snapshot of a Kafka partition's dedupe bloom slices
+        // (format: aggregator/src/snapshot.rs), so that an assignment reads
+        // the snapshot and only the events after `covers_offset` instead of
+        // every key in the 35-day window. Replacing by `version` (the covered
+        // offset + 1) keeps one row per partition once parts merge; readers
+        // take the highest version, so no FINAL. Partitioned by Kafka
+        // partition: a partition's rows share a table partition (so they
+        // replace each other), and a merge rewrites one partition's rows
+        // (about 20 MB each at the default sizing), never every partition's.
+        "CREATE TABLE IF NOT EXISTS dedupe_snapshots (
+            kafka_topic String,
+            kafka_partition Int32,
+            covers_offset Int64,
+            keys UInt64,
+            payload_bytes UInt64,
+            payload String,
+            written_at DateTime,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        PARTITION BY kafka_partition
+        ORDER BY (kafka_topic, kafka_partition)",
+    ],
 }];
 
 #[cfg(test)]

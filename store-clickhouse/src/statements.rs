@@ -102,6 +102,31 @@ pub fn lookup<'a>(by_tenant: impl IntoIterator<Item = (&'a str, &'a [&'a str])>)
     sql
 }
 
+/// The recorded keying upgrade of a topic: how many records, and the
+/// latest `legacy_until` (Unix seconds, 0 for none).
+pub fn keying_upgrade(topic: &str) -> Sql {
+    let mut sql = Sql::new("SELECT count() AS upgrades, toUInt32(max(legacy_until)) AS legacy_until FROM keying_upgrades WHERE topic = ?");
+    sql.binds.push(s(topic));
+    sql
+}
+
+/// The events of a topic written since `since` (Unix seconds): how many,
+/// and the latest `written_at`. At the keying upgrade these are the rows
+/// counted under the user keying that are still in the dedupe window.
+pub fn written_since(topic: &str, since: u32) -> Sql {
+    let mut sql = Sql::new("SELECT count() AS rows, toUInt32(max(written_at)) AS last FROM events WHERE kafka_topic = ? AND written_at >= toDateTime(?)");
+    sql.binds.extend([s(topic), i(i64::from(since))]);
+    sql
+}
+
+/// Records a topic's keying upgrade at `upgraded_at`, with rows counted
+/// before it in the window until `legacy_until` (0: none).
+pub fn record_keying_upgrade(topic: &str, upgraded_at: u32, legacy_until: u32) -> Sql {
+    let mut sql = Sql::new("INSERT INTO keying_upgrades (topic, upgraded_at, legacy_until) SELECT ?, toDateTime(?), toDateTime(?)");
+    sql.binds.extend([s(topic), i(i64::from(upgraded_at)), i(i64::from(legacy_until))]);
+    sql
+}
+
 /// `(partition, after, up to]` per range, OR-ed.
 fn offset_ranges(ranges: &[Range]) -> Sql {
     repeat(ranges, " OR ", "(kafka_partition = ? AND kafka_offset > ? AND kafka_offset <= ?)", |r| {

@@ -73,6 +73,18 @@ pub(crate) struct LookupRow {
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
+struct KeyingUpgradeRow {
+    upgrades: u64,
+    legacy_until: u32,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct WrittenRow {
+    rows: u64,
+    last: u32,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
 struct UserSumRow {
     user_id: String,
     total: i64,
@@ -292,6 +304,25 @@ impl Store {
             }
         }
         Ok(found)
+    }
+
+    /// Until when (Unix seconds) rows counted before `topic`'s keying upgrade
+    /// stay in a dedupe window of `window_secs`; `None` when none do. The
+    /// first call for a topic records the upgrade at `now`: every row
+    /// written before it was counted under the user keying.
+    pub async fn keying_upgrade(&self, topic: &str, window_secs: u32, now: u32) -> Result<Option<u32>, ClickHouseError> {
+        let recorded: KeyingUpgradeRow = self.query(&statements::keying_upgrade(topic)).fetch_one().await?;
+        let legacy_until = if recorded.upgrades > 0 {
+            recorded.legacy_until
+        } else {
+            let written: WrittenRow = self.query(&statements::written_since(topic, now.saturating_sub(window_secs))).fetch_one().await?;
+            let until = if written.rows > 0 { written.last.saturating_add(window_secs) } else { 0 };
+            self.query(&statements::record_keying_upgrade(topic, now, until)).execute().await?;
+            // Another aggregator may have recorded it at the same moment: the latest bound holds for both.
+            let recorded: KeyingUpgradeRow = self.query(&statements::keying_upgrade(topic)).fetch_one().await?;
+            recorded.legacy_until.max(until)
+        };
+        Ok((legacy_until > now).then_some(legacy_until))
     }
 
     /// The open alerts as stored.

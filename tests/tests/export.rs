@@ -16,7 +16,9 @@ const ACME_INGEST: &str = "acme-ingest-key";
 const ACME_ADMIN: &str = "acme-admin-key";
 const ACME_READ: &str = "acme-read-key";
 /// Events from January 2026 are in bounds whatever day the test runs on.
-const EXTRA: &str = "[events]\nmax_past_secs = 157680000\n";
+// Fixed January 2026 dates, five years of accepted past, and nothing purged:
+// the test means the same whenever it runs.
+const EXTRA: &str = "[events]\nmax_past_secs = 157680000\n[retention]\nevents_days = \"forever\"\nrollups_minute_days = \"forever\"\ndead_letters_days = \"forever\"\n";
 const RANGE: &str = "from=2026-01-10T00:00:00Z&to=2026-02-20T00:00:00Z";
 
 async fn send(client: &reqwest::Client, method: reqwest::Method, url: String, key: &str, body: Value) -> (u16, Value) {

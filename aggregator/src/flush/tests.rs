@@ -126,7 +126,7 @@ impl FlushWriter for Fake {
 /// Partition 0: offsets 10..=12 new, 13 undecodable; partition 1: offsets 20..=21 new.
 fn pending() -> Pending {
     let (tenants, catalog, found) = (KeyRing::default(), Catalog::builtin().unwrap(), HashMap::new());
-    let inputs = Inputs { topic: TOPIC, written_at: 1_800_000_000, tenants: &tenants, catalog: &catalog, found: &found };
+    let inputs = Inputs { topic: TOPIC, written_at: 1_800_000_000, tenants: &tenants, catalog: &catalog, found: &found, placement: crate::decide::Placement::InPlace };
     let batches = vec![
         (0, vec![buffered(10, "a", "u1", 1), buffered(11, "b", "u1", 1), buffered(12, "c", "u1", 1), garbage(13, b"?")]),
         (1, vec![buffered(20, "d", "u2", 1), buffered(21, "e", "u2", 1)]),

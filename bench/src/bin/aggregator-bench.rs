@@ -1,10 +1,15 @@
 //! Aggregator throughput beside a plain rdkafka consumer, dedupe memory per
 //! key, and freshness (ingest ack to visible in the rollups), on this machine.
 //!
-//! `cargo run --release -p meterline-bench --bin aggregator-bench -- [EVENTS] [FRESHNESS_RATE]`
+//! `cargo run --release -p meterline-bench --bin aggregator-bench -- [EVENTS] [FRESHNESS_RATE] [KEYING]`
 //! with the stack up (`eval "$(scripts/stack up)"`). FRESHNESS_RATE is the
 //! steady load of the freshness run in events/s (default 2000), or `half`
 //! for half the aggregator rate this run measured (the definition).
+//! KEYING is `key` (default: records on their key's home partition, as
+//! ingest produces them), `user` (the keying before it, records keyed by
+//! user and counted in place) or `transition` (`key` while rows counted
+//! under the user keying are in the dedupe window: every new key is looked
+//! up in ClickHouse).
 
 use meterline_aggregator::DedupeConfig;
 use meterline_aggregator::{Known, PartitionDedupe};
@@ -40,6 +45,9 @@ fn metric(name: &str) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let events: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(300_000);
     let fresh_arg = std::env::args().nth(2).unwrap_or_else(|| "2000".to_owned());
+    let keying = std::env::args().nth(3).unwrap_or_else(|| "key".to_owned());
+    anyhow::ensure!(["key", "user", "transition"].contains(&keying.as_str()), "KEYING is key, user or transition");
+    let by_user = keying == "user";
     let brokers = stack_var("METERLINE_TEST_KAFKA_BROKERS");
     let ch = ClickHouse::shared();
 
@@ -49,13 +57,21 @@ async fn main() -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "5").set("compression.type", "lz4").create()?;
-    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..events)
+    let records: Vec<(Vec<u8>, Vec<u8>, Option<i32>)> = (0..events)
         .map(|n| {
             let e = parse_event(&event(&format!("user-{}", n % 10_000), n).to_string(), &TimeBounds::default(), now).expect("valid");
-            (wire::message_key("acme", &e.user_id), wire::encode(&Envelope { tenant: "acme".into(), received_at: now, event: e }))
+            let (key, partition) = if by_user {
+                (wire::message_key("acme", &e.user_id), None)
+            } else {
+                (wire::message_key("acme", &e.idempotency_key), Some(wire::home_partition("acme", &e.idempotency_key, 4)))
+            };
+            (key, wire::encode(&Envelope { tenant: "acme".into(), received_at: now, event: e }), partition)
         })
         .collect();
-    let sends = records.iter().map(|(k, p)| producer.send(FutureRecord::to(&topic).key(k).payload(p), Duration::from_secs(60)));
+    let sends = records.iter().map(|(k, p, partition)| {
+        let record = FutureRecord::to(&topic).key(k).payload(p);
+        producer.send(if let Some(at) = partition { record.partition(*at) } else { record }, Duration::from_secs(60))
+    });
     for r in futures::future::join_all(sends).await {
         r.map_err(|(e, _)| e)?;
     }
@@ -82,7 +98,16 @@ async fn main() -> anyhow::Result<()> {
     let db = ch.database(&format!("bench_{}", free_port())).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config = aggregator_config(&brokers, &topic, &ch.url, &db, 0);
+    let mut config = aggregator_config(&brokers, &topic, &ch.url, &db, 0);
+    if by_user {
+        config.kafka.keying = meterline_schemas::wire::Keying::User;
+    }
+    if keying == "transition" {
+        // Rows of the user keying in the window until tomorrow: the upgrade's first 35 days.
+        let store = meterline_clickhouse::connect(&config.clickhouse).await?;
+        store.migrate().await?;
+        ch.query(&format!("INSERT INTO {db}.keying_upgrades VALUES ('{topic}', now(), now() + 86400)")).await;
+    }
     let written_before = metric("meterline_aggregator_events_written_total");
     let agg = tokio::spawn(meterline_aggregator::serve(config, listener, async {
         let _ = stop_rx.await;
@@ -101,6 +126,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let agg_secs = started.elapsed().as_secs_f64();
     let in_clickhouse = count(&ch, &events_sql).await;
+    // Minute-rollup rows each flush's INSERT made (a flush is one written_at
+    // second here), and what they would be were each partition flushed by
+    // its own aggregator: a user's events now spread over partitions.
+    let row_key = "tenant, intDiv(toUInt32(event_time), 60), user_id, customer_id, feature, model, environment, billable";
+    let rollup_rows = count(&ch, &format!("SELECT sum(n) FROM (SELECT uniqExact({row_key}) AS n FROM {db}.events GROUP BY written_at)")).await;
+    let rollup_rows_split =
+        count(&ch, &format!("SELECT sum(n) FROM (SELECT uniqExact({row_key}) AS n FROM {db}.events GROUP BY written_at, kafka_partition)")).await;
+    let flushes = count(&ch, &format!("SELECT uniqExact(written_at) FROM {db}.events")).await;
+    let lookups = metric("meterline_aggregator_dedupe_exact_lookups_total");
     let _ = stop_tx.send(());
     agg.await??;
 
@@ -109,11 +143,17 @@ async fn main() -> anyhow::Result<()> {
     let topic = unique_topic("bench-fresh");
     create_topic(&brokers, &topic, 4).await;
     let db = ch.database(&format!("fresh_{}", free_port())).await;
-    let ingest = Ingest::start(ingest_config(&brokers, &topic, "")).await;
+    let mut fresh_ingest = ingest_config(&brokers, &topic, "");
+    let mut fresh_config = aggregator_config(&brokers, &topic, &ch.url, &db, 0);
+    if by_user {
+        fresh_ingest.kafka.keying = meterline_schemas::wire::Keying::User;
+        fresh_config.kafka.keying = meterline_schemas::wire::Keying::User;
+    }
+    let ingest = Ingest::start(fresh_ingest).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let before = metric("meterline_aggregator_assigned_partitions");
-    let agg = tokio::spawn(meterline_aggregator::serve(aggregator_config(&brokers, &topic, &ch.url, &db, 0), listener, async {
+    let agg = tokio::spawn(meterline_aggregator::serve(fresh_config, listener, async {
         let _ = stop_rx.await;
     }));
     let t = Instant::now();
@@ -177,12 +217,17 @@ async fn main() -> anyhow::Result<()> {
 
     let raw_rate = events as f64 / raw_secs;
     let agg_rate = events as f64 / agg_secs;
-    println!("aggregator-bench: {events} events, 4 partitions, ClickHouse {}", ch.query("SELECT version()").await.trim());
+    println!("aggregator-bench: {events} events, 4 partitions, keying {keying}, ClickHouse {}", ch.query("SELECT version()").await.trim());
     println!("| path | events/s | seconds |");
     println!("|---|---:|---:|");
     println!("| raw rdkafka consumer (drain only) | {raw_rate:.0} | {raw_secs:.2} |");
     println!("| aggregator: decode, dedupe, price, roll up, write ClickHouse | {agg_rate:.0} | {agg_secs:.2} |");
     println!("ratio aggregator/raw: {:.2} (group join before timing: {joined:.1} s; rows in ClickHouse: {in_clickhouse})", agg_rate / raw_rate);
+    println!(
+        "minute-rollup rows: {rollup_rows} in {flushes} flushes ({:.0} per flush); with one aggregator per partition {rollup_rows_split} ({:.2}x); exact look-ups {lookups:.0}",
+        rollup_rows as f64 / flushes.max(1) as f64,
+        rollup_rows_split as f64 / rollup_rows.max(1) as f64
+    );
     println!("freshness ack->rollup ms at {} events/s: p50 {:.0}, p99 {:.0}, max {:.0} ({} of {batches} batches seen)", thousands(per_batch * 10), pct(0.5), pct(0.99), pct(1.0), lat.len());
     println!(
         "dedupe at 10M keys: {:.1} MiB, {:.2} bytes/key; bloom false-positive ratio {:.4} -> {:.0} exact look-ups/s at the aggregator rate above",
@@ -197,6 +242,11 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "bench": "aggregator",
             "events": events,
+            "keying": keying,
+            "rollup_rows": rollup_rows,
+            "rollup_rows_one_aggregator_per_partition": rollup_rows_split,
+            "flushes": flushes,
+            "exact_lookups": lookups,
             "raw_events_per_s": raw_rate,
             "raw_secs": raw_secs,
             "aggregator_events_per_s": agg_rate,

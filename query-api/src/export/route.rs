@@ -49,6 +49,8 @@ fn request(tenant: String, raw: &HashMap<String, String>, max_days: i64) -> Resu
 pub(crate) async fn export(State(state): State<Arc<AppState>>, AdminKey { tenant }: AdminKey, Query(raw): Query<HashMap<String, String>>) -> Response {
     let answer = async {
         let (req, as_csv) = request(tenant, &raw, state.max_days())?;
+        // Billing sums raw events: an export from before they are kept would under-count.
+        state.kept(&[(meterline_domain::Kept::Events, req.from.timestamp())], req.from)?;
         let Some(source) = state.export_source() else {
             return Err(ApiError::unavailable("this server has no billing export configured"));
         };
