@@ -44,6 +44,10 @@ pub struct Config {
     pub cloudevents: meterline_schemas::cloudevents::CloudEventsConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// How long events, rollups and alerts are kept: purged by the writer
+    /// (`store/retention.rs`), and queries before a horizon answer 400.
+    #[serde(default)]
+    pub retention: meterline_domain::RetentionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,17 +74,20 @@ impl Default for StorageConfig {
 pub struct QueryConfig {
     /// Longest `from`..`to` range a request may ask for, in days.
     pub max_range_days: i64,
+    /// Groups whose sums the ranking cache may hold (about 250 bytes each),
+    /// as the query API's `server.ranking_cache_groups`; 0 turns it off.
+    pub ranking_cache_groups: usize,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
-        QueryConfig { max_range_days: 400 }
+        QueryConfig { max_range_days: 400, ranking_cache_groups: 200_000 }
     }
 }
 
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, EmbeddedError> {
-        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics", "limits", "billing", "cloudevents"], vars)?;
+        let config: Config = load_toml_with_env(text, &["server", "events", "storage", "query", "alerts", "metrics", "limits", "billing", "cloudevents", "retention"], vars)?;
         config.validate()?;
         Ok(config)
     }
@@ -103,6 +110,9 @@ impl Config {
             return bad("query.max_range_days", "must be at least 1");
         }
         self.alerts.validate()?;
+        // Embedded dedupe is the events table itself: a key is remembered as
+        // long as its event is kept, and ingest refuses events older than max_past_secs.
+        self.retention.validate(self.events.max_past_secs)?;
         if self.limits.redis_url.is_some() {
             return bad("limits.redis_url", "the all-in-one binary keeps limits in its embedded store; remove it (Redis is for the distributed roles)");
         }

@@ -1,49 +1,109 @@
 //! The query API's store trait answered from the embedded database: the same
 //! plans as ClickHouse ([`queries::plan`]), the same sums and orderings, in
-//! SQLite's dialect. Values are only ever bound, never formatted into the text.
+//! SQLite's dialect, plus the embedded store's per-dimension daily rollup
+//! for whole days of questions no user is in ("usage by day and model").
+//! Rankings (top spenders, margins) go through the query API's ranking cache
+//! ([`GroupCache`]), which this store feeds as a [`GroupReader`]; see the
+//! query API's `ranking.rs` for why its answers stay exact. Values are only
+//! ever bound, never formatted into the text.
 
 use futures::future::BoxFuture;
-use meterline_domain::{AlertRow, EventRow, Granularity, SumRow};
-use meterline_query_api::{AlertsQuery, Cursor, QueryError, QueryStore, SumsQuery, TopQuery};
+use meterline_domain::{AlertRow, EventRow, Granularity, SumRow, TimeColumn, whole_days};
+use meterline_query_api::{AlertsQuery, Cursor, GroupCache, GroupReader, QueryError, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, cached_ranking, separately, whole_hours};
 use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, resums, sums_as};
 use std::sync::Arc;
 
 use crate::store::{self, Embedded};
 
-/// The embedded store seen by the query API.
-#[derive(Debug, Clone)]
-pub struct EmbeddedQueries(pub Arc<Embedded>);
+/// The embedded store seen by the query API, with its ranking cache.
+#[derive(Debug)]
+pub struct EmbeddedQueries {
+    store: Arc<Embedded>,
+    cache: GroupCache,
+}
+
+impl EmbeddedQueries {
+    /// Keeps at most `cache_groups` groups' sums for rankings (0: none).
+    pub fn new(store: Arc<Embedded>, cache_groups: usize) -> EmbeddedQueries {
+        EmbeddedQueries { store, cache: GroupCache::new(cache_groups) }
+    }
+}
 
 const LITE: Dialect = Dialect::Sqlite;
+const MINUTES: &str = "rollups_minute";
 
-/// Sums by bucket and dimensions over the rows [`plan`] picks, as a
-/// complete SELECT (callers add HAVING, ORDER BY, LIMIT). Each table is
-/// summed on its own first: SQLite then aggregates the daily table in its
-/// user-first key order without sorting, and the outer GROUP BY sees only
-/// partial sums. The partial sums are named `p_*`, not `s_*`: in the outer
-/// ORDER BY and HAVING expressions SQLite would resolve such a name to the
-/// subquery's column (one row's partial sum), not to the total.
-fn grouped(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql {
-    // `user_id` alone streams in the daily table's key order.
+/// True when a read needs no user or customer: it may sum the per-dimension
+/// daily rows (whole-day buckets, grouped and filtered by feature, model,
+/// environment or billable only, on window time).
+fn by_dims(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> bool {
+    granularity.whole_days()
+        && group_by.iter().all(|d| matches!(*d, "feature" | "model"))
+        && scope.filters.iter().all(|(c, _)| matches!(*c, "feature" | "model" | "environment" | "billable"))
+        && scope.time_column == TimeColumn::WindowStart
+}
+
+/// The tables and ranges a read of `scope` sums: the per-dimension daily
+/// rows for whole days when [`by_dims`], else [`plan`]'s (per-user daily
+/// rows or none), and minute rows for the rest. Every rollup table gets
+/// every event in the same commit, so any choice sums the same events.
+fn sources(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(&'static str, (i64, i64))> {
+    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+    // One branch per edge: an OR of two ranges would scan every minute row.
+    let days = |table, day_from, day_to| vec![(table, (day_from, day_to)), (MINUTES, (from, day_from)), (MINUTES, (day_to, to))];
+    match (by_dims(scope, granularity, group_by), whole_days(from, to), plan(scope, granularity, group_by)) {
+        (true, Some((day_from, day_to)), _) => days(store::DIMS_TABLE, day_from, day_to),
+        (_, _, Plan::Days { day_from, day_to, .. }) => days(store::DAILY_TABLE, day_from, day_to),
+        (_, _, Plan::Minutes { from, to }) => vec![(MINUTES, (from, to))],
+    }
+}
+
+/// The WHERE clause of one source: a long range of the per-user daily table
+/// is scanned in key order rather than through its time index (the unary +
+/// keeps the index out), which reads most of the table anyway.
+fn source_clause(scope: &Scope, table: &str, ranges: &[(i64, i64)]) -> Sql {
+    let long = ranges.iter().map(|(a, b)| b - a).sum::<i64>() >= 7 * 86_400;
+    let column = if table == store::DAILY_TABLE && long { "+window_start" } else { "window_start" };
+    scope.clause_with_column(LITE, ranges, column)
+}
+
+/// Sums by bucket and dimensions over `sources`, as a complete SELECT
+/// (callers add HAVING, ORDER BY, LIMIT). Each table is summed on its own
+/// first: SQLite then aggregates the daily table in its user-first key order
+/// without sorting, and the outer GROUP BY sees only partial sums. The
+/// partial sums are named `p_*`, not `s_*`: in the outer ORDER BY and HAVING
+/// expressions SQLite would resolve such a name to the subquery's column
+/// (one row's partial sum), not to the total.
+fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sources: &[(&str, Vec<(i64, i64)>)]) -> Sql {
     let keys = group_keys(granularity, group_by);
-    let inner = |table: &str, range: (i64, i64)| {
+    let inner = |table: &str, ranges: &[(i64, i64)]| {
         let mut q = Sql::new(format!("SELECT {} AS g_bucket, {}, {} FROM {table} WHERE ", bucket(granularity), dims(group_by), sums_as("p_")));
-        // A long range reads most of the daily table: scan it in key order
-        // rather than through the time index (the unary + keeps the index out).
-        let key_order = table == store::DAILY_TABLE && range.1 - range.0 >= 7 * 86_400;
-        q.append(scope.clause_with_column(LITE, &[range], if key_order { "+window_start" } else { "window_start" }));
+        q.append(source_clause(scope, table, ranges));
         q.push(&format!(" GROUP BY {keys}"), []);
         q
     };
     let mut q = Sql::new(format!("SELECT g_bucket, g_user, g_customer, g_feature, g_model, {} FROM (", resums("p_")));
-    match plan(scope, granularity, group_by) {
-        Plan::Minutes { from, to } => q.append(inner("rollups_minute", (from, to))),
-        Plan::Days { from, day_from, day_to, to } => {
-            // One branch per edge: an OR of two ranges would scan every minute row.
-            q.append(Sql::join([inner(store::DAILY_TABLE, (day_from, day_to)), inner("rollups_minute", (from, day_from)), inner("rollups_minute", (day_to, to))], " UNION ALL "))
-        }
-    };
+    q.append(Sql::join(sources.iter().map(|(table, ranges)| inner(table, ranges)), " UNION ALL "));
     q.push(&format!(") GROUP BY {keys}"), []);
+    q
+}
+
+/// [`grouped_over`] the scope's [`sources`].
+fn grouped(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql {
+    let sources: Vec<(&str, Vec<(i64, i64)>)> = sources(scope, granularity, group_by).into_iter().map(|(t, r)| (t, vec![r])).collect();
+    grouped_over(scope, granularity, group_by, &sources)
+}
+
+/// The events in the rows [`grouped`] reads for the same scope and
+/// grouping (totals): one column summed, nothing grouped.
+fn event_count(scope: &Scope, group_by: &[&str]) -> Sql {
+    let parts = sources(scope, Granularity::Total, group_by).into_iter().map(|(table, range)| {
+        let mut q = Sql::new(format!("SELECT COALESCE(SUM(events), 0) AS n FROM {table} WHERE "));
+        q.append(source_clause(scope, table, &[range]));
+        q
+    });
+    let mut q = Sql::new("SELECT COALESCE(SUM(n), 0) FROM (");
+    q.append(Sql::join(parts, " UNION ALL "));
+    q.push(")", []);
     q
 }
 
@@ -121,7 +181,7 @@ impl EmbeddedQueries {
         T: Send + 'static,
         F: Fn(&rusqlite::Row<'_>) -> Result<T, rusqlite::Error> + Send + 'static,
     {
-        self.0
+        self.store
             .read(move |conn| {
                 let mut stmt = conn.prepare_cached(&q.text)?;
                 stmt.query_map(store::binds(&q), map)?.collect()
@@ -172,6 +232,38 @@ impl QueryStore for EmbeddedQueries {
     }
 
     fn ping(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async move { self.0.writer_running() && self.0.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok() })
+        Box::pin(async move { self.store.writer_running() && self.store.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok() })
+    }
+
+    fn ranking<'a>(&'a self, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {
+        // As on ClickHouse: only past whole hours are kept (the current one
+        // takes events all the time), one user's rows are few, and
+        // event-time scopes have no rollups to keep.
+        let settled = scope.to.timestamp().min(chrono::Utc::now().timestamp());
+        match whole_hours(scope.from.timestamp(), settled) {
+            Some(hours) if self.cache.enabled() && !scope.one_user() && scope.time_column == TimeColumn::WindowStart => {
+                Box::pin(cached_ranking(&self.cache, self, scope, q, hours))
+            }
+            _ => separately(self, scope, q),
+        }
+    }
+}
+
+impl GroupReader for EmbeddedQueries {
+    fn groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        Box::pin(self.rows(grouped(scope, Granularity::Total, group_by), sum_row))
+    }
+
+    fn edge_groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str], ranges: &'a [(i64, i64)]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
+        // One branch per range: an OR of two ranges would scan every minute row.
+        let sources: Vec<(&str, Vec<(i64, i64)>)> = ranges.iter().map(|r| (MINUTES, vec![*r])).collect();
+        Box::pin(self.rows(grouped_over(scope, Granularity::Total, group_by, &sources), sum_row))
+    }
+
+    fn event_count<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
+        Box::pin(async move {
+            let n = self.rows(event_count(scope, group_by), |r| r.get::<_, i64>(0)).await?;
+            Ok(n.first().map_or(0, |n| u64::try_from(*n).unwrap_or(0)))
+        })
     }
 }

@@ -70,10 +70,11 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     let billing = meterline_billing::BillingApi::new(EmbeddedBilling(store.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
     // The end-user portal reads limits and subscription cycles from the same store.
     let portal_limits = Arc::new(meterline_query_api::portal::StoreLimits(EmbeddedLimits(store.clone())));
-    let queries = Arc::new(EmbeddedQueries(store));
+    let queries = Arc::new(EmbeddedQueries::new(store, config.query.ranking_cache_groups));
     let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?
         .with_export(export)
-        .with_portal_limits(portal_limits);
+        .with_portal_limits(portal_limits)
+        .with_retention(config.retention.clone());
     let ready = move || {
         let queries = queries.clone();
         async move { queries.ping().await }

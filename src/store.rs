@@ -24,7 +24,7 @@
 //! stores it, so a counter never disagrees with the events.
 //!
 //! One job per module: `schema` (migrations, connections), `writer` (the
-//! group-commit thread), `jobs` (what its queue carries), `events` (the
+//! group-commit thread), `checkpoint` (WAL checkpoints beside it), `jobs` (what its queue carries), `events` (the
 //! dedupe record and inserts), `rollups` (per-commit sums and their
 //! upserts), `alerts` (evaluation and the stored alerts), `ledger` (the
 //! limits tables' steps), `counting` (events against limits, housekeeping),
@@ -35,12 +35,14 @@
 
 mod alerts;
 mod billing;
+mod checkpoint;
 mod counting;
 mod events;
 mod jobs;
 mod ledger;
 mod limits;
 mod reconcile;
+mod retention;
 mod rollups;
 mod schema;
 mod writer;
@@ -64,7 +66,7 @@ pub use alerts::{ALERT_COLUMNS, alert_row};
 pub use billing::{EmbeddedBilling, SqliteLedger};
 pub use limits::EmbeddedLimits;
 pub use reconcile::{open_read_only, reconcile};
-pub use schema::DAILY_TABLE;
+pub use schema::{DAILY_TABLE, DIMS_TABLE};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "meterline.db";

@@ -22,7 +22,9 @@ mod ranking;
 mod server;
 mod store;
 
+pub use cached::{GroupReader, ranking as cached_ranking};
 pub use config::{Config, QueryLimits, ServerConfig};
+pub use ranking::{GroupCache, whole_hours};
 pub use error::QueryError;
 pub use params::Params;
 pub use server::{AppState, OPENAPI, api_routes, route_paths, router, serve};

@@ -1,12 +1,13 @@
 //! The rollups one commit writes: each new event's measures summed into its
-//! minute row and its per-user day row, then added to what the tables hold
-//! (one upsert per row, its column lists generated from [`Measure::ALL`]).
+//! minute row, its per-user day row and its per-dimension day row, then
+//! added to what the tables hold (one upsert per row, its column lists
+//! generated from [`Measure::ALL`]).
 
 use meterline_domain::{CostSource, DAY_SECS, EventRow, MINUTE_SECS, Measure, SumRow, window_start};
 use rusqlite::{ToSql, Transaction};
 use std::collections::HashMap;
 
-use super::schema::{DAILY_TABLE, MINUTE_TABLE};
+use super::schema::{DAILY_TABLE, DIMS_TABLE, MINUTE_TABLE};
 
 /// The key of a rollup row: its table's primary key columns.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,16 +32,18 @@ impl RollupKey {
 /// The key columns both rollup tables have, in the order [`RollupKey::values`] binds them.
 const KEY_COLUMNS: [&str; 8] = ["tenant", "window_start", "user_id", "customer_id", "feature", "model", "environment", "billable"];
 
-/// One commit's sums, per minute row and per per-user day row.
+/// One commit's sums, per minute row, per-user day row and per-dimension day row.
 #[derive(Debug, Default)]
 pub(super) struct Rollups {
     minute: HashMap<RollupKey, SumRow>,
     day: HashMap<RollupKey, SumRow>,
+    dims: HashMap<RollupKey, SumRow>,
 }
 
 impl Rollups {
-    /// Counts a new event in its minute row (every dimension) and its
-    /// per-user day row (feature, model and environment empty, billable 0).
+    /// Counts a new event in its minute row (every dimension), its per-user
+    /// day row (feature, model and environment empty, billable 0) and its
+    /// per-dimension day row (user and customer empty).
     pub(super) fn add(&mut self, row: &EventRow) {
         let sums = event_sums(row);
         let t = i64::from(row.event_time);
@@ -54,9 +57,11 @@ impl Rollups {
             environment: row.environment.clone(),
             billable: row.billable,
         };
+        let day_start = window_start(t, DAY_SECS);
+        let dims = RollupKey { window_start: day_start, user_id: String::new(), customer_id: String::new(), ..minute.clone() };
         let day = RollupKey {
             tenant: row.tenant.clone(),
-            window_start: window_start(t, DAY_SECS),
+            window_start: day_start,
             user_id: row.user_id.clone(),
             customer_id: row.customer_id.clone(),
             feature: String::new(),
@@ -66,11 +71,12 @@ impl Rollups {
         };
         self.minute.entry(minute).or_default().add(&sums);
         self.day.entry(day).or_default().add(&sums);
+        self.dims.entry(dims).or_default().add(&sums);
     }
 
     /// Adds the sums to the rollup tables, minute rows first.
     pub(super) fn upsert(&self, tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
-        for (table, rows) in [(MINUTE_TABLE, &self.minute), (DAILY_TABLE, &self.day)] {
+        for (table, rows) in [(MINUTE_TABLE, &self.minute), (DAILY_TABLE, &self.day), (DIMS_TABLE, &self.dims)] {
             let mut upsert = tx.prepare_cached(&upsert_sql(table))?;
             for (key, sums) in rows {
                 let measures = Measure::ALL.map(|m| stored(sums, m));
@@ -176,6 +182,9 @@ mod tests {
         assert_eq!(Measure::ALL.map(|m| stored(sums, m)), [2, 2, 4, 6, 8, -10, 12, 14, 2]);
         let (day, same) = rollups.day.iter().next().expect("a day row");
         assert_eq!((day.window_start, day.feature.as_str(), day.environment.as_str(), day.billable), (86_400, "", "", 0));
+        assert_eq!(same, sums);
+        let (dims, same) = rollups.dims.iter().next().expect("a dimensions row");
+        assert_eq!((dims.window_start, dims.user_id.as_str(), dims.customer_id.as_str(), dims.model.as_str(), dims.billable), (86_400, "", "", "m", 1));
         assert_eq!(same, sums);
     }
 }

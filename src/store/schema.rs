@@ -103,6 +103,21 @@ const MIGRATIONS: &[&str] = &[
         stripe_customer_id TEXT NOT NULL, pushed INTEGER NOT NULL, seq INTEGER NOT NULL, pending INTEGER,
         refused INTEGER NOT NULL, error TEXT, updated_at INTEGER NOT NULL,
         PRIMARY KEY (tenant, meter, window_start, subject)) WITHOUT ROWID;",
+    // 6: daily rows by feature, model, environment and billable (user and
+    // customer empty), for usage by day and model without reading a month of
+    // minute rows: about a day's distinct (feature, model, environment,
+    // billable) rows, whatever the users. Backfilled from the minute rows,
+    // which hold every event stored so far.
+    concat!(
+        "CREATE TABLE rollups_daily_by_dims (",
+        rollup_columns!(),
+        "PRIMARY KEY (tenant, window_start, feature, model, environment, billable, user_id, customer_id)) WITHOUT ROWID;
+     INSERT INTO rollups_daily_by_dims
+        SELECT tenant, (window_start / 86400) * 86400, '', '', feature, model, environment, billable,
+            SUM(events), SUM(input_tokens), SUM(output_tokens), SUM(cached_input_tokens), SUM(reasoning_tokens),
+            SUM(cost_nanos), SUM(revenue_nanos), SUM(credits_nanos), SUM(unpriced_events)
+        FROM rollups_minute GROUP BY tenant, (window_start / 86400) * 86400, feature, model, environment, billable;"
+    ),
 ];
 
 /// The minute rollups: every dimension's sums per UTC minute.
@@ -111,6 +126,10 @@ pub(super) const MINUTE_TABLE: &str = "rollups_minute";
 /// The per-user daily rollups: every user's sums per UTC day (feature,
 /// model and environment empty), ordered user first.
 pub const DAILY_TABLE: &str = "rollups_daily_by_user";
+
+/// The daily rollups by dimension: every (feature, model, environment,
+/// billable)'s sums per UTC day (user and customer empty).
+pub const DIMS_TABLE: &str = "rollups_daily_by_dims";
 
 /// Opens the database with the settings every connection needs.
 pub(super) fn connect(path: &Path) -> Result<Connection, EmbeddedError> {

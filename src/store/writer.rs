@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::alerts::{self, due_in, open_alerts};
+use super::checkpoint::{Checkpointer, JOURNAL_LIMIT_BYTES};
 use super::counting::{Counting, Housekeeping};
 use super::events::Events;
 use super::jobs::{Job, Op, Pending};
@@ -56,10 +57,21 @@ pub(super) struct Writer {
     /// most a fifth of its time (alerts come a little later, writes keep up).
     eval_cost: Duration,
     housekeeping: Housekeeping,
+    /// Deletes what is past `[retention]`, a small step between commits.
+    retention: super::retention::Retention,
+    /// Plans and subscriptions read so far, kept across commits.
+    counting: Counting,
+    /// WAL checkpoints beside the commits (see `checkpoint`); stops with the writer.
+    _checkpointer: Checkpointer,
 }
 
 impl Writer {
     pub(super) fn new(conn: Connection, config: &Config) -> Result<Writer, EmbeddedError> {
+        // Commits never checkpoint: the checkpointer thread does, beside them.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_LIMIT_BYTES)?;
+        let path = conn.path().map(std::path::PathBuf::from).unwrap_or_default();
+        let checkpointer = Checkpointer::start(&path)?;
         let mut evaluator = Evaluator::new(config.alerts.clone());
         evaluator.load(open_alerts(&conn)?);
         Ok(Writer {
@@ -76,6 +88,9 @@ impl Writer {
             last_eval: Instant::now(),
             eval_cost: Duration::ZERO,
             housekeeping: Housekeeping::default(),
+            retention: super::retention::Retention::new(config.retention.clone()),
+            counting: Counting::default(),
+            _checkpointer: checkpointer,
         })
     }
 
@@ -87,7 +102,7 @@ impl Writer {
     /// Commits until every sender of jobs is gone.
     pub(super) fn run(&mut self, mut rx: mpsc::Receiver<Job>, runtime: &tokio::runtime::Handle) {
         loop {
-            let wait = self.eval_due_in().unwrap_or(Duration::from_secs(3_600));
+            let wait = self.eval_due_in().unwrap_or(Duration::from_secs(3_600)).min(self.retention.due_in());
             let mut jobs = Vec::new();
             match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
                 Ok(Some(job)) => {
@@ -109,6 +124,7 @@ impl Writer {
                 Err(_) => {}
             }
             self.commit(jobs, runtime);
+            self.retention.step(&mut self.conn);
         }
     }
 
@@ -121,6 +137,10 @@ impl Writer {
         let mut pending = Vec::with_capacity(jobs.len());
         let mut queue = jobs.into_iter();
         let result = self.write(&mut queue, &mut pending);
+        if result.is_err() {
+            // Plans read inside the rolled-back transaction may never have been.
+            self.counting.forget();
+        }
         // Jobs the failed commit never reached share its answer.
         pending.extend(queue.map(Pending::unreached));
         let outcome = result.as_ref().map(|_| ()).map_err(ToString::to_string);
@@ -147,7 +167,7 @@ impl Writer {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut rollups = Rollups::default();
         let mut touched = Vec::new();
-        let mut counting = Counting::default();
+        let counting = &mut self.counting;
         {
             let mut events = Events::prepare(&tx)?;
             for job in queue.by_ref() {

@@ -193,3 +193,53 @@ async fn restart_keeps_data_keys_and_open_alerts() {
     server.stop().await;
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
+
+/// Events per value of `dimension` (user_id or customer_id), from the query API.
+async fn per(url: &str, key: &str, dimension: &str) -> BTreeMap<String, u64> {
+    let now = chrono::Utc::now();
+    let range = format!("from={}&to={}", (now - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ"), (now + chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M:%SZ"));
+    let (status, body) = get_json(&format!("{url}/v1/usage?granularity=total&group_by={dimension}&limit=100000&{range}"), Some(key)).await;
+    assert_eq!(status, 200, "{body}");
+    body["rows"].as_array().expect("rows").iter().map(|r| (r[dimension].as_str().expect("value").to_owned(), r["events"].as_u64().expect("n"))).collect()
+}
+
+#[tokio::test]
+async fn copies_that_change_user_or_customer_count_once() {
+    let dir = temp_dir("embedded-copies");
+    let port = free_port();
+    let config = dir.join("test.toml");
+    std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", tenants_toml())).expect("config");
+    let data = dir.join("data");
+    let args: [&OsStr; 4] = ["--config".as_ref(), config.as_os_str(), "--data-dir".as_ref(), data.as_os_str()];
+    let mut server = Process::start_args("meterline", &args);
+    let url = format!("http://127.0.0.1:{port}");
+    ready(&url).await;
+
+    let at = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let copy = |n: usize, user: String, customer: &str| {
+        json!({"idempotency_key": format!("k-{n}"), "timestamp": at, "user_id": user, "customer_id": customer, "feature": "chat", "model": "gpt-4o", "input_tokens": n + 1})
+    };
+    let post = |batch: Vec<Value>| {
+        let url = url.clone();
+        async move {
+            let r = reqwest::Client::new().post(format!("{url}/v1/events")).bearer_auth("acme-ingest-key").json(&batch).send().await.expect("post");
+            assert_eq!(r.status(), 202);
+        }
+    };
+    post((0..100).map(|n| copy(n, format!("u-{}", n % 5), "c-1")).collect()).await;
+    // Copies in later requests: another user, another customer, both, and a plain retry.
+    post((0..100).map(|n| copy(n, format!("other-{n}"), "c-1")).collect()).await;
+    post((0..100).map(|n| copy(n, format!("u-{}", n % 5), "c-other")).collect()).await;
+    post((0..100).map(|n| copy(n, format!("moved-{n}"), "c-moved")).collect()).await;
+    post((0..100).map(|n| copy(n, format!("u-{}", n % 5), "c-1")).collect()).await;
+    // A last new key: once it is counted, everything before it was decided.
+    post(vec![copy(100, "last".to_owned(), "c-last")]).await;
+    poll_until(Duration::from_secs(30), "the last key counted", || async { per(&url, "acme-read-key", "user_id").await.contains_key("last").then_some(()) }).await;
+
+    let want: BTreeMap<String, u64> = (0..5).map(|u| (format!("u-{u}"), 20)).chain([("last".to_owned(), 1)]).collect();
+    assert_eq!(per(&url, "acme-read-key", "user_id").await, want, "each key once, under its first copy's user");
+    let customers: BTreeMap<String, u64> = [("c-1".to_owned(), 100), ("c-last".to_owned(), 1)].into();
+    assert_eq!(per(&url, "acme-read-key", "customer_id").await, customers, "and its first copy's customer");
+    server.stop().await;
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
