@@ -9,6 +9,7 @@ pub mod browser;
 pub mod limits;
 pub mod load;
 pub mod stack;
+pub mod webhook;
 pub mod workload;
 
 use rdkafka::ClientConfig;

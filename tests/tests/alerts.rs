@@ -4,9 +4,9 @@
 
 
 use meterline_tests::stack::Process;
+use meterline_tests::webhook::Webhooks;
 use meterline_tests::*;
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn spend(user: &str, n: usize, cost: &str) -> Value {
@@ -30,22 +30,8 @@ async fn post(url: &str, key: &str, events: Vec<Value>) {
 async fn runaway_user_opens_notifies_and_resolves() {
     let Pipeline { brokers, ch, topic, database, ingest } = Pipeline::start("runaway").await;
 
-    // A webhook receiver that keeps what it is sent.
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().expect("lock").push(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let hooks = Webhooks::start().await;
+    let hook = &hooks.url;
 
     let metrics_port = free_port();
     let config = aggregator_config(
@@ -93,8 +79,7 @@ async fn runaway_user_opens_notifies_and_resolves() {
     .await;
     assert!(!text.contains("tenant=\"globex\",rule="), "no alert series for the quiet tenant");
     poll_until(Duration::from_secs(30), "the webhook to hear of it", || async {
-        let got = received.lock().expect("lock");
-        got.iter().any(|b| b["event"] == "opened" && b["user_id"] == "runaway" && b["rule"] == "peers").then_some(())
+        hooks.bodies().iter().any(|b| b["event"] == "opened" && b["user_id"] == "runaway" && b["rule"] == "peers").then_some(())
     })
     .await;
 
@@ -112,8 +97,7 @@ async fn runaway_user_opens_notifies_and_resolves() {
     })
     .await;
     poll_until(Duration::from_secs(30), "the webhook to hear it resolved", || async {
-        let got = received.lock().expect("lock");
-        got.iter().any(|b| b["event"] == "resolved" && b["user_id"] == "runaway" && b["rule"] == "peers").then_some(())
+        hooks.bodies().iter().any(|b| b["event"] == "resolved" && b["user_id"] == "runaway" && b["rule"] == "peers").then_some(())
     })
     .await;
     drop(agg);

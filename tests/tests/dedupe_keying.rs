@@ -6,6 +6,7 @@
 //! now written by several aggregators, a runaway alert still opens once.
 
 use meterline_tests::stack::{ClickHouse, Process};
+use meterline_tests::webhook::Webhooks;
 use meterline_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -232,21 +233,8 @@ async fn a_runaway_alert_opens_once_when_two_aggregators_write_the_user() {
     let topic = unique_topic("keying-alerts");
     let database = ch.database(&format!("keying_alerts_{}", free_port())).await;
     create_topic(&brokers(), &topic, PARTITIONS).await;
-    let received: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
-    let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().expect("lock").push(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let hooks = Webhooks::start().await;
+    let hook = &hooks.url;
     // Only the absolute rule can fire: $1 in 10 minutes.
     let alerts = format!(
         "[alerts]\nwebhook_url = \"{hook}\"\ninterval_secs = 1\n\
@@ -265,7 +253,7 @@ async fn a_runaway_alert_opens_once_when_two_aggregators_write_the_user() {
     // One event over the threshold: one partition, one aggregator opens.
     post(&ingest.url, &[spend("big", "2")]).await;
     let opened = |got: &[Value]| got.iter().filter(|b| b["event"] == "opened" && b["user_id"] == "runaway").count();
-    poll_until(Duration::from_secs(60), "the alert opened", || async { (opened(&received.lock().expect("lock")) > 0).then_some(()) }).await;
+    poll_until(Duration::from_secs(60), "the alert opened", || async { (opened(&hooks.bodies()) > 0).then_some(()) }).await;
     // More of its spend on every partition: both aggregators now flush the
     // user and find it over the threshold, the other one for the first time.
     let more: Vec<Value> = sentinels(100).iter().map(|s| spend(s["idempotency_key"].as_str().expect("key"), "0.1")).collect();
@@ -273,6 +261,6 @@ async fn a_runaway_alert_opens_once_when_two_aggregators_write_the_user() {
     drain(&ch, &database, &ingest.url, 1..3, &[&a, &b]).await;
     let rows = ch.query(&format!("SELECT count() FROM {database}.alerts FINAL WHERE user_id = 'runaway' AND state = 'open'")).await;
     assert_eq!(rows.trim(), "1", "one open alert for the user");
-    assert_eq!(opened(&received.lock().expect("lock")), 1, "the webhook heard of it once");
+    assert_eq!(opened(&hooks.bodies()), 1, "the webhook heard of it once");
     ingest.stop().await;
 }

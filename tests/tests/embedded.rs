@@ -31,6 +31,20 @@ async fn ready(url: &str) {
     .await;
 }
 
+/// Starts the binary with the test tenants in a config file in `dir` and its
+/// data in `dir/data`, and waits until it is ready; the process and its URL.
+async fn start_with_tenants(dir: &std::path::Path) -> (Process, String) {
+    let port = free_port();
+    let config = dir.join("test.toml");
+    std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", tenants_toml())).expect("config");
+    let data = dir.join("data");
+    let args: [&OsStr; 4] = ["--config".as_ref(), config.as_os_str(), "--data-dir".as_ref(), data.as_os_str()];
+    let server = Process::start_args("meterline", &args);
+    let url = format!("http://127.0.0.1:{port}");
+    ready(&url).await;
+    (server, url)
+}
+
 /// Events and input tokens per user, from the query API.
 async fn per_user(url: &str, key: &str) -> BTreeMap<String, (u64, u64)> {
     let now = chrono::Utc::now();
@@ -48,14 +62,7 @@ async fn per_user(url: &str, key: &str) -> BTreeMap<String, (u64, u64)> {
 #[tokio::test]
 async fn sigkill_during_ingest_loses_no_acked_event_and_counts_none_twice() {
     let dir = temp_dir("embedded-kill");
-    let port = free_port();
-    let config = dir.join("test.toml");
-    std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", tenants_toml())).expect("config");
-    let data = dir.join("data");
-    let args: [&OsStr; 4] = ["--config".as_ref(), config.as_os_str(), "--data-dir".as_ref(), data.as_os_str()];
-    let mut server = Process::start_args("meterline", &args);
-    let url = format!("http://127.0.0.1:{port}");
-    ready(&url).await;
+    let (mut server, url) = start_with_tenants(&dir).await;
 
     let next = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -206,14 +213,7 @@ async fn per(url: &str, key: &str, dimension: &str) -> BTreeMap<String, u64> {
 #[tokio::test]
 async fn copies_that_change_user_or_customer_count_once() {
     let dir = temp_dir("embedded-copies");
-    let port = free_port();
-    let config = dir.join("test.toml");
-    std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", tenants_toml())).expect("config");
-    let data = dir.join("data");
-    let args: [&OsStr; 4] = ["--config".as_ref(), config.as_os_str(), "--data-dir".as_ref(), data.as_os_str()];
-    let mut server = Process::start_args("meterline", &args);
-    let url = format!("http://127.0.0.1:{port}");
-    ready(&url).await;
+    let (mut server, url) = start_with_tenants(&dir).await;
 
     let at = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let copy = |n: usize, user: String, customer: &str| {

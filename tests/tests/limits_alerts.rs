@@ -3,11 +3,11 @@
 //! alert webhook (signed with the tenant's secret, unsigned without one) and
 //! in `/v1/alerts?rule=limit`; retried events fire nothing again.
 
-use meterline_limits::notify::{SIGNATURE_HEADER, signature};
+use meterline_limits::notify::signature;
 use meterline_schemas::tenants::hash_key;
+use meterline_tests::webhook::Webhooks;
 use meterline_tests::*;
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const SECRET: &str = "whsec_limits_alerts_test";
@@ -15,34 +15,11 @@ const HOOKED_INGEST: &str = "hooked-ingest-key";
 const HOOKED_READ: &str = "hooked-read-key";
 const HOOKED_ADMIN: &str = "hooked-admin-key";
 
-/// What the receiver was sent: the signature header, and the raw body.
-type Received = Arc<Mutex<Vec<(Option<String>, Vec<u8>)>>>;
-
-/// A webhook receiver on port 0 keeping every request; its URL.
-async fn receiver() -> (String, Received) {
-    let received: Received = Arc::default();
-    let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
-            let sink = sink.clone();
-            async move {
-                let sig = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                sink.lock().expect("lock").push((sig, body.to_vec()));
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, received)
-}
-
 /// The limit alerts received for `tenant`: each body, and its signature header.
-fn limit_alerts(received: &Received, tenant: &str) -> Vec<(Value, Option<String>, Vec<u8>)> {
-    let all = received.lock().expect("lock").clone();
-    all.into_iter()
+fn limit_alerts(hooks: &Webhooks, tenant: &str) -> Vec<(Value, Option<String>, Vec<u8>)> {
+    hooks
+        .requests()
+        .into_iter()
         .filter_map(|(sig, raw)| {
             let body: Value = serde_json::from_slice(&raw).ok()?;
             (body["kind"] == "limit" && body["tenant"] == tenant).then_some((body, sig, raw))
@@ -69,7 +46,8 @@ async fn send(client: &reqwest::Client, method: reqwest::Method, url: String, ke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thresholds_fire_once_signed_and_are_listed() {
-    let (hook, received) = receiver().await;
+    let hooks = Webhooks::start().await;
+    let hook = &hooks.url;
     let extra = format!(
         "[alerts]\nwebhook_url = \"{hook}\"\nwebhook_retries = 1\n\
          [[tenants]]\nid = \"hooked\"\nwebhook_secret = \"{SECRET}\"\n\
@@ -110,7 +88,7 @@ async fn thresholds_fire_once_signed_and_are_listed() {
     // one in the writer's transaction, so the crossing is the fifth's.
     post(HOOKED_INGEST, "u1", 0..6).await;
     let first = poll_until(Duration::from_secs(20), "the 0.5 crossing at the webhook", || async {
-        let got = limit_alerts(&received, "hooked");
+        let got = limit_alerts(&hooks, "hooked");
         (!got.is_empty()).then_some(got)
     })
     .await;
@@ -136,7 +114,7 @@ async fn thresholds_fire_once_signed_and_are_listed() {
     // Six more: 12 of 10 reaches the amount, once.
     post(HOOKED_INGEST, "u1", 6..12).await;
     let both = poll_until(Duration::from_secs(20), "the 1.0 crossing at the webhook", || async {
-        let got = limit_alerts(&received, "hooked");
+        let got = limit_alerts(&hooks, "hooked");
         (got.len() >= 2).then_some(got)
     })
     .await;
@@ -146,7 +124,7 @@ async fn thresholds_fire_once_signed_and_are_listed() {
     post(HOOKED_INGEST, "u1", 0..12).await;
     post(HOOKED_INGEST, "u1", 12..14).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(limit_alerts(&received, "hooked").len(), 2, "each threshold fired exactly once");
+    assert_eq!(limit_alerts(&hooks, "hooked").len(), 2, "each threshold fired exactly once");
     let alerts = poll_until(Duration::from_secs(10), "both alerts listed", || listed(2)).await;
     let mut thresholds: Vec<&str> = alerts.iter().filter_map(|a| a["threshold_usd"].as_str()).collect();
     thresholds.sort_unstable();
@@ -155,7 +133,7 @@ async fn thresholds_fire_once_signed_and_are_listed() {
     // A tenant without a secret is sent the same body, unsigned.
     post("acme-ingest-key", "a1", 0..5).await;
     let acme = poll_until(Duration::from_secs(20), "acme's crossing", || async {
-        let got = limit_alerts(&received, "acme");
+        let got = limit_alerts(&hooks, "acme");
         (!got.is_empty()).then_some(got)
     })
     .await;

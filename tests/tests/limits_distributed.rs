@@ -221,29 +221,13 @@ async fn sigkills_and_a_redis_restart_admit_nothing_past_the_limit_and_lose_no_c
 /// holds them with rule `limit`; retried events fire nothing again.
 #[tokio::test]
 async fn limit_crossings_fire_once_through_the_aggregator() {
-    use std::sync::{Arc, Mutex};
     const SECRET: &str = "whsec_distributed";
-    // Each request's signature header and raw body.
-    type Requests = Vec<(Option<String>, Vec<u8>)>;
-    let received: Arc<Mutex<Requests>> = Arc::default();
-    let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
-            let sink = sink.clone();
-            async move {
-                let sig = headers.get(meterline_limits::notify::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                sink.lock().expect("lock").push((sig, body.to_vec()));
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let hooks = meterline_tests::webhook::Webhooks::start().await;
+    let hook = &hooks.url;
     let limit_bodies = || -> Vec<(Value, Option<String>, Vec<u8>)> {
-        let all = received.lock().expect("lock").clone();
-        all.into_iter()
+        hooks
+            .requests()
+            .into_iter()
             .filter_map(|(sig, raw)| serde_json::from_slice::<Value>(&raw).ok().filter(|b| b["kind"] == "limit").map(|b| (b, sig, raw)))
             .collect()
     };
