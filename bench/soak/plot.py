@@ -69,7 +69,7 @@ def load_overlay(ax, loadavg, start_epoch):
 def save(fig, out, prefix, name):
     path = os.path.join(out, f"{prefix}-{name}.png")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=64)
     plt.close(fig)
     print(path)
 

@@ -198,7 +198,7 @@ impl Sampler {
         )?;
         let mut parts_csv = std::fs::File::create(args.out.join("parts.csv"))?;
         writeln!(parts_csv, "t_s,table,parts,rows,bytes_on_disk")?;
-        // The consumer for lag is the deployment's; the sampler borrows a new one on the same group.
+        // The same client as the deployment's, shared.
         let kafka = d.kafka.as_ref().map(|k| KafkaLag { consumer: k.consumer.clone(), topic: k.topic.clone(), partitions: k.partitions });
         Ok(Sampler {
             every: args.sample_every,

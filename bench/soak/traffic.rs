@@ -54,7 +54,8 @@ pub struct Probe {
 /// Every 10 s, one probe event for `PROBE_USER` sent to ingest (resent with
 /// the same key until a 202, as a client retries), then the query API polled
 /// every 50 ms until its event count includes it. A probe still invisible
-/// after 10 minutes is recorded as such and the next one goes out.
+/// after 10 minutes, or when the load ends, is recorded as such (it was
+/// accepted, so it still counts in the totals) and the next one goes out.
 /// Returns every probe; writes `freshness.csv`.
 pub async fn probe_loop(ingest: String, query: String, started: Instant, out: std::path::PathBuf, mut done: watch::Receiver<bool>) -> anyhow::Result<Vec<Probe>> {
     use std::io::Write;
@@ -97,7 +98,8 @@ pub async fn probe_loop(ingest: String, query: String, started: Instant, out: st
         let url = format!("{query}/v1/usage?granularity=total&user_id={PROBE_USER}&{}", range_params(now));
         let want = n as u64 + 1;
         let mut visible_ms = None;
-        while sent.elapsed() < Duration::from_secs(600) {
+        // The load's end does not wait on a probe stuck behind a backlog.
+        while sent.elapsed() < Duration::from_secs(600) && !*done.borrow() {
             if let Ok(body) = get(&client, &url).await {
                 let events: u64 = body["rows"].as_array().map_or(0, |rows| rows.iter().filter_map(|r| r["events"].as_u64()).sum());
                 if events >= want {

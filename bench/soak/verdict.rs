@@ -72,10 +72,10 @@ async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {
     r.json().await.ok()
 }
 
-/// Waits (up to 20 minutes) until the tenant's event count in the query API
+/// Waits (up to `settle`) until the tenant's event count in the query API
 /// is the truth's plus the probes, then compares every user's totals with
 /// the truth. Returns the outcome and the seconds the wait took.
-pub async fn settle_and_compare(query: &str, truth: &BTreeMap<String, UserTruth>, probes: &[Probe]) -> (Outcome, f64) {
+pub async fn settle_and_compare(query: &str, truth: &BTreeMap<String, UserTruth>, probes: &[Probe], settle: Duration) -> (Outcome, f64) {
     let mut expected: BTreeMap<String, Sums> =
         truth.iter().map(|(u, t)| (u.clone(), [t.events as i64, t.tokens as i64, t.cost_nanos, t.revenue_nanos])).collect();
     let n = probes.len() as i64;
@@ -89,7 +89,7 @@ pub async fn settle_and_compare(query: &str, truth: &BTreeMap<String, UserTruth>
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client");
     let range = range_params(chrono::Utc::now());
     let waited = Instant::now();
-    while waited.elapsed() < Duration::from_secs(1200) {
+    while waited.elapsed() < settle {
         let total = get(&client, &format!("{query}/v1/usage?granularity=total&{range}")).await;
         let events = total.and_then(|b| b["rows"].as_array().map(|r| r.iter().filter_map(|r| r["events"].as_i64()).sum::<i64>()));
         if events == Some(out.expected[0]) {

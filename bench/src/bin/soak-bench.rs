@@ -20,7 +20,7 @@
 //! `bench/SOAK.md` for how it was run.
 //!
 //! `target/release/soak-bench --mode distributed|embedded [--duration 60m] [--rate N]
-//! [--kill-every 10m] [--out DIR] [--users 10000] [--warmup 10m] [--seed 7]`
+//! [--kill-every 10m] [--out DIR] [--users 10000] [--warmup 10m] [--seed 7] [--settle 20m]`
 //! with the release binaries built and `eval "$(scripts/stack env)"` (for the
 //! tansu binary; the soak's servers are its own).
 
@@ -70,9 +70,11 @@ pub struct Args {
     pub warmup: Duration,
     pub sample_every: Duration,
     pub seed: u64,
+    /// How long the end waits for the store to hold every event.
+    pub settle: Duration,
 }
 
-const USAGE: &str = "soak-bench --mode distributed|embedded [--duration 60m] [--rate EVENTS_PER_S] [--kill-every 10m|0] [--out DIR] [--users N] [--warmup 10m] [--sample-every 10s] [--seed N]";
+const USAGE: &str = "soak-bench --mode distributed|embedded [--duration 60m] [--rate EVENTS_PER_S] [--kill-every 10m|0] [--out DIR] [--users N] [--warmup 10m] [--sample-every 10s] [--seed N] [--settle 20m]";
 
 /// `90`, `90s`, `3m`, `1h`.
 fn parse_duration(flag: &str, v: &str) -> anyhow::Result<Duration> {
@@ -107,6 +109,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut raw = std::env::args().skip(1);
     let (mut mode, mut duration, mut rate, mut kill_every, mut out) = (None, Duration::from_secs(3600), None, None, None);
     let (mut users, mut warmup, mut sample_every, mut seed) = (10_000usize, None, Duration::from_secs(10), 7u64);
+    let mut settle = Duration::from_secs(1200);
     while let Some(flag) = raw.next() {
         if flag == "--help" || flag == "-h" {
             println!("{USAGE}");
@@ -128,6 +131,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--users" => users = value.parse().map_err(|_| anyhow::anyhow!("--users: {value:?} must be a positive integer"))?,
             "--warmup" => warmup = Some(parse_duration(&flag, &value)?),
             "--sample-every" => sample_every = parse_duration(&flag, &value)?,
+            "--settle" => settle = parse_duration(&flag, &value)?,
             "--seed" => seed = value.parse().map_err(|_| anyhow::anyhow!("--seed: {value:?} must be an integer"))?,
             _ => anyhow::bail!("unknown flag {flag}\n{USAGE}"),
         }
@@ -148,7 +152,7 @@ fn parse_args() -> anyhow::Result<Args> {
     // Warm-up: the first 10 minutes, or a third of a shorter run.
     let warmup = warmup.unwrap_or_else(|| Duration::from_secs(600).min(duration / 3));
     let out = out.unwrap_or_else(|| PathBuf::from(format!("target/soak-{}", mode.as_str())));
-    Ok(Args { mode, duration, rate, rate_source, kill_every, out, users, warmup, sample_every, seed })
+    Ok(Args { mode, duration, rate, rate_source, kill_every, out, users, warmup, sample_every, seed, settle })
 }
 
 /// Where the traffic goes and what answers it.
@@ -312,6 +316,9 @@ async fn main() -> anyhow::Result<()> {
     let (report, truth) = run_with_progress(&options, Some(Duration::from_secs(60))).await?;
     let load_secs = started.elapsed().as_secs_f64();
     eprintln!("soak-bench: load done after {load_secs:.0} s: {}", serde_json::to_string(&report)?);
+    // Kept on disk, so that the totals can be checked again if this process
+    // cannot wait out the drain.
+    std::fs::write(args.out.join("truth.json"), serde_json::to_string(&truth)?)?;
 
     // Probes, queries and kills stop with the load; the drain is measured by
     // the totals settling.
@@ -325,7 +332,7 @@ async fn main() -> anyhow::Result<()> {
         kills = k;
     }
     verdict::note_kills(&args.out, &kills)?;
-    let (outcome, settle_secs) = verdict::settle_and_compare(&deployment.query_url, &truth, &probes).await;
+    let (outcome, settle_secs) = verdict::settle_and_compare(&deployment.query_url, &truth, &probes, args.settle).await;
     let alerts = traffic::runaway_alerts(&deployment.query_url).await;
     let first_alert_at = *queries.first_alert_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let _ = sampler_tx.send(true);
