@@ -41,6 +41,7 @@ mod events;
 mod jobs;
 mod ledger;
 mod limits;
+mod phases;
 mod reconcile;
 mod retention;
 mod rollups;

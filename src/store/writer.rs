@@ -2,7 +2,8 @@
 //! off the job queue, group-commits them in queue order (dedupe, events,
 //! limit counters, rollups, limits operations and, when due, alerts in one
 //! transaction), answers each job after the commit, then records the metrics
-//! and notifies alert transitions.
+//! and notifies alert transitions. Each commit's time per phase is recorded
+//! (`phases`), so a slow commit names its phase.
 
 use chrono::Utc;
 use meterline_aggregator::Notifier;
@@ -21,6 +22,7 @@ use super::checkpoint::{Checkpointer, JOURNAL_LIMIT_BYTES};
 use super::counting::{Counting, Housekeeping};
 use super::events::Events;
 use super::jobs::{Job, Op, Pending};
+use super::phases::{Phase, Phases};
 use super::rollups::Rollups;
 use crate::EmbeddedError;
 use crate::config::Config;
@@ -35,6 +37,7 @@ struct Written {
     limit_alerts: Vec<LimitAlert>,
     evaluated: bool,
     eval_cost: Duration,
+    phases: Phases,
 }
 
 /// The single writer: group commits of ingest requests, limits operations, rollups and alerts.
@@ -72,6 +75,7 @@ impl Writer {
         conn.pragma_update(None, "journal_size_limit", JOURNAL_LIMIT_BYTES)?;
         let path = conn.path().map(std::path::PathBuf::from).unwrap_or_default();
         let checkpointer = Checkpointer::start(&path)?;
+        super::phases::describe();
         let mut evaluator = Evaluator::new(config.alerts.clone());
         evaluator.load(open_alerts(&conn)?);
         Ok(Writer {
@@ -124,7 +128,13 @@ impl Writer {
                 Err(_) => {}
             }
             self.commit(jobs, runtime);
-            self.retention.step(&mut self.conn);
+            if self.retention.due_in().is_zero() {
+                let started = Instant::now();
+                self.retention.step(&mut self.conn);
+                let mut phases = Phases::default();
+                phases.add(Phase::Retention, started.elapsed());
+                phases.record(0, started.elapsed());
+            }
         }
     }
 
@@ -161,6 +171,7 @@ impl Writer {
     /// `queue` leaves its answer in `pending`.
     fn write(&mut self, queue: &mut std::vec::IntoIter<Job>, pending: &mut Vec<Pending>) -> Result<Written, rusqlite::Error> {
         let mut out = Written::default();
+        let phases = &mut out.phases;
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
         let written_at = datetime_secs(now);
@@ -177,7 +188,7 @@ impl Writer {
                         events
                     }
                     Job::Limits(op) => {
-                        run_op(&tx, op, pending)?;
+                        phases.time(Phase::LimitsOps, || run_op(&tx, op, pending))?;
                         // The operation may have changed plans or subscriptions.
                         counting.forget();
                         continue;
@@ -185,7 +196,8 @@ impl Writer {
                 };
                 for env in &envelopes {
                     let fp = fingerprint(&env.tenant, &env.event);
-                    match Decision::of(events.seen(&env.tenant, &env.event.idempotency_key)?, fp) {
+                    let seen = phases.time(Phase::Dedupe, || events.seen(&env.tenant, &env.event.idempotency_key))?;
+                    match Decision::of(seen, fp) {
                         Decision::Retry => out.duplicates.push("retry"),
                         Decision::Conflict => {
                             tracing::warn!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
@@ -194,8 +206,8 @@ impl Writer {
                         Decision::New => {
                             let priced = price(&env.event, self.keys.tenant(&env.tenant), &self.catalog);
                             let row = EventRow::new(env, fp, priced, Source::Embedded, written_at);
-                            events.insert(&row)?;
-                            counting.count(&tx, &row, now_ms, &mut out.limit_alerts)?;
+                            phases.time(Phase::Insert, || events.insert(&row))?;
+                            phases.time(Phase::Count, || counting.count(&tx, &row, now_ms, &mut out.limit_alerts))?;
                             rollups.add(&row);
                             touched.push((row.tenant.clone(), row.user_id.clone()));
                             out.rows.push(row);
@@ -203,8 +215,9 @@ impl Writer {
                     }
                 }
             }
-            rollups.upsert(&tx)?;
-            self.housekeeping.run(&tx, now_ms)?;
+            phases.time(Phase::Rollups, || rollups.upsert(&tx))?;
+            let housekeeping = &mut self.housekeeping;
+            phases.time(Phase::Housekeeping, || housekeeping.run(&tx, now_ms))?;
         }
         self.touched.extend(touched);
         let due = due_in(&self.evaluator, !self.touched.is_empty(), self.last_eval, self.eval_every.max(self.eval_cost * 4), self.reevaluate_every);
@@ -217,8 +230,9 @@ impl Writer {
             out.eval_cost = started.elapsed();
             alerts::store(&tx, &out.transitions)?;
             out.evaluated = true;
+            out.phases.add(Phase::Alerts, started.elapsed());
         }
-        tx.commit()?;
+        out.phases.time(Phase::Commit, || tx.commit())?;
         Ok(out)
     }
 
@@ -241,6 +255,7 @@ impl Writer {
             agg_metrics::duplicate(reason);
         }
         agg_metrics::flushed(started.elapsed().as_secs_f64(), written.rows.len());
+        written.phases.record(written.rows.len(), started.elapsed());
         if !written.limit_alerts.is_empty() {
             // Stored with the counts they crossed; the webhook is spawned on the runtime.
             let _guard = runtime.enter();
