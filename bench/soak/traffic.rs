@@ -16,16 +16,7 @@ pub const PROBE_TOKENS: i64 = 11;
 
 const READ_KEY: &str = "acme-read-key";
 
-/// True once the aggregator at `metrics_url` has partitions assigned.
-pub async fn assigned(metrics_url: String) -> Option<()> {
-    let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
-    let assigned: f64 = text
-        .lines()
-        .filter(|l| l.starts_with(meterline_aggregator::metrics::PARTITIONS))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    (assigned > 0.0).then_some(())
-}
+pub use meterline_bench::aggregator_assigned as assigned;
 
 /// A wide range: late events go up to 30 days back.
 pub fn range_params(now: chrono::DateTime<chrono::Utc>) -> String {

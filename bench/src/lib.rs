@@ -78,3 +78,14 @@ pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<Stri
     ),
     ]
 }
+
+/// True once the aggregator whose metrics are at `metrics_url` has partitions assigned.
+pub async fn aggregator_assigned(metrics_url: String) -> Option<()> {
+    let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
+    let assigned: f64 = text
+        .lines()
+        .filter(|l| l.starts_with(meterline_aggregator::metrics::PARTITIONS))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    (assigned > 0.0).then_some(())
+}

@@ -70,16 +70,7 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let metrics_url = format!("http://127.0.0.1:{agg_port}/metrics");
     poll_until(Duration::from_secs(60), "the aggregator to be assigned partitions", || {
-        let url = metrics_url.clone();
-        async move {
-            let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-            let assigned: f64 = text
-                .lines()
-                .filter(|l| l.starts_with(meterline_aggregator::metrics::PARTITIONS))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            (assigned > 0.0).then_some(())
-        }
+        meterline_bench::aggregator_assigned(metrics_url.clone())
     })
     .await;
     let mut query = Process::start(
