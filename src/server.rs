@@ -52,6 +52,7 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     let _ = meterline_ingest::metrics::handle();
     let _ = meterline_aggregator::metrics::handle();
     let _ = meterline_query_api::metrics::handle();
+    crate::store::describe_writer_metrics();
     let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog(store.clone()));
     let ingest = meterline_ingest::AppState::new(&config.tenants, config.events, &config.server, log)?.with_cloudevents(&config.cloudevents)?;
     let limits = Limits::new(

@@ -42,6 +42,9 @@ mod jobs;
 mod ledger;
 mod limits;
 mod phases;
+
+/// Describes the writer's metrics; call after the recorder is installed.
+pub(crate) use phases::describe as describe_writer_metrics;
 mod reconcile;
 mod retention;
 mod rollups;

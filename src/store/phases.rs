@@ -45,7 +45,7 @@ impl Phase {
 }
 
 /// Describes the histogram (once per recorder is enough; repeats are harmless).
-pub(super) fn describe() {
+pub(crate) fn describe() {
     describe_histogram!(PHASE_SECONDS, "Time the embedded writer spent per group commit in each phase (retention: per step), by phase.");
 }
 

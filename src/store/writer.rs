@@ -75,7 +75,6 @@ impl Writer {
         conn.pragma_update(None, "journal_size_limit", JOURNAL_LIMIT_BYTES)?;
         let path = conn.path().map(std::path::PathBuf::from).unwrap_or_default();
         let checkpointer = Checkpointer::start(&path)?;
-        super::phases::describe();
         let mut evaluator = Evaluator::new(config.alerts.clone());
         evaluator.load(open_alerts(&conn)?);
         Ok(Writer {
