@@ -190,7 +190,7 @@ impl Summary {
         let in_load = |s: &&Sample| s.t >= warm && s.t <= load_secs;
         let _ = writeln!(
             md,
-            "## Soak, {} mode\n\n{:.0} s of load at {} events/s offered ({}); {:.0} accepted/s; {} events sent ({} unique actions, {} retries, {} conflicting copies), {} rejected; request p99 {:.1} ms; {} kills; warm-up {:.0} s.\n",
+            "## Soak, {} mode\n\n{:.0} s of load at {} events/s offered ({}); {:.0} accepted/s; {} events sent ({} unique actions, {} retries, {} conflicting copies), {} rejected, {} requests resent after a retryable answer; request p99 {:.1} ms; {} kills; warm-up {:.0} s.\n",
             args.mode.as_str(),
             load_secs,
             args.rate,
@@ -201,6 +201,7 @@ impl Summary {
             report.retries,
             report.conflicts,
             report.events_rejected,
+            report.requests_resent,
             report.latency_ms.get("p99").copied().unwrap_or(0.0),
             kills.len(),
             warm

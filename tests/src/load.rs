@@ -44,7 +44,11 @@ pub struct LoadReport {
     pub seconds: f64,
     pub accepted_per_second: f64,
     pub latency_ms: BTreeMap<String, f64>,
+    /// Final answers other than 202, by status (after resending).
     pub errors_by_status: BTreeMap<u16, usize>,
+    /// Retryable answers (503, 429, a dropped connection) that were sent
+    /// again with the same keys.
+    pub requests_resent: u64,
     pub unique_events: u64,
     pub retries: u64,
     pub conflicts: u64,
@@ -135,6 +139,7 @@ pub async fn run_with_progress(options: &LoadOptions, progress: Option<Duration>
         accepted_per_second: stats.accepted as f64 / seconds.max(1e-9),
         latency_ms: [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)].into_iter().map(|(k, q)| (k.to_owned(), stats.latency.quantile_ms(q))).collect(),
         errors_by_status: stats.errors,
+        requests_resent: stats.resent,
         unique_events: source.next_action as u64,
         retries: source.retries,
         conflicts: source.conflicts,
@@ -147,24 +152,51 @@ pub async fn run_with_progress(options: &LoadOptions, progress: Option<Duration>
 #[derive(Debug)]
 struct Posted {
     latency: Duration,
-    /// 0 when no HTTP answer came (connection refused, reset, timeout).
+    /// The last answer's status; 0 when no HTTP answer came (connection
+    /// refused, reset, timeout).
     status: u16,
     events: u64,
     accepted: u64,
+    /// Attempts that got a retryable answer and were sent again.
+    resent: u64,
 }
 
+/// How long one batch is resent after retryable answers before it counts
+/// as rejected.
+const RESEND_FOR: Duration = Duration::from_secs(600);
+
+/// Whether an answer means "try again later": the request's events are
+/// neither stored nor refused for a reason of their own.
+fn retryable(status: u16) -> bool {
+    matches!(status, 0 | 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// Posts one batch as a well-behaved client does: a retryable answer (a
+/// `503` while the broker is away, a dropped connection) is resent with the
+/// same idempotency keys after `Retry-After` or a doubling backoff, so the
+/// ground truth holds across outages; it gives up after [`RESEND_FOR`].
 async fn post(client: &reqwest::Client, url: &str, key: &str, events: &[Value]) -> Posted {
     let t = Instant::now();
-    let response = client.post(url).bearer_auth(key).json(events).send().await;
-    let (status, accepted) = match response {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            let body: Value = r.json().await.unwrap_or_default();
-            (status, body["accepted"].as_u64().unwrap_or(0))
+    let mut backoff = Duration::from_millis(100);
+    let mut resent = 0;
+    loop {
+        let response = client.post(url).bearer_auth(key).json(events).send().await;
+        let (status, accepted, retry_after) = match response {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let retry_after = r.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).map(Duration::from_secs);
+                let body: Value = r.json().await.unwrap_or_default();
+                (status, body["accepted"].as_u64().unwrap_or(0), retry_after)
+            }
+            Err(_) => (0, 0, None),
+        };
+        if !retryable(status) || t.elapsed() >= RESEND_FOR {
+            return Posted { latency: t.elapsed(), status, events: events.len() as u64, accepted, resent };
         }
-        Err(_) => (0, 0),
-    };
-    Posted { latency: t.elapsed(), status, events: events.len() as u64, accepted }
+        resent += 1;
+        tokio::time::sleep(retry_after.unwrap_or(backoff).min(Duration::from_secs(5))).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Running counters: everything the report and the progress lines need, in
@@ -176,6 +208,7 @@ struct Stats {
     answered: u64,
     accepted: u64,
     rejected: u64,
+    resent: u64,
     errors: BTreeMap<u16, usize>,
     latency: Histogram,
 }
@@ -186,6 +219,7 @@ impl Stats {
         self.answered += p.events;
         self.accepted += p.accepted;
         self.rejected += p.events.saturating_sub(p.accepted);
+        self.resent += p.resent;
         if p.status != 202 {
             *self.errors.entry(p.status).or_insert(0) += 1;
         }
@@ -193,7 +227,10 @@ impl Stats {
     }
 
     fn progress_line(&self, elapsed: f64, recent_per_second: f64, in_flight: usize) -> String {
-        let errors = if self.errors.is_empty() { String::new() } else { format!(", errors by status {:?}", self.errors) };
+        let mut errors = if self.errors.is_empty() { String::new() } else { format!(", errors by status {:?}", self.errors) };
+        if self.resent > 0 {
+            errors += &format!(", {} requests resent", self.resent);
+        }
         format!(
             "meterline-load: {elapsed:.1} s: sent {} accepted {} rejected {}, {:.0} accepted/s ({:.0} since the last line), request p99 {:.1} ms, {in_flight} in flight{errors}",
             self.sent,

@@ -181,7 +181,15 @@ async fn answers(url: String) -> Option<()> {
     reqwest::get(url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
 }
 
-async fn start_distributed(seed: u64) -> anyhow::Result<Deployment> {
+/// The dedupe filters' size for the run, as an operator sizes them for their
+/// peak: every event of the run on one of the 4 partitions, in one 7-day
+/// slice, with a quarter to spare (the default, 2 M keys, is for a smaller
+/// deployment; the last soak ran its filters at 2-5 x their design size).
+fn keys_per_slice(args: &Args) -> u64 {
+    (args.rate * args.duration.as_secs() / 4 * 5 / 4).max(2_000_000)
+}
+
+async fn start_distributed(seed: u64, keys_per_slice: u64) -> anyhow::Result<Deployment> {
     let broker = Broker::start().await;
     let brokers = broker.addr();
     let ch = Arc::new(ClickHouse::private().await);
@@ -202,7 +210,7 @@ async fn start_distributed(seed: u64) -> anyhow::Result<Deployment> {
         "meterline-aggregator",
         &format!(
             "[server]\nlisten = \"127.0.0.1:{agg_port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"{group}\"\n\
-             [clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n{tenants}",
+             [clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n[dedupe]\nexpected_keys_per_slice = {keys_per_slice}\n{tenants}",
             ch.url
         ),
     );
@@ -280,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
         args.out.display()
     );
     let mut deployment = match args.mode {
-        Mode::Distributed => start_distributed(args.seed).await?,
+        Mode::Distributed => start_distributed(args.seed, keys_per_slice(&args)).await?,
         Mode::Embedded => start_embedded(&args.out).await?,
     };
     let started = Instant::now();
