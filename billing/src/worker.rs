@@ -45,6 +45,8 @@ impl<L: BillingLedger> Worker<L> {
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let cycle = async {
+                // One `stripe sync cycle` line per finished cycle: the sync's
+                // tests count them to know a whole cycle ran (no metrics here).
                 match self.cycle(chrono::Utc::now().timestamp()).await {
                     Ok(report) if report != CycleReport::default() => tracing::info!(?report, "stripe sync cycle"),
                     Ok(_) => tracing::debug!("stripe sync cycle: nothing to push"),

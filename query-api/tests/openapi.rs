@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 mod common;
 
-#[derive(Debug)]
-struct Fake;
+use common::{FakeBilling, FakeExport, FakeStore, alert, event};
 
 fn row(user: &str, customer: &str, bucket: u32) -> SumRow {
     SumRow {
@@ -35,122 +34,36 @@ fn row(user: &str, customer: &str, bucket: u32) -> SumRow {
     }
 }
 
-fn event(key: &str, topic: &str, metadata: &str) -> EventRow {
-    EventRow {
-        tenant: "acme".into(),
-        idempotency_key: key.into(),
-        fingerprint: 1,
-        event_time: 1_800_000_000,
-        event_time_ns: 5,
-        user_id: "u".into(),
-        customer_id: String::new(),
-        feature: "chat".into(),
-        model: "gpt-4o".into(),
-        provider: "openai".into(),
-        environment: "production".into(),
-        billable: 1,
-        input_tokens: 1,
-        output_tokens: 2,
-        cached_input_tokens: 3,
-        reasoning_tokens: 4,
-        cost_nanos: 5,
-        cost_source: 2,
-        revenue_nanos: -6,
-        credits_nanos: 0,
-        metadata: metadata.into(),
-        received_at: 1_800_000_001,
-        kafka_topic: topic.into(),
-        kafka_partition: 3,
-        kafka_offset: 42,
-        written_at: 1_800_000_002,
-    }
-}
-
-fn alert(state: &str, resolved_at: u32) -> AlertRow {
-    AlertRow {
-        tenant: "acme".into(),
-        user_id: "u".into(),
-        rule: "peers".into(),
-        opened_at: 1_800_000_000,
-        state: state.into(),
-        observed_nanos: 200,
-        threshold_nanos: 100,
-        window_secs: 3_600,
-        updated_at: 1_800_000_100,
-        resolved_at,
-        version: 1,
-    }
-}
-
-impl QueryStore for Fake {
-    fn sums<'a>(&'a self, _: &'a Scope, _: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async { Ok(vec![row("u1", "", 1_800_000_000), row("u2", "c", 1_800_003_600)]) })
-    }
-    fn top<'a>(&'a self, _: &'a Scope, _: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async { Ok(vec![row("u1", "", 0), row("u2", "c", 0)]) })
-    }
-    fn negative_count<'a>(&'a self, _: &'a Scope, _: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
-        Box::pin(async { Ok(1) })
-    }
-    fn events<'a>(&'a self, _: &'a Scope, _: Option<&'a Cursor>, _: i64) -> BoxFuture<'a, Result<Vec<EventRow>, QueryError>> {
-        Box::pin(async { Ok(vec![event("k1", "topic", "{\"a\":1}"), event("k2", "", ""), event("k3", "", "")]) })
-    }
-    fn alerts<'a>(&'a self, _: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>> {
-        Box::pin(async { Ok(vec![alert("open", 0), alert("resolved", 1_800_000_200)]) })
-    }
-    fn ping(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async { true })
+/// Every kind of row, each field set somewhere: a metadata object and a
+/// topic on one event only, an open alert and a resolved one.
+fn fake() -> FakeStore {
+    FakeStore {
+        sums: vec![row("u1", "", 1_800_000_000), row("u2", "c", 1_800_003_600)],
+        top: vec![row("u1", "", 0), row("u2", "c", 0)],
+        events: vec![event("k1", "topic", "{\"a\":1}"), event("k2", "", ""), event("k3", "", "")],
+        alerts: vec![alert("u", "open", 0), alert("u", "resolved", 1_800_000_200)],
     }
 }
 
 const READ_KEY: &str = "read-key-for-the-openapi-test";
 const ADMIN_KEY: &str = "admin-key-for-the-openapi-test";
 
-/// An export source with a cycle-anchored customer and one summed segment each.
-#[derive(Debug)]
-struct FakeExport;
-
-impl meterline_query_api::export::ExportSource for FakeExport {
-    fn anchors<'a>(
-        &'a self,
-        _: &'a str,
-        _: meterline_limits::Scope,
-    ) -> BoxFuture<'a, Result<std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>, QueryError>> {
-        Box::pin(async { Ok([("c".to_owned(), chrono::DateTime::from_timestamp(1_800_000_000, 5).expect("time"))].into()) })
-    }
-    fn sums<'a>(&'a self, _: &'a meterline_sql::BillingSums) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async { Ok(vec![row("u1", "c", 0), row("u2", "d", 0)]) })
-    }
-}
-
-/// A billing store with one API mapping (`api-c`) and a status row with
-/// every optional field set and one with none.
-#[derive(Debug)]
-struct FakeBilling;
-
-impl meterline_billing::BillingAdmin for FakeBilling {
-    async fn put_mapping(&self, _: &str, _: &str, _: &str) -> Result<(), meterline_billing::BillingError> {
-        Ok(())
-    }
-    async fn mapping(&self, _: &str, subject: &str) -> Result<Option<String>, meterline_billing::BillingError> {
-        Ok((subject == "api-c").then(|| "cus_Api".to_owned()))
-    }
-    async fn status(&self, _: &str) -> Result<Vec<meterline_billing::StatusRow>, meterline_billing::BillingError> {
-        let row = |customer: &str, last: Option<&str>, error: Option<&str>| meterline_billing::StatusRow {
-            event_name: "ai_cost".into(),
-            customer_id: customer.into(),
-            stripe_customer_id: "cus_Api".into(),
-            last_window: last.map(str::to_owned),
-            last_window_value: 7,
-            total_pushed: 70,
-            pending_windows: 1,
-            pending_value: 3,
-            refused_windows: 0,
-            refused_value: 0,
-            last_error: error.map(str::to_owned),
-        };
-        Ok(vec![row("api-c", Some("2026-01-01T10:00:00Z"), None), row("config-c", None, Some("No such customer: 'cus_C'"))])
-    }
+/// A status row with every optional field set (`api-c`) and one with none (`config-c`).
+fn status() -> Vec<meterline_billing::StatusRow> {
+    let row = |customer: &str, last: Option<&str>, error: Option<&str>| meterline_billing::StatusRow {
+        event_name: "ai_cost".into(),
+        customer_id: customer.into(),
+        stripe_customer_id: "cus_Api".into(),
+        last_window: last.map(str::to_owned),
+        last_window_value: 7,
+        total_pushed: 70,
+        pending_windows: 1,
+        pending_value: 3,
+        refused_windows: 0,
+        refused_value: 0,
+        last_error: error.map(str::to_owned),
+    };
+    vec![row("api-c", Some("2026-01-01T10:00:00Z"), None), row("config-c", None, Some("No such customer: 'cus_C'"))]
 }
 
 /// The billing routes over [`FakeBilling`], with `config-c` mapped by config.
@@ -165,7 +78,7 @@ fn fake_billing(tenants: &[TenantConfig]) -> axum::Router {
         ..Default::default()
     };
     let keys = meterline_schemas::tenants::KeyRing::from_config(tenants).expect("keys");
-    meterline_billing::routes(Arc::new(meterline_billing::BillingApi::new(FakeBilling, keys, config)))
+    meterline_billing::routes(Arc::new(meterline_billing::BillingApi::new(FakeBilling(status()), keys, config)))
 }
 
 async fn serve() -> String {
@@ -183,7 +96,7 @@ async fn serve() -> String {
     }];
     let limits = meterline_query_api::limits::read_routes(common::FakeLimits, &tenants, Default::default()).expect("limits routes");
     let state = Arc::new(
-        AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(fake_billing(&tenants)).with_limits(limits),
+        AppState::new(&tenants, Arc::new(fake()), 400).expect("state").with_export(Arc::new(FakeExport(vec![row("u1", "c", 0), row("u2", "d", 0)]))).with_billing(fake_billing(&tenants)).with_limits(limits),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -9,11 +9,9 @@
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use futures::future::BoxFuture;
-use meterline_domain::{AlertRow, EventRow, SumRow};
-use meterline_query_api::{AlertsQuery, AppState, Cursor, QueryError, QueryStore, SumsQuery, TopQuery};
+use meterline_domain::{EventRow, SumRow};
+use meterline_query_api::AppState;
 use meterline_schemas::tenants::{TenantConfig, hash_key};
-use meterline_sql::Scope;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 use serde_json::Value;
@@ -22,6 +20,8 @@ use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
 
 mod common;
+
+use common::{FakeBilling, FakeExport, FakeStore, alert};
 
 const READ_KEY: &str = "read-key-for-the-params-fuzz";
 const ADMIN_KEY: &str = "admin-key-for-the-params-fuzz";
@@ -33,110 +33,22 @@ fn seed() -> u64 {
 }
 const CASES: u32 = 256;
 
-#[derive(Debug)]
-struct Fake;
-
 fn row(user: &str, bucket: u32) -> SumRow {
     SumRow { g_bucket: bucket, g_user: user.into(), g_customer: "c".into(), g_feature: "chat".into(), g_model: "gpt-4o".into(), s_events: 2, s_cost: 5, s_revenue: 3, ..SumRow::default() }
 }
 
+/// The shared event with only the columns every row has.
 fn event(key: &str) -> EventRow {
-    EventRow {
-        tenant: "acme".into(),
-        idempotency_key: key.into(),
-        fingerprint: 1,
-        event_time: 1_800_000_000,
-        event_time_ns: 5,
-        user_id: "u".into(),
-        customer_id: String::new(),
-        feature: "chat".into(),
-        model: "gpt-4o".into(),
-        provider: String::new(),
-        environment: "production".into(),
-        billable: 1,
-        input_tokens: 1,
-        output_tokens: 2,
-        cached_input_tokens: 0,
-        reasoning_tokens: 0,
-        cost_nanos: 5,
-        cost_source: 2,
-        revenue_nanos: 0,
-        credits_nanos: 0,
-        metadata: String::new(),
-        received_at: 1_800_000_001,
-        kafka_topic: String::new(),
-        kafka_partition: 0,
-        kafka_offset: 0,
-        written_at: 1_800_000_002,
-    }
-}
-
-fn alert(user: &str) -> AlertRow {
-    AlertRow {
-        tenant: "acme".into(),
-        user_id: user.into(),
-        rule: "peers".into(),
-        opened_at: 1_800_000_000,
-        state: "open".into(),
-        observed_nanos: 200,
-        threshold_nanos: 100,
-        window_secs: 3_600,
-        updated_at: 1_800_000_100,
-        resolved_at: 0,
-        version: 1,
-    }
+    EventRow { provider: String::new(), cached_input_tokens: 0, reasoning_tokens: 0, revenue_nanos: 0, kafka_partition: 0, kafka_offset: 0, ..common::event(key, "", "") }
 }
 
 /// Two rows of everything, so that a `limit=1` cuts and hands out a cursor.
-impl QueryStore for Fake {
-    fn sums<'a>(&'a self, _: &'a Scope, _: &'a SumsQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async { Ok(vec![row("u1", 1_800_000_000), row("u2", 1_800_003_600)]) })
-    }
-    fn top<'a>(&'a self, _: &'a Scope, _: TopQuery) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async { Ok(vec![row("u1", 0), row("u2", 0)]) })
-    }
-    fn negative_count<'a>(&'a self, _: &'a Scope, _: &'a [&'static str]) -> BoxFuture<'a, Result<u64, QueryError>> {
-        Box::pin(async { Ok(1) })
-    }
-    fn events<'a>(&'a self, _: &'a Scope, _: Option<&'a Cursor>, _: i64) -> BoxFuture<'a, Result<Vec<EventRow>, QueryError>> {
-        Box::pin(async { Ok(vec![event("k1"), event("k2")]) })
-    }
-    fn alerts<'a>(&'a self, _: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>> {
-        Box::pin(async { Ok(vec![alert("u1"), alert("u2")]) })
-    }
-    fn ping(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async { true })
-    }
-}
-
-#[derive(Debug)]
-struct FakeExport;
-
-impl meterline_query_api::export::ExportSource for FakeExport {
-    fn anchors<'a>(
-        &'a self,
-        _: &'a str,
-        _: meterline_limits::Scope,
-    ) -> BoxFuture<'a, Result<std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>>, QueryError>> {
-        Box::pin(async { Ok([("c".to_owned(), chrono::DateTime::from_timestamp(1_800_000_000, 5).expect("time"))].into()) })
-    }
-    fn sums<'a>(&'a self, _: &'a meterline_sql::BillingSums) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(async { Ok(vec![row("u1", 0), row("u2", 0)]) })
-    }
-}
-
-#[derive(Debug)]
-struct FakeBilling;
-
-impl meterline_billing::BillingAdmin for FakeBilling {
-    async fn put_mapping(&self, _: &str, _: &str, _: &str) -> Result<(), meterline_billing::BillingError> {
-        Ok(())
-    }
-    async fn mapping(&self, _: &str, subject: &str) -> Result<Option<String>, meterline_billing::BillingError> {
-        Ok((subject == "api-c").then(|| "cus_Api".to_owned()))
-    }
-    async fn status(&self, _: &str) -> Result<Vec<meterline_billing::StatusRow>, meterline_billing::BillingError> {
-        Ok(vec![])
+fn fake() -> FakeStore {
+    FakeStore {
+        sums: vec![row("u1", 1_800_000_000), row("u2", 1_800_003_600)],
+        top: vec![row("u1", 0), row("u2", 0)],
+        events: vec![event("k1"), event("k2")],
+        alerts: vec![alert("u1", "open", 0), alert("u2", "open", 0)],
     }
 }
 
@@ -151,9 +63,9 @@ fn router() -> axum::Router {
             ]});
             let tenants: Vec<TenantConfig> = vec![serde_json::from_value(tenant).expect("tenant config")];
             let keys = meterline_schemas::tenants::KeyRing::from_config(&tenants).expect("keys");
-            let billing = meterline_billing::routes(Arc::new(meterline_billing::BillingApi::new(FakeBilling, keys, Default::default())));
+            let billing = meterline_billing::routes(Arc::new(meterline_billing::BillingApi::new(FakeBilling(Vec::new()), keys, Default::default())));
             let limits = meterline_query_api::limits::read_routes(common::FakeLimits, &tenants, Default::default()).expect("limits routes");
-            let state = AppState::new(&tenants, Arc::new(Fake), 400).expect("state").with_export(Arc::new(FakeExport)).with_billing(billing).with_limits(limits);
+            let state = AppState::new(&tenants, Arc::new(fake()), 400).expect("state").with_export(Arc::new(FakeExport(vec![row("u1", 0), row("u2", 0)]))).with_billing(billing).with_limits(limits);
             meterline_query_api::router(Arc::new(state))
         })
         .clone()

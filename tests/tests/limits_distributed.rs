@@ -68,7 +68,12 @@ async fn reserve(url: &str, user: &str, estimate: Value, ttl: u64) -> (u16, Valu
 }
 
 async fn used(url: &str, user: &str, limit: &str) -> Option<String> {
-    let (status, body) = call(reqwest::Method::GET, &format!("{url}/v1/users/{user}/limits"), READ, None).await;
+    used_as(url, READ, user, limit).await
+}
+
+/// The used amount of `user`'s `limit`, read with `key` (its tenant's).
+async fn used_as(url: &str, key: &str, user: &str, limit: &str) -> Option<String> {
+    let (status, body) = call(reqwest::Method::GET, &format!("{url}/v1/users/{user}/limits"), key, None).await;
     if status != 200 {
         return None;
     }
@@ -235,8 +240,10 @@ async fn limit_crossings_fire_once_through_the_aggregator() {
     let hooked = format!(
         "[[tenants]]\nid = \"hooked\"\nwebhook_secret = \"{SECRET}\"\n\
          [[tenants.keys]]\nname = \"ingest\"\nsha256 = \"{}\"\nscopes = [\"ingest\"]\n\
+         [[tenants.keys]]\nname = \"read\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n\
          [[tenants.keys]]\nname = \"admin\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
         meterline_schemas::tenants::hash_key("hooked-ingest"),
+        meterline_schemas::tenants::hash_key("hooked-read"),
         meterline_schemas::tenants::hash_key("hooked-admin"),
     );
     let ch = ClickHouse::shared();
@@ -257,14 +264,15 @@ async fn limit_crossings_fire_once_through_the_aggregator() {
     let plan = json!({"limits": [{"name": "daily", "measure": "events", "period": "day", "amount": "10", "notify_at": ["0.5", "1"]}]});
     let (status, body) = call(reqwest::Method::PUT, &format!("{url}/v1/plans/default"), "hooked-admin", Some(plan)).await;
     assert_eq!(status, 200, "{body}");
-    let post = |ns: std::ops::Range<usize>| {
+    let post_as = |user: &'static str, ns: std::ops::Range<usize>| {
         let url = url.clone();
         async move {
-            let events: Vec<Value> = ns.map(|n| event("d1", n)).collect();
+            let events: Vec<Value> = ns.map(|n| event(user, n)).collect();
             let (status, body) = call(reqwest::Method::POST, &format!("{url}/v1/events"), "hooked-ingest", Some(json!(events))).await;
             assert_eq!(status, 202, "{body}");
         }
     };
+    let post = |ns: std::ops::Range<usize>| post_as("d1", ns);
     let verify = |header: Option<&str>, raw: &[u8]| {
         let header = header.expect("signed");
         let t: i64 = header.strip_prefix("t=").and_then(|r| r.split(',').next()).and_then(|t| t.parse().ok()).expect("t=");
@@ -302,8 +310,24 @@ async fn limit_crossings_fire_once_through_the_aggregator() {
     })
     .await;
     assert!(stored.iter().all(|r| r["user_id"] == "d1" && r["state"] == "open"), "{stored:?}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(limit_bodies().len(), 2, "each threshold fired exactly once");
+
+    // Every d1 event counted: the flush holding the last of them has been
+    // applied, and its crossings are read, stored and handed to the webhook
+    // right after its apply, before the aggregator applies a later flush.
+    let counted = poll_until(Duration::from_secs(30), "d1's 14 events counted", || async {
+        used_as(&url, "hooked-read", "d1", "daily").await.filter(|u| u.parse::<u64>().is_ok_and(|n| n >= 14))
+    })
+    .await;
+    assert_eq!(counted, "14", "the retried events were counted again");
+    // A marker posted only now lands in a later flush: once its own
+    // crossing is at the webhook, a second one for d1 would have been sent.
+    post_as("d1-marker", 0..5).await;
+    poll_until(Duration::from_secs(60), "the marker's crossing at the webhook", || async {
+        limit_bodies().iter().any(|(b, _, _)| b["subject_id"] == "d1-marker").then_some(())
+    })
+    .await;
+    let d1 = limit_bodies().into_iter().filter(|(b, _, _)| b["subject_id"] == "d1").count();
+    assert_eq!(d1, 2, "each threshold fired exactly once");
     ingest.stop().await;
     aggregator.stop().await;
 }

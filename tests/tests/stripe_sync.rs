@@ -213,6 +213,28 @@ async fn send(method: reqwest::Method, url: &str, key: &str, body: Option<Value>
     (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 
+/// The worker's environment: its Stripe key, and its cycle log at debug.
+const SYNC_ENV: [(&str, &str); 2] = [("METERLINE_STRIPE_SECRET_KEY", SECRET), ("RUST_LOG", "info,meterline_billing::worker=debug,librdkafka=warn,rdkafka=warn")];
+
+/// The sync cycles the worker has finished, by its log: each one that ran to
+/// its end logs one `stripe sync cycle` line (what it pushed at info,
+/// `nothing to push` at debug); one that stopped on an error is not counted.
+fn cycles(sync: &Process) -> usize {
+    let log = sync.log();
+    log.matches("stripe sync cycle").count() - log.matches("stripe sync cycle stopped").count()
+}
+
+/// Waits until a whole sync cycle has run after this call: the one running
+/// now (if any) may have read before it, so two more must finish.
+async fn another_whole_cycle(sync: &Process) {
+    let before = cycles(sync);
+    poll_until(Duration::from_secs(30), "two more sync cycles to finish", || {
+        let n = cycles(sync);
+        async move { (n >= before + 2).then_some(()) }
+    })
+    .await;
+}
+
 /// Meterline's billable cost per customer over everything, in nano-dollars.
 async fn billable_cost(url: &str) -> BTreeMap<String, i64> {
     let now = chrono::Utc::now();
@@ -269,7 +291,7 @@ async fn sync_survives_sigkill_and_corrects_late_events_exactly_once() {
     let config = dir.join("sync.toml");
     std::fs::write(&config, format!("{extra}\n{}", tenants_toml())).expect("config");
     let args: [&OsStr; 5] = ["stripe-sync".as_ref(), "--config".as_ref(), config.as_os_str(), "--data-dir".as_ref(), dir.as_os_str()];
-    let mut sync = Process::start_env("meterline", &args, &[("METERLINE_STRIPE_SECRET_KEY", SECRET)]);
+    let mut sync = Process::start_env("meterline", &args, &SYNC_ENV);
 
     // SIGKILL once part of the first sync is in.
     poll_until(Duration::from_secs(60), "the sync to push its first events", || {
@@ -295,8 +317,8 @@ async fn sync_survives_sigkill_and_corrects_late_events_exactly_once() {
         async move { (got == want).then_some(()) }
     })
     .await;
-    // Settled: another cycle or two pushes nothing more.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Settled: a whole cycle after the match pushes nothing more.
+    another_whole_cycle(&sync).await;
     let accepted = {
         let seen_now = seen.lock().expect("lock");
         assert_eq!(seen_now.totals(), want);
@@ -451,7 +473,7 @@ async fn distributed_sync_pushes_exact_totals_from_clickhouse() {
 
     // The sync, distributed: the same config file; SIGKILLed once part of the first sync is in.
     let args: [&OsStr; 5] = ["stripe-sync".as_ref(), "--role".as_ref(), "distributed".as_ref(), "--config".as_ref(), config.as_os_str()];
-    let mut sync = Process::start_env("meterline", &args, &[("METERLINE_STRIPE_SECRET_KEY", SECRET)]);
+    let mut sync = Process::start_env("meterline", &args, &SYNC_ENV);
     poll_until(Duration::from_secs(60), "the sync to push its first events", || {
         let n = seen.lock().expect("lock").accepted.len();
         async move { (n >= 40).then_some(()) }
@@ -475,7 +497,7 @@ async fn distributed_sync_pushes_exact_totals_from_clickhouse() {
         async move { (got == want).then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    another_whole_cycle(&sync).await;
     {
         let seen_now = seen.lock().expect("lock");
         assert_eq!(seen_now.totals(), want, "a settled sync pushed more");
