@@ -1,4 +1,4 @@
-//! The Kafka side: the rdkafka client's set-up, its context (rebalance callbacks, lag statistics), and the run loop that polls, buffers and flushes between polls.
+//! The Kafka side: the rdkafka client's set-up, its context (rebalance callbacks, lag statistics), and the run loop that polls, buffers, decides flushes between polls and hands them to the writer running beside it.
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
@@ -57,11 +57,13 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
         let partitions = self.partitions(list);
-        // This runs inside a poll, and flushes run between polls, so no write is
-        // in flight. Write the revoked partitions' buffers and commit before
-        // letting go, within the deadline; what does not make it is dropped and
-        // re-read by the next owner from ClickHouse's record, so the deadline
-        // costs re-reading, never correctness.
+        // This runs inside a poll, while a write may be running beside the
+        // loop (`writes.rs`). Wait for it, whatever the deadline (it must not
+        // land after the next owner repaired past it), then write the queued
+        // flushes and the revoked partitions' buffers and commit before
+        // letting go, within the deadline; what does not make it is dropped
+        // and re-read by the next owner from ClickHouse's record, so the
+        // deadline costs re-reading, never correctness.
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let state = self.state.clone();
@@ -78,7 +80,9 @@ impl ConsumerContext for Ctx {
             tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(work));
         } else {
             // No runtime to write with (or one that cannot block): revoke
-            // without flushing, which is safe for the reason above.
+            // without flushing, which is safe for the reason above. Writes
+            // do not overlap on such a runtime (each is waited for where it
+            // starts), so none is running here.
             futures::executor::block_on(work);
         }
     }
@@ -102,6 +106,7 @@ enum Step {
     Housekeeping,
     Record(Result<OwnedMessage, rdkafka::error::KafkaError>),
     Tick,
+    Written,
 }
 
 /// The consumer and the state it feeds.
@@ -166,6 +171,7 @@ impl Runner {
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let consumer = &*self.consumer;
+        let write_done = self.state.lock().await.write_done();
         loop {
             {
                 let mut p = self.state.lock().await;
@@ -178,6 +184,8 @@ impl Runner {
                 biased;
                 _ = &mut shutdown => Step::Stop,
                 _ = tick.tick() => Step::Tick,
+                // Before records: a write that ended frees the queue and lets the next one start.
+                _ = write_done.notified() => Step::Written,
                 m = consumer.recv() => Step::Record(m.map(|m| m.detach())),
                 _ = housekeeping.tick() => Step::Housekeeping,
             };
@@ -186,6 +194,7 @@ impl Runner {
                 Step::Stop => break,
                 Step::Housekeeping => {}
                 Step::Tick => p.flush(consumer).await,
+                Step::Written => p.written(consumer).await,
                 Step::Record(Ok(m)) => {
                     // An assignment seen in this poll is applied before the record is kept.
                     p.apply_recorded();

@@ -5,7 +5,8 @@ use meterline_domain::{EventRow, key_hash};
 use meterline_schemas::wire;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::decide::Flush;
 use crate::metrics;
@@ -110,12 +111,16 @@ pub(crate) struct Pending {
     /// The key hashes of the refused records, per partition: they are not in
     /// `events`, so the dedupe state must forget them.
     diverted_keys: BTreeMap<i32, Vec<u128>>,
+    /// The keys this flush writes (hash, fingerprint), per partition: later
+    /// decisions see them as seen until the flush is durable (`writes.rs`).
+    pub(crate) keys: BTreeMap<i32, Vec<(u128, u64)>>,
 }
 
 impl Pending {
-    pub(crate) fn new(flush: Flush, started: Instant) -> Pending {
+    pub(crate) fn new(flush: Flush, keys: BTreeMap<i32, Vec<(u128, u64)>>, started: Instant) -> Pending {
         Pending {
             flush,
+            keys,
             stage: Stage::DeadLetters,
             started,
             attempted: false,
@@ -138,6 +143,7 @@ impl Pending {
         self.flush.forwards.remove(&partition);
         self.diverted.remove(&partition);
         self.diverted_keys.remove(&partition);
+        self.keys.remove(&partition);
     }
 
     /// The keys of records ClickHouse refused as events, per partition.
@@ -197,7 +203,10 @@ impl Pending {
                             .collect();
                         self.attempted = true;
                         match writer.insert_events(&rows).await {
-                            Ok(()) => Stage::Rollup(Rollup::ALL[0]),
+                            Ok(()) => {
+                                pause_if_asked().await;
+                                Stage::Rollup(Rollup::ALL[0])
+                            }
                             Err(e) if W::retry(&e) == Retry::Permanent => {
                                 // The rows themselves are refused: sending them
                                 // again fails again. Ask what landed (next
@@ -287,6 +296,22 @@ impl Pending {
                 }
             }
         }
+    }
+}
+
+/// Tests only: with this variable set to a number of milliseconds, every
+/// flush waits that long between its events insert and its first rollup
+/// insert, so that a test can SIGKILL the aggregator while one flush is
+/// being written (its events in, its rollups not) and the next is being
+/// decided. Inert unless set; read once.
+const PAUSE_BEFORE_ROLLUPS: &str = "METERLINE_TEST_AGGREGATOR_PAUSE_BEFORE_ROLLUPS_MS";
+
+async fn pause_if_asked() {
+    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    let pause = PAUSE.get_or_init(|| std::env::var(PAUSE_BEFORE_ROLLUPS).ok().and_then(|v| v.parse().ok()).map(Duration::from_millis));
+    if let Some(pause) = *pause {
+        tracing::info!(ms = pause.as_millis() as u64, "{PAUSE_BEFORE_ROLLUPS} is set: pausing between the events insert and the rollups");
+        tokio::time::sleep(pause).await;
     }
 }
 

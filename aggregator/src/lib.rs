@@ -21,6 +21,48 @@
 //! 5. `rollups_user_daily`: the same, into daily rows ordered by user;
 //! 6. the Kafka offset commit (best effort).
 //!
+//! # Overlapping flushes
+//!
+//! Flushes overlap (`writes.rs`): while flush N goes through the stages
+//! above in a task of its own, the loop goes on consuming, and decides flush
+//! N+1 (decode, dedupe, price). At most two flushes are decided and not yet
+//! durable, the one being written included; while both are there, or a write
+//! is failing, or the buffers are full, consumption pauses, so memory stays
+//! bounded. One writer at a time, in decision order, so each partition's
+//! flushes land in offset order, and a failed flush is retried before
+//! anything decided after it. What keeps this exact:
+//!
+//! - **Commit only after durable**: a flush's offsets are committed after
+//!   its last stage, and every earlier flush of that partition reached its
+//!   last stage before it started; nothing of N+1 is committed or marked
+//!   while N is being written.
+//! - **Dedupe sees N while deciding N+1**: a flush's keys enter the dedupe
+//!   state when it is decided, and are held exactly beside it until it is
+//!   durable (a bloom `Maybe` is settled by a look-up in ClickHouse, which
+//!   cannot yet find N's keys; the recent map is capped). If N's write
+//!   fails it is retried, first, for as long as it takes, so N+1's drops
+//!   against N's keys stay right: N will be written.
+//! - **Markers and repair**: unchanged. N+1 writes nothing before N's last
+//!   stage, so at any moment ClickHouse holds flushes up to some N-1 whole,
+//!   maybe part of N (the crash points below), and nothing of N+1.
+//! - **Revoke and drain wait for the running write** before anything else,
+//!   whatever the deadline: a write must land or fail before its partitions
+//!   are let go, or it could land after the next owner repaired past it.
+//!
+//! A crash (kill -9) while N is being written and N+1 decided loses N+1
+//! with the process: its keys were only in memory, its offsets were never
+//! committed, and it is read again from Kafka from the position the crash
+//! points below give for N (at most one past N's last offset), and decided again
+//! against dedupe state rebuilt from ClickHouse, which holds none of its
+//! keys. Dedupe snapshots taken after N (`snapshot.rs`) may hold N+1's keys
+//! too; an extra key answers `Maybe` and the look-up finds it new.
+//!
+//! One behaviour differs from flushes that do not overlap: a copy in N+1 of
+//! a key whose first copy ClickHouse then refuses in N (a permanent refusal,
+//! see below) is dropped as that first copy's retry, where a later flush
+//! would count it; the first copy is in `dead_letters` with the same key,
+//! and replaying it counts the event once.
+//!
 //! The rollup INSERT is one block in one table partition (tables are
 //! partitioned by `written_at`, set once per flush, and a flush is capped far
 //! below the squashing threshold), so it is all or nothing. The events INSERT
@@ -33,7 +75,9 @@
 //!
 //! When a partition is assigned, the aggregator reads its last marker, looks
 //! for `events` rows past it, rolls those up with a new marker, and positions
-//! the consumer after the later of that and the group's commit. The crash points:
+//! the consumer after the later of that and the group's commit. The crash
+//! points of the flush being written (N above; a flush decided behind it has
+//! written nothing, and is read again):
 //!
 //! - **Before or during (2)**: none, or an offset prefix, of the flush's events
 //!   is in ClickHouse. The prefix is rolled up on assignment; the rest is read
@@ -94,19 +138,26 @@
 //! bad row; it is meant to be rare, and each diverted record can be replayed
 //! from `dead_letters`.
 //!
-//! Rebalances (`consumer.rs`): flushes run between polls, so a revoke (which
-//! runs inside a poll) never races a write; the revoked partitions' unwritten
-//! buffers are dropped and their next owner re-reads them from the recorded
-//! position. A member that stops polling for `max.poll.interval.ms` while a
-//! write hangs could in principle finish that write after its partitions
-//! moved on; write timeouts (`clickhouse.request_timeout_ms`) are far below
-//! that interval.
+//! Rebalances (`consumer.rs`): a revoke runs inside a poll, while a write
+//! may be running beside the loop; the revoke callback first waits for it
+//! (one attempt, bounded by `clickhouse.request_timeout_ms`), then writes the
+//! queued flushes and the revoked partitions' buffers within
+//! `flush.revoke_timeout_ms`, and only then lets go. What the deadline cuts
+//! off is dropped (the revoked partitions' part of the queued flushes, their
+//! buffers) and re-read by the next owner from the recorded position. A
+//! member that stops polling for `max.poll.interval.ms` while a write hangs
+//! could in principle finish that write after its partitions moved on; write
+//! timeouts are far below that interval. On a single-threaded runtime writes
+//! do not overlap (each is waited for where it starts), so the revoke there
+//! never has one to wait for.
 //!
 //! Where: `consumer.rs` (the Kafka client, rebalance callbacks, the run
-//! loop), `pipeline.rs` (the state they share: loading an assigned
-//! partition, the repair above, driving flushes, commits, alerts),
+//! loop), `pipeline.rs` (the state they share: driving flushes, commits,
+//! alerts; `pipeline/load.rs`: loading an assigned partition, the repair
+//! above),
 //! `partitions.rs` (per-partition buffers, positions, pauses), `decide.rs`,
-//! `flush.rs`, `dedupe.rs`, `snapshot.rs` (dedupe snapshots, the rebuild
+//! `flush.rs`, `writes.rs` (the queue of decided flushes and the running
+//! write), `dedupe.rs`, `snapshot.rs` (dedupe snapshots, the rebuild
 //! on assignment), `keying.rs` and `forward.rs` (where a record is counted,
 //! and moving it there).
 //!
@@ -136,6 +187,7 @@ mod server;
 mod snapshot;
 #[cfg(test)]
 mod testing;
+mod writes;
 
 pub use alerts::{Evaluator, Notifier};
 pub use dedupe::{Known, PartitionDedupe};

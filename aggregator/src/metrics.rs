@@ -23,6 +23,7 @@ pub const REPAIRS: &str = "meterline_aggregator_rollup_repairs_total";
 pub const CONSUMER_LAG: &str = "meterline_aggregator_consumer_lag_messages";
 pub const BUFFERED: &str = "meterline_aggregator_buffered_events";
 pub const PARTITIONS: &str = "meterline_aggregator_assigned_partitions";
+pub const UNWRITTEN: &str = "meterline_aggregator_unwritten_flushes";
 pub const REFUSED_BATCHES: &str = "meterline_aggregator_refused_batches_total";
 pub const SNAPSHOTS: &str = "meterline_aggregator_dedupe_snapshots_total";
 pub const SNAPSHOT_BYTES: &str = "meterline_aggregator_dedupe_snapshot_bytes";
@@ -68,6 +69,7 @@ fn describe() {
     describe_gauge!(CONSUMER_LAG, "Messages between the partition's end and the aggregator's position, by partition.");
     describe_gauge!(BUFFERED, "Events consumed and not yet written.");
     describe_gauge!(PARTITIONS, "Partitions assigned to this aggregator.");
+    describe_gauge!(UNWRITTEN, "Flushes decided and not yet durable: the one being written and those queued behind it (at most 2).");
     describe_counter!(SNAPSHOTS, "Dedupe snapshots written or failed, by result.");
     describe_gauge!(SNAPSHOT_BYTES, "Bytes of the partition's last dedupe snapshot, by partition.");
     describe_histogram!(SNAPSHOT_DURATION, metrics::Unit::Seconds, "Time to serialize and write one dedupe snapshot.");
@@ -161,6 +163,9 @@ pub fn buffered(n: usize) {
 }
 pub fn partitions(n: usize) {
     gauge!(PARTITIONS).set(n as f64);
+}
+pub fn unwritten(n: usize) {
+    gauge!(UNWRITTEN).set(n as f64);
 }
 
 pub const USAGE_EVENTS: &str = "meterline_aggregator_usage_events_total";

@@ -49,7 +49,7 @@ pub(crate) struct PartitionState {
     /// The last offset the newest snapshot covers, if there is one.
     pub(crate) snapshot_covers: Option<i64>,
     /// The last offset of its last durable flush: what a snapshot taken
-    /// between flushes covers (its dedupe state holds nothing decided later).
+    /// after it covers (its dedupe state holds every key up to there).
     pub(crate) flushed_through: Option<i64>,
 }
 

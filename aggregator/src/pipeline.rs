@@ -1,4 +1,4 @@
-//! The aggregator's state, shared by the run loop and the revoke callback: assignments applied and loaded (repair, dedupe rebuild, seek), flushes decided and driven, offsets committed, alerts evaluated.
+//! The aggregator's state, shared by the run loop and the revoke callback: assignments applied and loaded (repair, dedupe rebuild, seek: `pipeline/load.rs`), flushes decided and handed to the writer (`writes.rs`), finished writes committed and counted, alerts evaluated.
 //!
 //! Keying (`kafka.keying = "key"`, the default; `keying.rs`): a flush counts
 //! a record only on its key's home partition and forwards any other there
@@ -6,7 +6,7 @@
 //! past it is recorded.
 
 use chrono::Utc;
-use meterline_clickhouse::{Range, Rollup, Store};
+use meterline_clickhouse::Store;
 use meterline_schemas::wire::Keying;
 use meterline_domain::{CostSource, EventRow, datetime_secs};
 use meterline_schemas::prices::Catalog;
@@ -21,14 +21,19 @@ use std::time::{Duration, Instant};
 use crate::AggregatorError;
 use crate::config::Config;
 use crate::decide::{Flush, Inputs, Placement, decide};
+use crate::dedupe::Known;
 use crate::keying::KeyingState;
 use crate::flush::Pending;
 use crate::limits::LimitsApplier;
 use crate::metrics;
 use crate::partitions::{Change, Partitions};
+use crate::writes::{Attempt, Writes};
 
-/// The aggregator's state: buffers, dedupe, the pending flush. Shared by the
-/// consumer loop and the revoke callback, which lock it in turn (never during a poll).
+mod load;
+
+/// The aggregator's state: buffers, dedupe, the decided flushes not yet
+/// durable. Shared by the consumer loop and the revoke callback, which lock
+/// it in turn (never during a poll); a running write holds none of it.
 pub struct Pipeline {
     pub(crate) config: Config,
     store: Store,
@@ -37,7 +42,11 @@ pub struct Pipeline {
     tenants: KeyRing,
     changes: Arc<Mutex<Vec<Change>>>,
     partitions: Partitions,
-    pending: Option<Pending>,
+    writes: Writes,
+    /// Whether writes run beside the loop (a multi-threaded runtime) or are
+    /// waited for where they start (one thread: nothing to overlap with, and
+    /// a revoke callback could not wait for a write it cannot drive).
+    overlap: bool,
     backoff: Duration,
     next_attempt: Instant,
     next_load: Instant,
@@ -82,7 +91,8 @@ impl Pipeline {
             store,
             changes,
             partitions: Partitions::default(),
-            pending: None,
+            writes: Writes::default(),
+            overlap: tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread),
             backoff: Duration::from_millis(100),
             next_attempt: now,
             next_load: now,
@@ -93,39 +103,48 @@ impl Pipeline {
         })
     }
 
-    /// Writes buffered records (of `only` these partitions, or all) until none
-    /// are left or the deadline passes, retrying failed writes with backoff.
+    /// Writes the decided flushes and the buffered records (of `only` these
+    /// partitions, or all) until none are left or the deadline passes,
+    /// retrying failed writes with backoff. A write already running is
+    /// waited for whatever the deadline (see `Writes::wait`), and none is
+    /// left running on return.
     pub(crate) async fn flush_until_empty<X: ConsumerContext + 'static, C: Consumer<X>>(
         &mut self,
         consumer: &C,
         only: Option<&[i32]>,
         deadline: Instant,
     ) {
-        while (self.pending.is_some() || self.partitions.buffered_in(only) > 0) && Instant::now() < deadline {
+        self.wait_write(consumer).await;
+        while (!self.writes.is_empty() || self.partitions.buffered_in(only) > 0) && Instant::now() < deadline {
             self.next_attempt = self.next_attempt.min(Instant::now());
-            self.flush_some(consumer, only).await;
-            if self.pending.is_some() {
+            self.flush_some(consumer, only, true).await;
+            self.wait_write(consumer).await;
+            if self.writes.failing() {
                 tokio::time::sleep(self.backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
             }
         }
-        if self.pending.is_some() || self.partitions.buffered_in(only) > 0 {
-            tracing::warn!(buffered = self.partitions.buffered_in(only), "flush deadline ran out; unwritten events will be re-read by the next owner");
+        if !self.writes.is_empty() || self.partitions.buffered_in(only) > 0 {
+            tracing::warn!(buffered = self.partitions.buffered_in(only), flushes = self.writes.len(), "flush deadline ran out; unwritten events will be re-read by the next owner");
         }
     }
 
-    /// Forgets revoked partitions: their state, and their part of a pending flush.
+    /// Forgets revoked partitions: their state, and their part of the queued
+    /// flushes (none is being written: the revoke waited for it).
     pub(crate) fn revoke(&mut self, partitions: &[i32]) {
         for p in partitions {
             self.partitions.revoke(*p);
             if let Some(limits) = self.limits.as_mut() {
                 limits.revoked(*p);
             }
-            if let Some(pending) = self.pending.as_mut() {
-                pending.strip(*p);
-            }
+            self.writes.strip(*p);
             tracing::info!(partition = p, "partition revoked");
         }
         metrics::partitions(self.partitions.len());
+    }
+
+    /// Woken when a write attempt ends (`Runner::run` waits on it with the consumer).
+    pub(crate) fn write_done(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.writes.done()
     }
 
     pub(crate) fn buffered(&self) -> usize {
@@ -143,10 +162,11 @@ impl Pipeline {
         }
     }
 
-    /// Pauses fetching while a write is failing or the buffer is full, so
-    /// memory stays bounded; the loop keeps polling to stay in the group.
+    /// Pauses fetching while a write is failing, the queue of decided
+    /// flushes is full or the buffer is, so memory stays bounded; the loop
+    /// keeps polling to stay in the group.
     pub(crate) fn apply_backpressure<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        let hold = self.pending.is_some() || self.buffered() >= self.config.flush.max_buffered_events;
+        let hold = self.writes.full() || self.writes.failing() || self.buffered() >= self.config.flush.max_buffered_events;
         for (p, want) in self.partitions.pause_changes(hold) {
             let mut list = TopicPartitionList::new();
             list.add_partition(&self.topic, p);
@@ -189,79 +209,16 @@ impl Pipeline {
         metrics::partitions(self.partitions.len());
     }
 
-    /// Makes a newly assigned partition ready: repairs rollups a crash left
-    /// behind, rebuilds its dedupe state, and positions the consumer after
-    /// the last record ClickHouse holds (or the group's commit, if later).
-    async fn load<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C, partition: i32) -> Result<(), AggregatorError> {
-        let started = Instant::now();
-        let topic = self.topic.clone();
-        if let Some(keying) = self.keying.as_mut() {
-            keying.load(consumer, &self.store, &topic, self.config.dedupe.window_secs, now_secs()).await?;
-        }
-        let mut written_next: Option<i64> = None;
-        for rollup in Rollup::ALL {
-            let progress = self.store.progress(rollup, &topic, partition).await?;
-            written_next = written_next.max(progress.rollup_offset.map(|o| o + 1));
-            if let Some(last) = self.store.orphans(&topic, partition, progress).await? {
-                // The crash came between a flush's events insert and this
-                // rollup's insert (or cut the events insert short); or the
-                // table is new and backfills. Roll those events up, with
-                // their marker, before consuming after them.
-                // In chunks of at most a flush's worth of offsets, each with
-                // its marker: a backfill of a new table can cover the whole
-                // history, and one INSERT stays atomic only while it is one
-                // block (see `max_batch_events`). A crash between chunks
-                // resumes after the last chunk's marker.
-                let first = progress.rollup_offset.unwrap_or(-1);
-                let chunk = i64::try_from(self.config.flush.max_batch_events).unwrap_or(i64::MAX);
-                let mut after = first;
-                while after < last {
-                    let up_to = last.min(after.saturating_add(chunk));
-                    let range = Range { partition, after, up_to };
-                    self.store.roll_up(rollup, &topic, &[range], now_secs(), progress.repair_since()).await?;
-                    after = up_to;
-                }
-                metrics::repaired();
-                tracing::warn!(partition, table = rollup.table(), after = first, up_to = last, "rolled up events a crash left without rollups");
-                written_next = written_next.max(Some(last + 1));
-            }
-        }
-        if let Some(limits) = self.limits.as_mut() {
-            limits.assigned(partition, written_next.map(|next| next - 1));
-        }
-        let loaded = crate::snapshot::rebuild(&self.store, &self.config.dedupe, &topic, partition, Utc::now().timestamp()).await?;
-        let (keys, source, snapshot) = (loaded.keys_read, loaded.source, loaded.snapshot());
-
-        let mut list = TopicPartitionList::new();
-        list.add_partition(&topic, partition);
-        // A blocking broker round trip; keep it off the other tasks' threads.
-        let committed = tokio::task::block_in_place(|| consumer.committed_offsets(list, Duration::from_secs(10)))?;
-        let committed = committed.find_partition(&topic, partition).and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        });
-        let start = match (written_next, committed) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        let offset = start.map_or(Offset::Beginning, Offset::Offset);
-        consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
-        if let Some(state) = self.partitions.ready(partition, start.unwrap_or(0), loaded.dedupe, snapshot) {
-            metrics::dedupe_state(partition, state.dedupe.fill_ratio(), state.dedupe.approx_bytes());
-        }
-        tracing::info!(partition, ?start, keys, ?source, ms = started.elapsed().as_millis() as u64, "partition ready");
-        Ok(())
-    }
-
-    /// Writes what is buffered, or retries the pending flush when its backoff is over.
+    /// Decides what is buffered (when the queue has room) and starts the
+    /// next write, or retries a failed one when its backoff is over.
     pub(crate) async fn flush<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        self.flush_some(consumer, None).await;
+        self.flush_some(consumer, None, true).await;
         // Open alerts resolve when their user calms down, even with no traffic.
         let idle = Duration::from_secs(self.config.alerts.interval_secs);
-        if self.pending.is_none() && self.alerts.has_open() && self.last_evaluation.elapsed() >= idle {
+        if self.writes.is_empty() && self.alerts.has_open() && self.last_evaluation.elapsed() >= idle {
             self.evaluate_alerts(&Default::default()).await;
         }
-        if self.pending.is_none()
+        if self.writes.is_empty()
             && let Some(limits) = self.limits.as_mut()
         {
             limits.catch_up(&self.store).await;
@@ -280,22 +237,33 @@ impl Pipeline {
         }
     }
 
-    async fn flush_some<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C, only: Option<&[i32]>) {
-        if self.pending.is_none() {
+    /// Finishes a write that ended and starts the next one, without deciding
+    /// more: new flushes are decided on the flush interval or a full batch,
+    /// so that batches stay large.
+    pub(crate) async fn written<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
+        self.flush_some(consumer, None, false).await;
+    }
+
+    /// Finishes a write that ended, decides one more flush if `decide` and
+    /// the queue has room, and starts the next write if none is running.
+    async fn flush_some<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C, only: Option<&[i32]>, decide: bool) {
+        if let Some(attempt) = self.writes.finished() {
+            self.completed(consumer, attempt).await;
+        }
+        if decide && !self.writes.full() {
             match self.decide(only).await {
-                Ok(Some(pending)) => self.pending = Some(pending),
-                Ok(None) => return,
+                Ok(Some(pending)) => self.writes.push(pending),
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot check keys in ClickHouse; will retry");
                     metrics::write_retry("lookup");
                     self.fail();
-                    return;
                 }
             }
-        } else if Instant::now() < self.next_attempt {
-            return;
         }
-        self.write(consumer).await;
+        if self.start_write().await && !self.overlap {
+            self.wait_write(consumer).await;
+        }
     }
 
     fn fail(&mut self) {
@@ -326,8 +294,10 @@ impl Pipeline {
         let batches = self.partitions.drain(&quota);
         let placement = self.keying.as_ref().map_or(Placement::InPlace, KeyingState::placement);
         let inputs = Inputs { topic: &self.topic, written_at, tenants: &self.tenants, catalog: &self.catalog, found: &found, placement };
-        let partitions = &self.partitions;
-        let decided = decide(&inputs, batches, |p, h| partitions.known(p, h));
+        let (partitions, writes) = (&self.partitions, &self.writes);
+        // A key of a flush not yet durable is seen, whatever the dedupe state
+        // answers: ClickHouse cannot confirm it yet (`writes.rs`).
+        let decided = decide(&inputs, batches, |p, h| writes.known(p, h).map_or_else(|| partitions.known(p, h), Known::Seen));
 
         metrics::duplicates("retry", decided.retries);
         metrics::duplicates("conflict", decided.conflicts.len() as u64);
@@ -344,24 +314,44 @@ impl Pipeline {
         }
         metrics::exact_lookups(looked_up, decided.false_positives);
         metrics::buffered(self.buffered());
-        Ok(Some(Pending::new(decided.flush, started)))
+        Ok(Some(Pending::new(decided.flush, decided.new_keys, started)))
     }
 
-    /// Moves the pending flush forward (`flush.rs`); on failure it stays
-    /// pending (consumption paused) and is retried after a backoff.
-    async fn write<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        let Some(mut pending) = self.pending.take() else { return };
+    /// Starts writing the next decided flush (`flush.rs`, in a task of its
+    /// own: `writes.rs`) if no write is running and any backoff is over;
+    /// whether it did.
+    async fn start_write(&mut self) -> bool {
+        if !self.writes.can_start() || (self.writes.failing() && Instant::now() < self.next_attempt) {
+            return false;
+        }
+        let Some(mut pending) = self.writes.next() else { return false };
         // Forwards first: the writes below record progress past their offsets.
         if let Some(keying) = &self.keying
             && let Err(e) = keying.forward(&mut pending.flush).await
         {
             tracing::warn!(error = %e, "cannot forward records to their home partitions; holding offsets and retrying");
             metrics::write_retry("forward");
-            self.pending = Some(pending);
+            self.writes.retry(pending);
             self.fail();
-            return;
+            return false;
         }
-        if let Err(failed) = pending.advance(&self.store, &self.topic).await {
+        self.writes.start(pending, self.store.clone(), self.topic.clone());
+        true
+    }
+
+    /// Waits for the running write, if any, and finishes it.
+    async fn wait_write<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
+        if let Some(attempt) = self.writes.wait().await {
+            self.completed(consumer, attempt).await;
+        }
+    }
+
+    /// After a write attempt: a failed flush goes back to the front of the
+    /// queue (consumption paused) and is retried after a backoff; a durable
+    /// one is committed and counted.
+    async fn completed<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C, attempt: Attempt) {
+        let Attempt { pending, result } = attempt;
+        if let Err(failed) = result {
             let table = failed.stage.table();
             if failed.permanent {
                 tracing::error!(error = %failed.error, table, "ClickHouse refused a write that cannot be skipped; holding offsets and retrying");
@@ -369,9 +359,15 @@ impl Pipeline {
                 tracing::warn!(error = %failed.error, table, "ClickHouse write failed; holding offsets and retrying");
             }
             metrics::write_retry(table);
-            self.pending = Some(pending);
+            self.writes.retry(pending);
             self.fail();
             return;
+        }
+        self.writes.written(&pending);
+        // The next flush is written while this one's bookkeeping (snapshot,
+        // commit, limits, alerts) runs: it depends on nothing below.
+        if self.overlap {
+            self.start_write().await;
         }
         // Records ClickHouse refused as events went to dead_letters: they
         // are not in `events`, so the dedupe state must not hold them either.
@@ -428,6 +424,6 @@ impl Pipeline {
     }
 }
 
-fn now_secs() -> u32 {
+pub(crate) fn now_secs() -> u32 {
     datetime_secs(Utc::now())
 }

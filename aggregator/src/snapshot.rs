@@ -20,10 +20,11 @@
 //! with C the last offset of p's last durable flush (this one or an earlier
 //! one). The state then holds the key of every record of p at or below C:
 //! keys loaded at assignment, and keys decided since (a key enters the state
-//! when it is decided, before it is written, and one flush is pending at a
-//! time, so between flushes nothing past C is decided).
+//! when it is decided, before it is written, and flushes are written in the
+//! order they were decided).
 //! It may hold keys that are *not* in `events` (a refused insert's records, a
-//! flush cut short before a crash): for those a slice answers `Maybe`, and the
+//! flush cut short before a crash, the flush decided behind the one just
+//! written while flushes overlap, past C): for those a slice answers `Maybe`, and the
 //! exact look-up in ClickHouse finds them new, so an extra key costs one
 //! look-up, never an event. The one thing that would double count is a
 //! snapshot missing a written key at or below C; that is what the order above
@@ -66,7 +67,8 @@
 //! so a flush pays for one partition's slices at most (after a rebalance the
 //! partitions take turns instead of all writing at once). A snapshot taken
 //! after a flush that did not touch the partition covers the partition's last
-//! flush: between flushes its state holds nothing decided later. A failed
+//! flush: its state holds every key at or below it (and perhaps keys decided
+//! since, which is safe as above). A failed
 //! snapshot write is logged and tried again after the next flush, never
 //! holding the pipeline.
 

@@ -296,6 +296,66 @@ async fn sigkill_during_processing_loses_and_doubles_nothing() {
 }
 
 #[tokio::test]
+async fn sigkill_while_one_flush_is_written_and_the_next_decided_loses_and_doubles_nothing() {
+    // Flushes overlap: while one is written, the next is consumed and
+    // decided. Every write here pauses between its events insert and its
+    // rollups (a test-only variable), and each kill lands once the next flush
+    // is decided behind it (two flushes not yet durable): the one being
+    // written has its events in ClickHouse and no rollups, the next has its
+    // keys in the dedupe state and nothing written, and neither may have its
+    // offsets committed.
+    let ch = ClickHouse::shared();
+    let r = rig("overlap", &ch, &brokers()).await;
+    let work = workload::generate(8, 15_000, 300, 250, chrono::Utc::now());
+    let port = free_port();
+    let config = aggregator_config(&brokers(), &r.topic, &ch, &r.database, port);
+    let path = std::env::temp_dir().join(format!("meterline-aggregator-overlap-{}-{port}.toml", std::process::id()));
+    std::fs::write(&path, &config).expect("write config");
+    let pause = [("METERLINE_TEST_AGGREGATOR_PAUSE_BEFORE_ROLLUPS_MS", "1500")];
+    let mut agg = Process::start_env("meterline-aggregator", &["--config".as_ref(), path.as_os_str()], &pause);
+    let url = r.ingest.url.clone();
+    let batches = work.batches.clone();
+    let poster = tokio::spawn(async move {
+        for b in &batches {
+            post_batch(&url, b).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let mut kills = 0;
+    while kills < 3 {
+        // Or no overlap is coming: everything posted, and the aggregator up
+        // with nothing buffered or unwritten.
+        let overlapping = poll_until(Duration::from_secs(60), "a flush decided while the one before it is written, or an idle aggregator", || async {
+            if metric(port, "meterline_aggregator_unwritten_flushes").await >= 2.0 {
+                return Some(true);
+            }
+            let idle = poster.is_finished()
+                && metric(port, "meterline_aggregator_assigned_partitions").await == 4.0
+                && metric(port, "meterline_aggregator_unwritten_flushes").await == 0.0
+                && metric(port, "meterline_aggregator_buffered_events").await == 0.0;
+            idle.then_some(false)
+        })
+        .await;
+        if !overlapping {
+            break;
+        }
+        agg.kill().await;
+        kills += 1;
+        agg.restart();
+    }
+    poster.await.expect("poster");
+    assert_exact(&ch, &r.database, &work, Duration::from_secs(180), &[&agg]).await;
+    assert!(kills >= 2, "only {kills} kills landed while flushes overlapped");
+    // The written flush's events were in without their rollups at the kill:
+    // the next start rolled them up (the pause makes that the likely place).
+    let repairs = agg.log().matches("rolled up events a crash left").count();
+    eprintln!("kills while flushes overlapped: {kills}; rollup repairs after them: {repairs}");
+    assert!(repairs >= 1, "no kill landed between a flush's events and its rollups ({kills} kills)");
+    agg.stop().await;
+    r.ingest.stop().await;
+}
+
+#[tokio::test]
 async fn rebalance_after_a_member_dies_keeps_totals_exact() {
     let ch = ClickHouse::shared();
     let r = rig("rebalance", &ch, &brokers()).await;

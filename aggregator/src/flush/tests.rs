@@ -131,7 +131,7 @@ fn pending() -> Pending {
         (0, vec![buffered(10, "a", "u1", 1), buffered(11, "b", "u1", 1), buffered(12, "c", "u1", 1), garbage(13, b"?")]),
         (1, vec![buffered(20, "d", "u2", 1), buffered(21, "e", "u2", 1)]),
     ];
-    Pending::new(decide(&inputs, batches, |_, _| Known::New).flush, Instant::now())
+    Pending::new(decide(&inputs, batches, |_, _| Known::New).flush, BTreeMap::new(), Instant::now())
 }
 
 fn ranges() -> Vec<Range> {
