@@ -61,11 +61,14 @@ pub struct StorageConfig {
     /// (and this often for open alerts when none do), in milliseconds.
     #[serde(deserialize_with = "meterline_schemas::duration::millis")]
     pub alert_eval_ms: u64,
+    /// Once the WAL file passes this size, in MiB, the writer checkpoints it
+    /// between group commits so it restarts (see `store/checkpoint.rs`).
+    pub wal_limit_mb: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { max_commit_events: 20_000, read_connections: 4, alert_eval_ms: 1_000 }
+        StorageConfig { max_commit_events: 20_000, read_connections: 4, alert_eval_ms: 1_000, wal_limit_mb: 256 }
     }
 }
 
@@ -105,6 +108,9 @@ impl Config {
         }
         if !(10..=3_600_000).contains(&self.storage.alert_eval_ms) {
             return bad("storage.alert_eval_ms", "must be between 10 and 3600000");
+        }
+        if !(1..=1_048_576).contains(&self.storage.wal_limit_mb) {
+            return bad("storage.wal_limit_mb", "must be between 1 and 1048576 (MiB)");
         }
         if self.query.max_range_days < 1 {
             return bad("query.max_range_days", "must be at least 1");
@@ -147,6 +153,7 @@ mod tests {
             ("[events]\nmax_past_secs = 0\n", "events.max_past_secs"),
             ("[alerts.rules]\nwindow_secs = \"30s\"\n", "alerts.rules.window_secs"),
             ("[storage]\nalert_eval_ms = \"2h\"\n", "storage.alert_eval_ms"),
+            ("[storage]\nwal_limit_mb = 0\n", "storage.wal_limit_mb"),
             ("[limits]\ndefault_ttl_secs = 0\n", "limits.default_ttl_secs"),
             ("[limits]\nredis_url = \"redis://127.0.0.1:6379\"\n", "limits.redis_url"),
         ] {

@@ -24,7 +24,7 @@
 //! stores it, so a counter never disagrees with the events.
 //!
 //! One job per module: `schema` (migrations, connections), `writer` (the
-//! group-commit thread), `checkpoint` (WAL checkpoints beside it), `jobs` (what its queue carries), `events` (the
+//! group-commit thread), `checkpoint` (WAL checkpoints beside it, and the WAL kept under `storage.wal_limit_mb` between commits), `jobs` (what its queue carries), `events` (the
 //! dedupe record and inserts), `rollups` (per-commit sums and their
 //! upserts), `alerts` (evaluation and the stored alerts), `ledger` (the
 //! limits tables' steps), `counting` (events against limits, housekeeping),

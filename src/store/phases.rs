@@ -5,7 +5,7 @@
 use metrics::{describe_histogram, histogram};
 use std::time::{Duration, Instant};
 
-/// Seconds per commit spent in each phase (retention: per step).
+/// Seconds per commit spent in each phase (retention: per step; checkpoint: per WAL checkpoint the writer ran between commits).
 pub const PHASE_SECONDS: &str = "meterline_embedded_writer_phase_seconds";
 
 /// A commit slower than this is logged with its phases.
@@ -23,10 +23,12 @@ pub(super) enum Phase {
     Alerts,
     Commit,
     Retention,
+    /// The writer's own WAL checkpoint between commits (`checkpoint`).
+    Checkpoint,
 }
 
-const PHASES: [Phase; 9] =
-    [Phase::Dedupe, Phase::Insert, Phase::Count, Phase::LimitsOps, Phase::Rollups, Phase::Housekeeping, Phase::Alerts, Phase::Commit, Phase::Retention];
+const PHASES: [Phase; 10] =
+    [Phase::Dedupe, Phase::Insert, Phase::Count, Phase::LimitsOps, Phase::Rollups, Phase::Housekeeping, Phase::Alerts, Phase::Commit, Phase::Retention, Phase::Checkpoint];
 
 impl Phase {
     fn as_str(self) -> &'static str {
@@ -40,13 +42,14 @@ impl Phase {
             Phase::Alerts => "alerts",
             Phase::Commit => "commit",
             Phase::Retention => "retention",
+            Phase::Checkpoint => "checkpoint",
         }
     }
 }
 
 /// Describes the histogram (once per recorder is enough; repeats are harmless).
 pub(crate) fn describe() {
-    describe_histogram!(PHASE_SECONDS, "Time the embedded writer spent per group commit in each phase (retention: per step), by phase.");
+    describe_histogram!(PHASE_SECONDS, "Time the embedded writer spent per group commit in each phase (retention: per step; checkpoint: per WAL checkpoint between commits), by phase.");
 }
 
 /// One commit's time per phase.

@@ -3,7 +3,8 @@
 //! limit counters, rollups, limits operations and, when due, alerts in one
 //! transaction), answers each job after the commit, then records the metrics
 //! and notifies alert transitions. Each commit's time per phase is recorded
-//! (`phases`), so a slow commit names its phase.
+//! (`phases`), so a slow commit names its phase. Between commits it keeps the
+//! WAL under its limit (`checkpoint`).
 
 use chrono::Utc;
 use meterline_aggregator::Notifier;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::alerts::{self, due_in, open_alerts};
-use super::checkpoint::{Checkpointer, JOURNAL_LIMIT_BYTES};
+use super::checkpoint::Checkpointer;
 use super::counting::{Counting, Housekeeping};
 use super::events::Events;
 use super::jobs::{Job, Op, Pending};
@@ -64,17 +65,14 @@ pub(super) struct Writer {
     retention: super::retention::Retention,
     /// Plans and subscriptions read so far, kept across commits.
     counting: Counting,
-    /// WAL checkpoints beside the commits (see `checkpoint`); stops with the writer.
-    _checkpointer: Checkpointer,
+    /// WAL checkpoints beside the commits, and the WAL's bound between them
+    /// (see `checkpoint`); stops with the writer.
+    checkpointer: Checkpointer,
 }
 
 impl Writer {
     pub(super) fn new(conn: Connection, config: &Config) -> Result<Writer, EmbeddedError> {
-        // Commits never checkpoint: the checkpointer thread does, beside them.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.pragma_update(None, "journal_size_limit", JOURNAL_LIMIT_BYTES)?;
-        let path = conn.path().map(std::path::PathBuf::from).unwrap_or_default();
-        let checkpointer = Checkpointer::start(&path)?;
+        let checkpointer = Checkpointer::start(&conn, config.storage.wal_limit_mb.saturating_mul(1 << 20))?;
         let mut evaluator = Evaluator::new(config.alerts.clone());
         evaluator.load(open_alerts(&conn)?);
         Ok(Writer {
@@ -93,7 +91,7 @@ impl Writer {
             housekeeping: Housekeeping::default(),
             retention: super::retention::Retention::new(config.retention.clone()),
             counting: Counting::default(),
-            _checkpointer: checkpointer,
+            checkpointer,
         })
     }
 
@@ -133,6 +131,12 @@ impl Writer {
                 let mut phases = Phases::default();
                 phases.add(Phase::Retention, started.elapsed());
                 phases.record(0, started.elapsed());
+            }
+            // Between commits, the only moment the WAL can be made to restart.
+            if let Some(spent) = self.checkpointer.bound(&self.conn) {
+                let mut phases = Phases::default();
+                phases.add(Phase::Checkpoint, spent);
+                phases.record(0, spent);
             }
         }
     }
