@@ -7,6 +7,12 @@
 //! reached the topic: the client's retry carries the same idempotency keys and
 //! the aggregator drops the second copy, so nothing is counted twice.
 //!
+//! Backpressure: librdkafka's queue is bounded (`queue.buffering.max.messages`
+//! in `kafka.options`, 100,000 by default). A request that finds it full
+//! waits for its own oldest acks to make room (or 10 ms at a time when it has
+//! none in flight), up to `kafka.produce_timeout_ms`, and is answered 503 only
+//! past that: a batch larger than the queue is sent whole, never refused.
+//!
 //! Keying (`kafka.keying`): by default each event is keyed
 //! `tenant/idempotency_key` and produced to that key's home partition
 //! ([`home_partition`], out of the topic's partition count as the broker
@@ -27,22 +33,64 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use meterline_schemas::wire::{self, Envelope, Keying, home_partition};
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::IngestError;
 use crate::config::KafkaConfig;
 
-/// One encoded event ready to send.
-#[derive(Debug)]
+/// A request's events encoded for the topic: every key and payload in one
+/// buffer, so encoding costs two allocations per request rather than two per
+/// event (bench/PROFILE.md, "Ingest").
+#[derive(Debug, Default)]
 pub struct Outgoing {
-    pub key: Vec<u8>,
-    pub payload: Vec<u8>,
-    /// The partition to produce to; `None` leaves it to the client's partitioner.
-    pub partition: Option<i32>,
+    bytes: Vec<u8>,
+    messages: Vec<Message>,
 }
+
+/// Where one message's key and payload are in [`Outgoing::bytes`].
+#[derive(Debug)]
+struct Message {
+    key: Range<usize>,
+    payload: Range<usize>,
+    /// The partition to produce to; `None` leaves it to the client's partitioner.
+    partition: Option<i32>,
+}
+
+impl Outgoing {
+    /// Room for `events` records of about `record_bytes` each (key included).
+    fn with_capacity(events: usize, record_bytes: usize) -> Outgoing {
+        Outgoing { bytes: Vec::with_capacity(events * record_bytes), messages: Vec::with_capacity(events) }
+    }
+
+    /// Appends one event under `tenant/key_part` (the bytes of [`wire::message_key`]).
+    fn push(&mut self, envelope: &Envelope, key_part: &str, partition: Option<i32>) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(envelope.tenant.as_bytes());
+        self.bytes.push(b'/');
+        self.bytes.extend_from_slice(key_part.as_bytes());
+        let key_end = self.bytes.len();
+        wire::encode_into(envelope, &mut self.bytes);
+        self.messages.push(Message { key: start..key_end, payload: key_end..self.bytes.len(), partition });
+    }
+
+    /// Each message's key, payload and partition, in order.
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8], Option<i32>)> {
+        self.messages.iter().map(|m| (&self.bytes[m.key.clone()], &self.bytes[m.payload.clone()], m.partition))
+    }
+}
+
+/// Typical size of one encoded record and its key, to size a request's buffer.
+const RECORD_BYTES: usize = 192;
+
+/// How long a send waits before trying again when librdkafka's queue is full
+/// and this request has no ack of its own left to wait for.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
 
 /// Shortest time between two producer replacements, so that an outage does
 /// not churn through instances.
@@ -79,22 +127,19 @@ impl EventProducer {
     }
 
     /// The messages for `events` under the configured keying.
-    pub async fn outgoing(&self, events: &[Envelope]) -> Result<Vec<Outgoing>, IngestError> {
+    pub async fn outgoing(&self, events: &[Envelope]) -> Result<Outgoing, IngestError> {
         let partitions = match self.config.keying {
             Keying::User => None,
             Keying::Key => Some(self.partition_count().await?),
         };
-        Ok(events
-            .iter()
-            .map(|e| match partitions {
-                None => Outgoing { key: wire::message_key(&e.tenant, &e.event.user_id), payload: wire::encode(e), partition: None },
-                Some(n) => Outgoing {
-                    key: wire::message_key(&e.tenant, &e.event.idempotency_key),
-                    payload: wire::encode(e),
-                    partition: Some(home_partition(&e.tenant, &e.event.idempotency_key, n)),
-                },
-            })
-            .collect())
+        let mut out = Outgoing::with_capacity(events.len(), RECORD_BYTES);
+        for e in events {
+            match partitions {
+                None => out.push(e, &e.event.user_id, None),
+                Some(n) => out.push(e, &e.event.idempotency_key, Some(home_partition(&e.tenant, &e.event.idempotency_key, n))),
+            }
+        }
+        Ok(out)
     }
 
     /// The topic's partition count: the last one seen, or asked of the broker.
@@ -170,25 +215,73 @@ impl EventProducer {
     }
 
     /// Sends every message and waits for all acks. `Err` if any was not acked.
-    pub async fn send_all(&self, messages: &[Outgoing]) -> Result<(), IngestError> {
+    ///
+    /// Each message is handed to librdkafka at once and its delivery awaited
+    /// in order afterwards, rather than as one `FutureProducer::send` future
+    /// per message joined together: that join re-polled every pending future
+    /// on each wake-up and cost more per event than librdkafka's own produce
+    /// (bench/PROFILE.md, "Ingest"). When librdkafka's bounded queue is full
+    /// (the backpressure when the broker is slow), the send waits for this
+    /// request's oldest outstanding ack, or briefly when it has none, and
+    /// gives up after the produce timeout as `FutureProducer::send` would.
+    pub async fn send_all(&self, messages: &Outgoing) -> Result<(), IngestError> {
         let producer = self.current();
-        let sends = messages.iter().map(|m| {
-            let mut record = FutureRecord::to(&self.topic).key(&m.key).payload(&m.payload);
-            if let Some(p) = m.partition {
+        let deadline = Instant::now() + self.timeout;
+        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(messages.messages.len());
+        let mut failure = None;
+        'send: for (key, payload, partition) in messages.iter() {
+            let mut record = FutureRecord::to(&self.topic).key(key).payload(payload);
+            if let Some(p) = partition {
                 record = record.partition(p);
             }
-            // The queue timeout bounds the wait for room in librdkafka's bounded
-            // queue; that wait is the backpressure when the broker is slow.
-            producer.send(record, self.timeout)
-        });
-        let results = futures::future::join_all(sends).await;
-        if let Some(Err((e, _))) = results.into_iter().find(Result::is_err) {
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if Instant::now() < deadline => {
+                        record = back;
+                        if let Some(oldest) = pending.pop_front() {
+                            if let Err(e) = Self::delivered(oldest).await {
+                                failure = Some(e);
+                                break 'send;
+                            }
+                        } else {
+                            tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                        }
+                    }
+                    Err((e, _)) => {
+                        failure = Some(e);
+                        break 'send;
+                    }
+                }
+            }
+        }
+        // Every message handed over is awaited, even after a failure, so
+        // the producer is replaced only once none of this request is queued.
+        for delivery in pending {
+            if let Err(e) = Self::delivered(delivery).await {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
             self.rebuild();
             // The topic may have been recreated or changed: ask again next time.
             *self.partitions.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Err(IngestError::Kafka(e));
         }
         Ok(())
+    }
+
+    /// The outcome of one delivery: `Err` when the broker did not ack it, or
+    /// the producer went away before it could (a purge at shutdown).
+    async fn delivered(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_canceled) => Err(KafkaError::Canceled),
+        }
     }
 
     /// True when the broker answers a metadata request for the topic in
@@ -224,5 +317,100 @@ impl EventProducer {
         if let Err(e) = self.current().flush(grace) {
             tracing::warn!(error = %e, "producer queue not empty at shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterline_schemas::UsageEvent;
+
+    fn envelope(n: usize) -> Envelope {
+        Envelope {
+            tenant: "acme".into(),
+            received_at: chrono::Utc::now(),
+            event: UsageEvent {
+                idempotency_key: format!("k-{n}"),
+                timestamp: chrono::Utc::now(),
+                user_id: format!("user-{}", n % 7),
+                customer_id: None,
+                feature: "chat".into(),
+                model: "gpt-4o".into(),
+                provider: None,
+                input_tokens: 1,
+                output_tokens: 1,
+                cached_input_tokens: 0,
+                reasoning_tokens: 0,
+                cost_usd: None,
+                revenue_usd: None,
+                credits: None,
+                billable: true,
+                environment: "production".into(),
+                metadata: None,
+            },
+        }
+    }
+
+    /// A request larger than librdkafka's queue waits for room (its own acks)
+    /// instead of failing, and every event reaches the topic once.
+    #[tokio::test]
+    async fn a_batch_larger_than_the_client_queue_is_sent_whole() {
+        let brokers = std::env::var("METERLINE_TEST_KAFKA_BROKERS").expect("run with the test stack: eval \"$(scripts/stack env)\"");
+        let topic = format!("ingest-queue-full-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+        let mut config = KafkaConfig {
+            brokers,
+            topic: topic.clone(),
+            create_topic: true,
+            partitions: 4,
+            produce_timeout_ms: 10_000,
+            compression: "lz4".into(),
+            linger_ms: 5,
+            keying: Keying::Key,
+            options: Default::default(),
+        };
+        // 1,000 events through a queue that holds 50.
+        config.options.insert("queue.buffering.max.messages".into(), "50".into());
+        let producer = EventProducer::new(&config).unwrap();
+        producer.ensure_topic().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Polled with a deadline: the broker reports a new topic's partitions soon after.
+        while !producer.ready().await {
+            assert!(Instant::now() < deadline, "topic {topic} never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let events: Vec<Envelope> = (0..1_000).map(envelope).collect();
+        let outgoing = producer.outgoing(&events).await.unwrap();
+        producer.send_all(&outgoing).await.expect("every event acked despite the full queue");
+
+        // Read back from the start of every partition until each key is seen
+        // (the test broker's watermarks count batches, not records).
+        let read_topic = topic.clone();
+        let (records, keys) = tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            use rdkafka::{Message as _, Offset, TopicPartitionList};
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &config.brokers)
+                .set("group.id", format!("{read_topic}-check"))
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            let mut partitions = TopicPartitionList::new();
+            for p in 0..4 {
+                partitions.add_partition_offset(&read_topic, p, Offset::Beginning).unwrap();
+            }
+            consumer.assign(&partitions).unwrap();
+            let (mut records, mut keys) = (0, std::collections::HashSet::new());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while keys.len() < 1_000 && Instant::now() < deadline {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                    records += 1;
+                    keys.insert(m.key().unwrap_or_default().to_vec());
+                }
+            }
+            (records, keys.len())
+        })
+        .await
+        .unwrap();
+        assert_eq!((records, keys), (1_000, 1_000), "each event on {topic} exactly once");
     }
 }

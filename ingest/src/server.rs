@@ -253,24 +253,37 @@ fn validate(
 ) -> Result<Validated, ApiError> {
     let decoded = body::decode(raw, encoding, state.max_body_bytes)?;
     let text = body::text(decoded)?;
-    let items = batch::split(&text, format, state.max_events).map_err(|e| match e {
-        batch::BatchError::TooManyEvents { .. } => ApiError::too_large(e.to_string()),
-        batch::BatchError::Syntax { .. } => ApiError::bad_request("invalid_json", e.to_string()),
-        batch::BatchError::Shape => ApiError::bad_request("invalid_shape", e.to_string()),
-    })?;
+    let now = Utc::now();
+    // An array body is split and parsed in one pass; any other, or one that
+    // does not read whole, takes the two passes, which decide every error.
+    let fused = match format {
+        batch::BodyFormat::Json => batch::parse_array(&text, state.max_events, &state.bounds, now),
+        batch::BodyFormat::Ndjson => None,
+    };
+    let parsed = match fused {
+        Some(parsed) => parsed,
+        None => batch::split(&text, format, state.max_events)
+            .map_err(|e| match e {
+                batch::BatchError::TooManyEvents { .. } => ApiError::too_large(e.to_string()),
+                batch::BatchError::Syntax { .. } => ApiError::bad_request("invalid_json", e.to_string()),
+                batch::BatchError::Shape => ApiError::bad_request("invalid_shape", e.to_string()),
+            })?
+            .into_iter()
+            .map(|item| parse_event(item, &state.bounds, now))
+            .collect(),
+    };
     let tenant = state.keys.tenant(tenant_id);
     let empty = Default::default();
     let prices = PriceBook { overrides: tenant.map_or(&empty, |t| &t.prices), catalog: &state.catalog };
-    let now = Utc::now();
     let mut out = Validated {
-        outgoing: Vec::with_capacity(items.len()),
+        outgoing: Vec::with_capacity(parsed.len()),
         unpriced: 0,
         rejected: Vec::new(),
         rejected_reasons: Vec::new(),
-        total: items.len(),
+        total: parsed.len(),
     };
-    for (index, item) in items.into_iter().enumerate() {
-        match parse_event(item, &state.bounds, now) {
+    for (index, result) in parsed.into_iter().enumerate() {
+        match result {
             Ok(event) => {
                 if prices.cost_of(&event).is_none() {
                     out.unpriced += 1;

@@ -7,12 +7,15 @@
 //! and a test keeps the two in step.
 
 use chrono::{DateTime, Utc};
-use serde::de::{self, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
-use std::fmt;
 
 use crate::money::{MoneyError, NANOS_PER_UNIT, Nanos};
+
+mod read;
+pub(crate) use read::EventSeed;
+use read::{Fill, string_of};
 
 /// Longest identifier (`idempotency_key`, `user_id`, `customer_id`), in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -190,30 +193,6 @@ impl Default for TimeBounds {
     }
 }
 
-/// The top-level members of one event object, in the order sent, values unparsed.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for MembersVisitor<'a> {
-            type Value = Members<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut members = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    let value: &'a RawValue = map.next_value()?;
-                    members.push((key, value));
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor(std::marker::PhantomData))
-    }
-}
-
 /// Parses and validates one event given as JSON text.
 ///
 /// `now` is injected so that callers (and tests) decide what "now" is.
@@ -227,16 +206,16 @@ pub fn parse_event(json: &str, bounds: &TimeBounds, now: DateTime<Utc>) -> Resul
         };
         return Err(Rejection { idempotency_key: None, errors: vec![FieldError::new("", code, message)] });
     }
-    let members = match serde_json::from_str::<Members<'_>>(json) {
-        Ok(m) => m,
-        Err(e) => {
-            return Err(Rejection {
-                idempotency_key: None,
-                errors: vec![FieldError::new("", ErrorCode::InvalidJson, format!("event is not valid JSON: {e}"))],
-            });
-        }
-    };
-    Builder::default().build(members, bounds, now)
+    let mut builder = Builder::default();
+    // What `serde_json::from_str` does (the same errors), into the builder.
+    let mut de = serde_json::Deserializer::from_str(json);
+    if let Err(e) = Fill(&mut builder).deserialize(&mut de).and_then(|()| de.end()) {
+        return Err(Rejection {
+            idempotency_key: None,
+            errors: vec![FieldError::new("", ErrorCode::InvalidJson, format!("event is not valid JSON: {e}"))],
+        });
+    }
+    builder.build(bounds, now)
 }
 
 fn describe_json_error(json: &str) -> String {
@@ -253,20 +232,22 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    fn build(mut self, members: Members<'a>, bounds: &TimeBounds, now: DateTime<Utc>) -> Result<UsageEvent, Rejection> {
-        for (key, value) in members.0 {
-            match FIELDS.iter().position(|f| *f == key) {
-                Some(i) if self.values[i].is_some() => {
-                    self.errors.push(FieldError::new(&key, ErrorCode::DuplicateField, "field appears more than once"))
-                }
-                Some(i) => self.values[i] = Some(value),
-                None => self.errors.push(FieldError::new(
-                    &printable(&key),
-                    ErrorCode::UnknownField,
-                    "unknown field; see the event contract for the accepted fields",
-                )),
+    /// Takes one member as read; a duplicate or unknown name is an error.
+    fn member(&mut self, key: &str, value: &'a RawValue) {
+        match FIELDS.iter().position(|f| *f == key) {
+            Some(i) if self.values[i].is_some() => {
+                self.errors.push(FieldError::new(key, ErrorCode::DuplicateField, "field appears more than once"))
             }
+            Some(i) => self.values[i] = Some(value),
+            None => self.errors.push(FieldError::new(
+                &printable(key),
+                ErrorCode::UnknownField,
+                "unknown field; see the event contract for the accepted fields",
+            )),
         }
+    }
+
+    fn build(mut self, bounds: &TimeBounds, now: DateTime<Utc>) -> Result<UsageEvent, Rejection> {
         let idempotency_key = self.id("idempotency_key", true, MAX_ID_BYTES);
         let timestamp = self.timestamp(bounds, now);
         let user_id = self.id("user_id", true, MAX_ID_BYTES);
@@ -292,9 +273,8 @@ impl<'a> Builder<'a> {
         let environment = self.id("environment", false, MAX_NAME_BYTES);
         let metadata = self.metadata();
 
-        let key_for_answer = idempotency_key.clone();
         if !self.errors.is_empty() {
-            return Err(Rejection { idempotency_key: key_for_answer, errors: self.errors });
+            return Err(Rejection { idempotency_key, errors: self.errors });
         }
         // Every required field produced an error if absent, so these hold here.
         match (idempotency_key, timestamp, user_id, feature, model) {
@@ -317,8 +297,8 @@ impl<'a> Builder<'a> {
                 environment: environment.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned()),
                 metadata,
             }),
-            _ => Err(Rejection {
-                idempotency_key: key_for_answer,
+            (idempotency_key, ..) => Err(Rejection {
+                idempotency_key,
                 errors: vec![FieldError::new("", ErrorCode::Missing, "a required field is missing")],
             }),
         }
@@ -341,7 +321,7 @@ impl<'a> Builder<'a> {
             self.missing(field, required);
             return None;
         };
-        let Ok(text) = serde_json::from_str::<String>(raw.get()) else {
+        let Some(text) = string_of(raw) else {
             self.errors.push(FieldError::new(field, ErrorCode::InvalidType, "must be a string"));
             return None;
         };
@@ -357,7 +337,7 @@ impl<'a> Builder<'a> {
             self.errors.push(FieldError::new(field, ErrorCode::ControlCharacter, "must not contain control characters"));
             return None;
         }
-        Some(text)
+        Some(text.into_owned())
     }
 
     fn timestamp(&mut self, bounds: &TimeBounds, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -366,7 +346,7 @@ impl<'a> Builder<'a> {
             self.missing(FIELD, true);
             return None;
         };
-        let Ok(text) = serde_json::from_str::<String>(raw.get()) else {
+        let Some(text) = string_of(raw) else {
             self.errors.push(FieldError::new(FIELD, ErrorCode::InvalidType, "must be an RFC 3339 string"));
             return None;
         };
@@ -421,9 +401,9 @@ impl<'a> Builder<'a> {
         // A decimal string or a bare JSON number; both are read from their text,
         // never through a float.
         let parsed = if text.starts_with('"') {
-            match serde_json::from_str::<String>(text) {
-                Ok(s) => Nanos::parse_non_negative(&s),
-                Err(_) => Err(MoneyError::Syntax),
+            match string_of(raw) {
+                Some(s) => Nanos::parse_non_negative(&s),
+                None => Err(MoneyError::Syntax),
             }
         } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
             Nanos::parse_non_negative(text)
