@@ -9,7 +9,7 @@
 
 use futures::future::BoxFuture;
 use meterline_domain::{AlertRow, EventRow, Granularity, SumRow, TimeColumn, whole_days};
-use meterline_query_api::{AlertsQuery, Cursor, GroupCache, GroupReader, QueryError, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, cached_ranking, separately, whole_hours};
+use meterline_query_api::{AlertsQuery, Cursor, GroupCache, GroupReader, QueryError, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, cached_ranking, refresh_rankings, separately, whole_hours};
 use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, resums, sums_as};
 use std::sync::Arc;
 
@@ -246,6 +246,10 @@ impl QueryStore for EmbeddedQueries {
             }
             _ => separately(self, scope, q),
         }
+    }
+
+    fn refresh_rankings(&self, idle: std::time::Duration) -> BoxFuture<'_, ()> {
+        Box::pin(refresh_rankings(&self.cache, self, idle))
     }
 }
 

@@ -72,6 +72,9 @@ pub fn router(config: &Config, store: Arc<Embedded>) -> Result<Router, EmbeddedE
     // The end-user portal reads limits and subscription cycles from the same store.
     let portal_limits = Arc::new(meterline_query_api::portal::StoreLimits(EmbeddedLimits(store.clone())));
     let queries = Arc::new(EmbeddedQueries::new(store, config.query.ranking_cache_groups));
+    // The ranking cache's refresher, at the query API's default period; it ends with the router (it holds the store weakly).
+    let defaults = meterline_query_api::ServerConfig::default();
+    meterline_query_api::Refresher::spawn(&(queries.clone() as Arc<dyn QueryStore>), defaults.ranking_refresh(), defaults.ranking_refresh_idle()).detach();
     let query = meterline_query_api::AppState::new(&config.tenants, queries.clone(), config.query.max_range_days)?
         .with_export(export)
         .with_portal_limits(portal_limits)

@@ -8,7 +8,8 @@ use meterline_sql::Scope;
 
 use crate::QueryError;
 use crate::metrics;
-use crate::ranking::{self, Entry, GroupCache, Key, RankQuery, Ranking};
+use crate::cache::{GroupCache, Moves};
+use crate::ranking::{self, Entry, Key, RankQuery, Ranking};
 
 /// The three reads a cached ranking needs from a store.
 pub trait GroupReader: Send + Sync {
@@ -22,8 +23,11 @@ pub trait GroupReader: Send + Sync {
 
 /// A ranking from the kept sums over the range's whole `hours` (checked,
 /// slid, or read and kept) plus the partial-hour edges, read every time.
+/// Whatever the background refresher did, the kept sums are checked here
+/// before they are used: the refresher only saves this request the read.
 pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, scope: &Scope, q: &RankQuery, hours: (i64, i64)) -> Result<Ranking, QueryError> {
     let key = Key { tenant: scope.tenant.clone(), filters: scope.filters.clone(), group_by: q.group_by.clone(), hours };
+    let moves = Moves::of(scope.to.timestamp(), chrono::Utc::now().timestamp());
     let inner = scope.with_range(hours.0, hours.1);
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
     let edge_ranges: Vec<(i64, i64)> = [(from, hours.0), (hours.1, to)].into_iter().filter(|(a, b)| a < b).collect();
@@ -35,9 +39,9 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
     };
     let read = async {
         let groups = reader.groups(&inner, &q.group_by).await?;
-        Ok::<_, QueryError>(cache.put(Entry::new(key.clone(), groups)))
+        Ok::<_, QueryError>(cache.put(Entry::new(key.clone(), groups), moves, None))
     };
-    let (entry, edges) = match cache.get(&key) {
+    let (entry, edges) = match cache.get(&key, moves) {
         Some(kept) => {
             let (events, edges) = tokio::try_join!(reader.event_count(&inner, &q.group_by), edges)?;
             if events == kept.total.s_events {
@@ -51,26 +55,16 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
         None => match cache.nearest(&key).and_then(|base| Some((ranking::slices(base.key.hours, hours)?, base))) {
             // A kept entry a few hours away (the hour turned under a
             // dashboard's "last 30 days"): read only the hours between.
-            Some((slices, base)) => {
-                let scopes: Vec<(Scope, bool)> = slices.into_iter().map(|(from, to, added)| (scope.with_range(from, to), added)).collect();
-                let reads = futures::future::try_join_all(scopes.iter().map(|(s, added)| async move { Ok::<_, QueryError>((*added, reader.groups(s, &q.group_by).await?)) }));
-                let (slices, edges) = tokio::try_join!(reads, edges)?;
-                // The base is checked after the slices were read: an equal
-                // count then means the subtracted hours were read from the
-                // very rows the base holds.
-                let base_scope = scope.with_range(base.key.hours.0, base.key.hours.1);
-                let events = reader.event_count(&base_scope, &q.group_by).await?;
-                match (events == base.total.s_events).then(|| base.slid(key.clone(), &slices)).flatten() {
-                    Some(entry) => {
-                        metrics::ranking_cache("slide");
-                        (cache.put(entry), edges)
-                    }
-                    None => {
-                        metrics::ranking_cache("stale");
-                        (read.await?, edges)
-                    }
+            Some((slices, base)) => match tokio::try_join!(slide(reader, scope, &q.group_by, &base, key.clone(), slices), edges)? {
+                (Some(entry), edges) => {
+                    metrics::ranking_cache("slide");
+                    (cache.put(entry, moves, Some(&base)), edges)
                 }
-            }
+                (None, edges) => {
+                    metrics::ranking_cache("stale");
+                    (read.await?, edges)
+                }
+            },
             None => {
                 metrics::ranking_cache("miss");
                 tokio::try_join!(read, edges)?
@@ -79,6 +73,18 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
     };
     metrics::ranking_cache_groups(cache.groups());
     Ok(ranking::rank(&entry, &edges, q))
+}
+
+/// `base` moved to `key`'s hours by reading only the `slices` between
+/// (from [`ranking::slices`]), or None if `base` no longer counts every
+/// event in its hours (then `key`'s hours are to be read whole).
+pub async fn slide<R: GroupReader + ?Sized>(reader: &R, scope: &Scope, group_by: &[&'static str], base: &Entry, key: Key, slices: Vec<(i64, i64, bool)>) -> Result<Option<Entry>, QueryError> {
+    let scopes: Vec<(Scope, bool)> = slices.into_iter().map(|(from, to, added)| (scope.with_range(from, to), added)).collect();
+    let slices = futures::future::try_join_all(scopes.iter().map(|(s, added)| async move { Ok::<_, QueryError>((*added, reader.groups(s, group_by).await?)) })).await?;
+    // The base is checked after the slices were read: an equal count then
+    // means the subtracted hours were read from the very rows the base holds.
+    let events = reader.event_count(&scope.with_range(base.key.hours.0, base.key.hours.1), group_by).await?;
+    Ok((events == base.total.s_events).then(|| base.slid(key, &slices)).flatten())
 }
 
 #[cfg(test)]
@@ -182,5 +188,67 @@ mod tests {
         assert_eq!(ask(&cache, &fake, from2, to2).await, fresh(&fake, from2, to2), "slide");
         assert_eq!(fake.group_reads.load(Ordering::Relaxed), 4, "two one-hour slices, not the whole range");
         assert!(fake.counts.load(Ordering::Relaxed) >= 2);
+    }
+
+    #[tokio::test]
+    async fn the_refresher_rereads_late_hours_so_the_next_ask_reads_no_groups() {
+        let fake = Fake::default();
+        {
+            let mut rows = fake.rows.lock().unwrap();
+            for h in 0..30 {
+                rows.push((T0 + h * H + 60, format!("u{}", h % 4), 10 + h));
+            }
+        }
+        let cache = GroupCache::new(1_000);
+        let idle = std::time::Duration::from_secs(60);
+        let (from, to) = (T0 + 30, T0 + 20 * H + 30);
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "miss");
+        crate::refresh::pass(&cache, &fake, idle).await;
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 1, "unchanged: the refresher only counted");
+        // A late event in a kept hour: the refresher reads the hours again, no request needed.
+        fake.rows.lock().unwrap().push((T0 + 5 * H, "u9".into(), 1_000));
+        crate::refresh::pass(&cache, &fake, idle).await;
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 2, "read again in the background");
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "exact");
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 2, "the request found fresh sums: no read of its own");
+        // Events the refresher has not seen yet: the request still checks, and reads.
+        fake.rows.lock().unwrap().push((T0 + 6 * H, "u8".into(), 2_000));
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "exact without the refresher");
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 3);
+        // An idle question is no longer refreshed.
+        fake.rows.lock().unwrap().push((T0 + 7 * H, "u7".into(), 5));
+        crate::refresh::pass(&cache, &fake, std::time::Duration::ZERO).await;
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 3, "forgotten by the refresher");
+    }
+
+    #[tokio::test]
+    async fn the_refresher_slides_a_trailing_range_when_the_hour_turns() {
+        let now = chrono::Utc::now().timestamp();
+        let hour = now.div_euclid(H) * H;
+        let fake = Fake::default();
+        {
+            let mut rows = fake.rows.lock().unwrap();
+            for h in -30..2 {
+                rows.push((hour + h * H + 60, format!("u{}", h.rem_euclid(5)), 100 + h));
+            }
+        }
+        let cache = GroupCache::new(1_000);
+        // "The last 20 hours", asked now; then asked again an hour later.
+        let (from, to) = (hour - 20 * H + 30, hour + 30);
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "miss");
+        crate::refresh::pass_at(&cache, &fake, std::time::Duration::from_secs(60), now + H).await;
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 3, "slid in the background: the hour that left and the one that came");
+        let (from2, to2) = (from + H, to + H);
+        assert_eq!(ask(&cache, &fake, from2, to2).await, fresh(&fake, from2, to2), "exact");
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 3, "the request found the new hours kept: a hit, no slide of its own");
+        // The old range asked again after all (its end did not move): both
+        // stand, and a late event is read into each by the refresher.
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "kept beside the slid one");
+        fake.rows.lock().unwrap().push((hour - 5 * H, "u9".into(), 1_000));
+        crate::refresh::pass_at(&cache, &fake, std::time::Duration::from_secs(60), now + H).await;
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 5, "each read again where it is asked, not slid again");
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to));
+        assert_eq!(ask(&cache, &fake, from2, to2).await, fresh(&fake, from2, to2));
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 5, "both hits");
     }
 }

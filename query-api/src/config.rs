@@ -44,11 +44,51 @@ pub struct ServerConfig {
     /// with short ids, up to ~1 KiB with 256-byte user and customer ids;
     /// 0 turns it off. See `ranking.rs`.
     pub ranking_cache_groups: usize,
+    /// How often the ranking cache's background refresher checks the
+    /// standing rankings (and slides them when the hour turns), in
+    /// milliseconds. See `refresh.rs`.
+    pub ranking_refresh_ms: u64,
+    /// A ranking not asked for this long, in seconds, is no longer
+    /// refreshed (it stays kept for requests until the group bound evicts it).
+    pub ranking_refresh_idle_secs: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8081)), max_range_days: 400, ranking_cache_groups: 500_000 }
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            max_range_days: 400,
+            ranking_cache_groups: 500_000,
+            ranking_refresh_ms: 5_000,
+            ranking_refresh_idle_secs: 900,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The refresher's period.
+    pub fn ranking_refresh(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.ranking_refresh_ms)
+    }
+
+    /// How long an unasked ranking keeps being refreshed.
+    pub fn ranking_refresh_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ranking_refresh_idle_secs)
+    }
+
+    fn validate(&self) -> Result<(), QueryError> {
+        if self.max_range_days < 1 {
+            return Err(QueryError::config("server.max_range_days", "must be at least 1"));
+        }
+        // Faster than a count takes, passes would queue behind each other;
+        // slower than an hour, the hour would turn under the standing rankings unseen.
+        if !(100..=3_600_000).contains(&self.ranking_refresh_ms) {
+            return Err(QueryError::config("server.ranking_refresh_ms", "must be 100 to 3600000 (one hour)"));
+        }
+        if self.ranking_refresh_idle_secs < 1 {
+            return Err(QueryError::config("server.ranking_refresh_idle_secs", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -101,9 +141,7 @@ impl QueryLimits {
 impl Config {
     pub fn load(text: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, QueryError> {
         let config: Config = load_toml_with_env(text, &["server", "query", "clickhouse", "limits", "billing", "retention"], vars)?;
-        if config.server.max_range_days < 1 {
-            return Err(QueryError::config("server.max_range_days", "must be at least 1"));
-        }
+        config.server.validate()?;
         config.query.validate()?;
         // The dedupe window is the aggregator's to check; here only the horizons' own bounds.
         config.retention.validate(0).map_err(|meterline_domain::DomainError::Config { key, message }| QueryError::config(key, message))?;
@@ -136,6 +174,19 @@ mod tests {
         assert_eq!(off.server.ranking_cache_groups, 0);
         let err = Config::load(&example.replace("ranking_cache_groups", "ranking_cache_size"), []).expect_err("unknown key");
         assert!(err.to_string().contains("ranking_cache_size"), "{err}");
+    }
+
+    #[test]
+    fn the_ranking_refresher_defaults_and_is_validated() {
+        let example = include_str!("../../config/query-api.example.toml");
+        let config = Config::load(example, []).expect("example config");
+        assert_eq!((config.server.ranking_refresh(), config.server.ranking_refresh_idle()), (std::time::Duration::from_secs(5), std::time::Duration::from_secs(900)));
+        let fast = Config::load(example, [("METERLINE_SERVER__RANKING_REFRESH_MS".to_owned(), "200".to_owned())]).expect("override");
+        assert_eq!(fast.server.ranking_refresh_ms, 200);
+        for (key, value) in [("ranking_refresh_ms", "99"), ("ranking_refresh_ms", "3600001"), ("ranking_refresh_idle_secs", "0"), ("max_range_days", "0")] {
+            let err = Config::load(example, [(format!("METERLINE_SERVER__{}", key.to_uppercase()), value.to_owned())]).expect_err(key);
+            assert!(err.to_string().contains(&format!("server.{key}")), "{err}");
+        }
     }
 
     #[test]

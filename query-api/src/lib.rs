@@ -8,6 +8,7 @@
 
 mod answers;
 pub mod billing;
+mod cache;
 mod cached;
 mod config;
 mod error;
@@ -19,12 +20,15 @@ mod pages;
 mod params;
 pub mod portal;
 mod ranking;
+mod refresh;
 mod server;
 mod store;
 
+pub use cache::GroupCache;
 pub use cached::{GroupReader, ranking as cached_ranking};
 pub use config::{Config, QueryLimits, ServerConfig};
-pub use ranking::{GroupCache, whole_hours};
+pub use ranking::whole_hours;
+pub use refresh::{Refresher, pass as refresh_rankings};
 pub use error::QueryError;
 pub use params::Params;
 pub use server::{AppState, OPENAPI, api_routes, route_paths, router, serve};

@@ -30,13 +30,13 @@
 //!   [`MAX_SLIDE_HOURS`] of difference are slid; farther, it is read whole.
 //!
 //! A new range, or one whose whole hours just received events, costs one
-//! full read, as without the cache. Memory is bounded by the number of
+//! full read, as without the cache, unless the background refresher
+//! (`refresh.rs`) got there first. Memory is bounded by the number of
 //! groups kept (`server.ranking_cache_groups`, about 250 bytes a group; 0
-//! turns the cache off).
+//! turns the cache off; see `cache.rs`).
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 
 use meterline_domain::SumRow;
 use meterline_sql::Value;
@@ -199,64 +199,6 @@ fn hash(r: &SumRow) -> u64 {
     h.finish()
 }
 
-/// The kept entries, most recently used first, at most `max_groups` groups in all.
-#[derive(Debug)]
-pub struct GroupCache {
-    max_groups: usize,
-    entries: Mutex<VecDeque<Arc<Entry>>>,
-}
-
-impl GroupCache {
-    pub fn new(max_groups: usize) -> GroupCache {
-        GroupCache { max_groups, entries: Mutex::new(VecDeque::new()) }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.max_groups > 0
-    }
-
-    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let at = entries.iter().position(|e| &e.key == key)?;
-        let entry = entries.remove(at)?;
-        entries.push_front(entry.clone());
-        Some(entry)
-    }
-
-    /// The kept entry for the same tenant, filters and grouping whose hours
-    /// are fewest hours of reading away from `key`'s, within [`MAX_SLIDE_HOURS`].
-    pub fn nearest(&self, key: &Key) -> Option<Arc<Entry>> {
-        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries
-            .iter()
-            .filter(|e| e.key.tenant == key.tenant && e.key.filters == key.filters && e.key.group_by == key.group_by)
-            .filter(|e| slices(e.key.hours, key.hours).is_some())
-            .min_by_key(|e| (e.key.hours.0 - key.hours.0).abs() + (e.key.hours.1 - key.hours.1).abs())
-            .cloned()
-    }
-
-    /// Keeps `entry` (replacing one with its key), evicting the least recently
-    /// used beyond the bound; an entry larger than the bound is not kept.
-    pub fn put(&self, entry: Entry) -> Arc<Entry> {
-        let entry = Arc::new(entry);
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.retain(|e| e.key != entry.key);
-        if entry.groups.len() <= self.max_groups {
-            entries.push_front(entry.clone());
-            let mut held: usize = entries.iter().map(|e| e.groups.len()).sum();
-            while held > self.max_groups {
-                held -= entries.pop_back().map_or(0, |e| e.groups.len());
-            }
-        }
-        entry
-    }
-
-    /// Groups held now.
-    pub fn groups(&self) -> usize {
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|e| e.groups.len()).sum()
-    }
-}
-
 fn add(a: &mut SumRow, b: &SumRow) {
     a.add(b);
 }
@@ -417,22 +359,5 @@ mod tests {
         assert_eq!(found, Some(3), "new groups are found by hash");
         assert!(base.slid(key((3_600, 10_800)), &[(false, vec![row("z", 1, 0)])]).is_none(), "subtracting what was never kept");
         assert!(base.slid(key((3_600, 10_800)), &[(false, vec![row("c", 1, 0), row("c", 1, 0)])]).is_none(), "more events than kept");
-    }
-
-    #[test]
-    fn the_cache_keeps_at_most_its_bound_of_groups() {
-        let cache = GroupCache::new(5);
-        cache.put(Entry::new(key((0, 1)), vec![row("a", 1, 1), row("b", 1, 1)]));
-        cache.put(Entry::new(key((0, 2)), vec![row("a", 1, 1), row("b", 1, 1)]));
-        assert!(cache.get(&key((0, 1))).is_some(), "used, so most recent");
-        cache.put(Entry::new(key((0, 3)), vec![row("a", 1, 1), row("b", 1, 1)]));
-        assert_eq!(cache.groups(), 4);
-        assert!(cache.get(&key((0, 2))).is_none(), "the least recently used went");
-        cache.put(Entry::new(key((0, 1)), vec![row("z", 1, 1)]));
-        assert_eq!(cache.get(&key((0, 1))).map(|e| e.groups.len()), Some(1), "replaced, not duplicated");
-        let big = cache.put(Entry::new(key((0, 4)), (0..6).map(|n| row(&n.to_string(), 1, 1)).collect()));
-        assert_eq!(big.groups.len(), 6);
-        assert!(cache.get(&key((0, 4))).is_none(), "larger than the bound: answered, not kept");
-        assert!(!GroupCache::new(0).enabled());
     }
 }

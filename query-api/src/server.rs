@@ -24,6 +24,7 @@ use crate::export::{ClickHouseExport, ExportSource};
 use crate::gate::TenantGate;
 use crate::params::{Params, rollup_reads};
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
+use crate::refresh::Refresher;
 use crate::{QueryError, metrics, pages};
 
 /// The OpenAPI document, checked in beside the crate.
@@ -132,8 +133,11 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     let export = ClickHouseExport { store: clickhouse.clone(), redis };
     let billing = meterline_billing::BillingApi::new(ClickHouseBilling::new(clickhouse.clone()), KeyRing::from_config(&config.tenants)?, config.billing.clone());
     let gate = TenantGate::new(config.query.max_concurrent_per_tenant, Duration::from_millis(config.query.max_queue_wait_ms));
-    let store = ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups, gate);
-    let state = AppState::new(&config.tenants, Arc::new(store), config.server.max_range_days)?.with_export(Arc::new(export)).with_retention(config.retention.clone());
+    let store: Arc<dyn QueryStore> = Arc::new(ClickHouseStore::new(clickhouse, config.server.ranking_cache_groups, gate));
+    // Keeps the standing rankings fresh off the request path until the
+    // server has drained (dropped at the end of this function, whichever way it ends).
+    let _refresher = (config.server.ranking_cache_groups > 0).then(|| Refresher::spawn(&store, config.server.ranking_refresh(), config.server.ranking_refresh_idle()));
+    let state = AppState::new(&config.tenants, store, config.server.max_range_days)?.with_export(Arc::new(export)).with_retention(config.retention.clone());
     let state = state.with_billing(meterline_billing::routes(Arc::new(billing)));
     let state = match portal_limits {
         Some(source) => state.with_portal_limits(source),

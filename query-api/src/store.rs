@@ -13,7 +13,8 @@ pub use meterline_sql::{AlertsQuery, Cursor, GroupCursor};
 use crate::QueryError;
 use crate::cached::{self, GroupReader};
 use crate::gate::TenantGate;
-use crate::ranking::{self, GroupCache};
+use crate::cache::GroupCache;
+use crate::ranking;
 pub use crate::ranking::{Order, RankQuery, Ranking};
 
 /// Sums grouped by a time bucket and dimensions.
@@ -65,6 +66,13 @@ pub trait QueryStore: Send + Sync + std::fmt::Debug {
     /// statements side by side.
     fn ranking<'a>(&'a self, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {
         separately(self, scope, q)
+    }
+
+    /// One background pass over the store's ranking cache, if it keeps one
+    /// (see `refresh.rs`): its standing questions asked within `idle` are
+    /// checked, slid or read again. By default, nothing.
+    fn refresh_rankings(&self, _idle: std::time::Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 }
 
@@ -172,5 +180,9 @@ impl QueryStore for ClickHouseStore {
             }
             _ => separately(self, scope, q),
         }
+    }
+
+    fn refresh_rankings(&self, idle: std::time::Duration) -> BoxFuture<'_, ()> {
+        Box::pin(crate::refresh::pass(&self.cache, self, idle))
     }
 }

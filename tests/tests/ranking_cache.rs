@@ -1,6 +1,8 @@
 //! The query API's ranking cache against the real stack: rankings stay exact
-//! as of each request while the kept sums are reused. Its own test binary, so
-//! the cache's counters in `/metrics` are this test's alone.
+//! as of each request while the kept sums are reused, and the background
+//! refresher reads a kept ranking's late hours before the next request
+//! comes. Its own test binary with one test, so the cache's counters in
+//! `/metrics` are this test's alone.
 
 use chrono::{TimeZone, Utc};
 use meterline_tests::stack::Process;
@@ -29,14 +31,17 @@ async fn top(api: &QueryApi, range: &str) -> (Vec<(String, String)>, String) {
     (rows, body["total"]["cost_usd"].as_str().expect("total").to_owned())
 }
 
-/// The cache's look-ups so far: (hit, stale, miss, slide).
-async fn lookups(api: &QueryApi) -> (u64, u64, u64, u64) {
+/// The counter `series` (name and labels) in `/metrics`, 0 before it is first counted.
+async fn counter(api: &QueryApi, series: &str) -> u64 {
     let text = reqwest::get(format!("{}/metrics", api.url)).await.expect("metrics").text().await.expect("text");
-    let count = |result: &str| {
-        let prefix = format!("meterline_query_ranking_cache_lookups_total{{result=\"{result}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().expect("counter"))
-    };
-    (count("hit"), count("stale"), count("miss"), count("slide"))
+    let prefix = format!("{series} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().expect("counter"))
+}
+
+/// The cache's look-ups by requests so far: (hit, stale, miss, slide).
+async fn lookups(api: &QueryApi) -> (u64, u64, u64, u64) {
+    let count = |result: &'static str| async move { counter(api, &format!("meterline_query_ranking_cache_lookups_total{{result=\"{result}\"}}")).await };
+    (count("hit").await, count("stale").await, count("miss").await, count("slide").await)
 }
 
 #[tokio::test]
@@ -48,7 +53,9 @@ async fn kept_rankings_see_late_and_partial_hour_events_at_once() {
     let h = Utc::now().timestamp().div_euclid(3_600) * 3_600 - 3 * 3_600;
     let fmt = |t: i64| Utc.timestamp_opt(t, 0).single().expect("time").format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let range = format!("from={}&to={}", fmt(h - 5 * 3_600 - 1_200), fmt(h + 1_200));
-    let api = QueryApi::start(&ch.url, &database).await;
+    // This API's refresher waits an hour between passes: what its requests
+    // see below is the request path's own work.
+    let api = QueryApi::start_with(&ch.url, &database, "ranking_refresh_ms = 3600000").await;
     let owned = |rows: &[(&str, &str)]| rows.iter().map(|(u, c)| ((*u).to_owned(), (*c).to_owned())).collect::<Vec<_>>();
 
     // e's hour, [h - 5 h, h - 4 h), leaves the range when it moves an hour on.
@@ -112,6 +119,27 @@ async fn kept_rankings_see_late_and_partial_hour_events_at_once() {
     with_x.push(("x".to_owned(), "0.01".to_owned()));
     assert_eq!(top(&api, &later).await, (with_x, "2.71".to_owned()));
     assert_eq!(lookups(&api).await, (5, 1, 1, 2), "the current hour is not kept, so its events change nothing kept");
+
+    // A second API whose refresher passes every 200 ms: after late events
+    // land in a kept hour, it reads the hour again before anyone asks, and
+    // the next request answers from kept sums, exactly.
+    let refreshed = QueryApi::start_with(&ch.url, &database, "ranking_refresh_ms = 200").await;
+    let all = owned(&[("c", "1"), ("a", "0.75"), ("b", "0.7"), ("e", "0.2"), ("d", "0.05")]);
+    assert_eq!(top(&refreshed, &range).await, (all, "2.7".to_owned()));
+    assert_eq!(lookups(&refreshed).await, (5, 1, 2, 2), "its first ask reads and keeps");
+    let rereads = counter(&refreshed, "meterline_query_ranking_refreshes_total{result=\"reread\"}").await;
+    post(&ingest.url, &[("f", 9, h - 2 * 3_600 + 30, "0.6")]).await;
+    workload::wait_rolled_up(&ch, &database, &[("acme", 9)]).await;
+    // A pass that started after every table had the event has finished.
+    let passes = counter(&refreshed, "meterline_query_ranking_refresh_passes_total").await;
+    poll_until(std::time::Duration::from_secs(60), "two refresher passes", || async {
+        (counter(&refreshed, "meterline_query_ranking_refresh_passes_total").await >= passes + 2).then_some(())
+    })
+    .await;
+    let with_f = owned(&[("c", "1"), ("a", "0.75"), ("b", "0.7"), ("f", "0.6"), ("e", "0.2"), ("d", "0.05")]);
+    assert_eq!(top(&refreshed, &range).await, (with_f, "3.3".to_owned()));
+    assert_eq!(lookups(&refreshed).await, (6, 1, 2, 2), "a hit: the request read no groups, the refresher had");
+    assert!(counter(&refreshed, "meterline_query_ranking_refreshes_total{result=\"reread\"}").await > rereads, "the refresher read the late hour");
     drop(agg);
     ingest.stop().await;
 }

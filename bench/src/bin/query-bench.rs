@@ -1,7 +1,11 @@
 //! Query latency at scale: 100,000 users and 30 days of minute rollups in the
 //! stack's ClickHouse, then p50/p99 of the query API's heavy endpoints, beside
 //! `clickhouse-client` running the same statements one after another (the raw
-//! tool: server time over the native protocol, no HTTP, no JSON).
+//! tool: server time over the native protocol, no HTTP, no JSON). The last
+//! two rows time the ranking cache "right after late events": before each
+//! ask, late rows land in hours the ranking keeps and the background
+//! refresher is given its interval (two passes, polled), so they measure
+//! what a dashboard sees once the refresher has caught up.
 //!
 //! `cargo run --release -p meterline-bench --bin query-bench -- [USERS] [ROWS_PER_USER_DAY] [RUNS]`
 //! with the stack up.
@@ -83,25 +87,47 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(status == 200, "{name}: {status}");
             times.push(t.elapsed());
         }
-        times.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let p = |q: f64| ms(times[((times.len() as f64 * q) as usize).min(times.len() - 1)]);
         let raw = client_times(&tcp_port, &db, statements, runs)?;
-        let q = |v: &[f64], at: f64| v[((v.len() as f64 * at) as usize).min(v.len() - 1)];
-        let ratio = q(&raw, 0.5) / p(0.5);
-        println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {ratio:.2} |",
-            p(0.5),
-            p(0.99),
-            ms(times[times.len() - 1]),
-            q(&raw, 0.5),
-            q(&raw, 0.99)
-        );
-        results.push(serde_json::json!({
-            "query": name, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": ms(times[times.len() - 1]),
-            "raw_p50_ms": q(&raw, 0.5), "raw_p99_ms": q(&raw, 0.99), "ratio": ratio,
-        }));
+        results.push(row(name, times, &raw));
     }
+    // Right after late events: a third API whose refresher passes every
+    // LATE_REFRESH_MS, alone in the process (the others are stopped first,
+    // so the refresher counters in /metrics are its own). Before each timed
+    // ask, late rows land in a whole day the ranking keeps, and the ask waits
+    // until two passes have finished since (the refresher's interval, polled,
+    // not slept), then asks top spenders and lowest margins.
+    drop(api);
+    drop(uncached);
+    let late = QueryApi::start_with(&ch.url, &db, &format!("ranking_refresh_ms = {LATE_REFRESH_MS}")).await;
+    // The counters are the process's: what the rows below add is theirs.
+    let series = ["hit", "stale", "miss", "slide"].map(|r| format!("meterline_query_ranking_cache_lookups_total{{result=\"{r}\"}}"));
+    let rereads = "meterline_query_ranking_refreshes_total{result=\"reread\"}";
+    let mut before = Vec::new();
+    for s in series.iter().map(String::as_str).chain([rereads]) {
+        before.push(metric(&late.url, s).await);
+    }
+    let late_rows = late_events(&ch, &db, &late, users, now, runs, &range(None)).await?;
+    for ((name, times), raw_index) in late_rows.into_iter().zip([0, 1]) {
+        let raw = client_times(&tcp_port, &db, &raw_statements[raw_index].1, runs)?;
+        results.push(row(name, times, &raw));
+    }
+    let mut added = Vec::new();
+    for (s, b) in series.iter().map(String::as_str).chain([rereads]).zip(&before) {
+        added.push(metric(&late.url, s).await - b);
+    }
+    // What the asks had to read themselves (the two warm-ups included: a
+    // miss, then a hit), and what the refresher read for them.
+    println!(
+        "query-bench: right after late events, {runs} runs: request-path look-ups hit {} stale {} miss {} slide {}; refresher re-reads {}",
+        added[0], added[1], added[2], added[3], added[4]
+    );
+    // Its refresher ends with it: stopped before the database goes.
+    let late_url = late.url.clone();
+    drop(late);
+    meterline_tests::poll_until(Duration::from_secs(30), "the late-events API to stop", || async {
+        reqwest::get(format!("{late_url}/metrics")).await.is_err().then_some(())
+    })
+    .await;
     if std::env::var_os("BENCH_KEEP").is_some() {
         println!("query-bench: kept database {db}");
     } else {
@@ -122,6 +148,107 @@ async fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// The refresher period of the "right after late events" rows' API.
+const LATE_REFRESH_MS: u64 = 250;
+
+/// Prints one row (API times against the raw tool's) and returns its JSON.
+fn row(name: &str, mut times: Vec<Duration>, raw: &[f64]) -> serde_json::Value {
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let p = |q: f64| ms(times[((times.len() as f64 * q) as usize).min(times.len() - 1)]);
+    let q = |v: &[f64], at: f64| v[((v.len() as f64 * at) as usize).min(v.len() - 1)];
+    let ratio = q(raw, 0.5) / p(0.5);
+    println!("| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {ratio:.2} |", p(0.5), p(0.99), ms(times[times.len() - 1]), q(raw, 0.5), q(raw, 0.99));
+    serde_json::json!({
+        "query": name, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": ms(times[times.len() - 1]),
+        "raw_p50_ms": q(raw, 0.5), "raw_p99_ms": q(raw, 0.99), "ratio": ratio,
+    })
+}
+
+/// A counter in the API's `/metrics` (`series`: name and labels), 0 before it is first counted.
+async fn metric(url: &str, series: &str) -> u64 {
+    let text = match reqwest::get(format!("{url}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let prefix = format!("{series} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).map_or(0, |v| v as u64)
+}
+
+/// The "right after late events" rows: `runs` times, late rows land in a
+/// whole day of `range`, the refresher gets its interval, then top spenders
+/// and lowest margins are timed (in turn first, so neither always follows
+/// the other). Returns each row's name and times.
+async fn late_events(ch: &ClickHouse, db: &str, api: &QueryApi, users: u64, now: i64, runs: usize, range: &str) -> anyhow::Result<Vec<(&'static str, Vec<Duration>)>> {
+    let asks = [
+        ("top spenders by cost, 30 days, right after late events", format!("/v1/top-spenders?metric=cost&limit=100&{range}")),
+        ("lowest margins, 30 days, right after late events", format!("/v1/margins?group_by=user_id&limit=100&{range}")),
+    ];
+    for (name, path) in &asks {
+        let (status, _) = api.get(path, Some("acme-read-key")).await; // warm-up: the first ask reads and keeps
+        anyhow::ensure!(status == 200, "{name}: {status}");
+    }
+    let mut times = vec![Vec::with_capacity(runs), Vec::with_capacity(runs)];
+    let passes = "meterline_query_ranking_refresh_passes_total";
+    for run in 0..runs {
+        for statement in late_statements(db, users, now, run as i64) {
+            ch.query(&statement).await;
+        }
+        // A pass that started after the rows landed has finished.
+        let seen = metric(&api.url, passes).await;
+        meterline_tests::poll_until(Duration::from_secs(120), "two refresher passes", || async { (metric(&api.url, passes).await >= seen + 2).then_some(()) }).await;
+        for k in [run % 2, 1 - run % 2] {
+            let (name, path) = &asks[k];
+            let t = Instant::now();
+            let (status, _) = api.get(path, Some("acme-read-key")).await;
+            anyhow::ensure!(status == 200, "{name}: {status}");
+            times[k].push(t.elapsed());
+        }
+    }
+    Ok(asks.iter().map(|(name, _)| *name).zip(times).collect())
+}
+
+/// Late rows for run `run`: 20 users' events in one minute ten days back
+/// (a whole day of the benchmark's range, so a whole hour the ranking keeps),
+/// written as the aggregator writes a late flush: the minute rows, then the
+/// per-user spans and days summed from them (found by their `written_at`).
+fn late_statements(db: &str, users: u64, now: i64, run: i64) -> Vec<String> {
+    let at = (now - 10 * 86_400 - run * 60).div_euclid(60) * 60;
+    let written = now + 100_000 + run;
+    let spans = meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ");
+    vec![
+        format!(
+            "INSERT INTO {db}.rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+             source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+             cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+             SELECT 'acme', toDateTime({at}), concat('user-', toString((number * 7919 + {run}) % {users})), concat('cust-', toString(((number * 7919 + {run}) % {users}) % 97)), \
+             'chat', 'gpt-4o', 'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(1000000 + number), toInt64(500000), 0, 0, 0, \
+             toDateTime({written}) FROM system.numbers LIMIT 20"
+        ),
+        format!(
+            "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
+             billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
+             reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+             SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
+             e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({written}) \
+             FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
+             sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
+             sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
+             FROM {db}.rollups_minute WHERE written_at = toDateTime({written}) GROUP BY t, d, u, c) ARRAY JOIN [{spans}] AS span"
+        ),
+        format!(
+            "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+             source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+             cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+             SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
+             billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
+             sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
+             toDateTime({written}) FROM {db}.rollups_minute WHERE written_at = toDateTime({written}) \
+             GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
+        ),
+    ]
 }
 
 /// `--sql [USERS] [ROWS_PER_USER_DAY]`: one JSON document with the schema,
