@@ -4,6 +4,9 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
+/// How often histogram samples are folded into their buckets between scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Buckets of every `*_seconds` histogram.
 const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -11,6 +14,12 @@ const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 /// bucket bounds) beside the shared seconds buckets. The first caller's
 /// buckets win: each service's crate passes its own, and a process that runs
 /// several services calls each, so all are passed before anything records.
+///
+/// The recorder keeps every histogram sample until it is folded into the
+/// buckets, which only a render or an upkeep does: without a scrape, a
+/// service's memory would grow with every request (the soak saw ingest climb
+/// 19 -> 30 MiB in an hour, its `/metrics` never read). So a thread runs the
+/// upkeep every [`UPKEEP_EVERY`] for the life of the process.
 pub fn install(buckets: &[(&str, &[f64])]) -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     static BUCKETS: std::sync::Mutex<Vec<(String, Vec<f64>)>> = std::sync::Mutex::new(Vec::new());
@@ -33,6 +42,14 @@ pub fn install(buckets: &[(&str, &[f64])]) -> PrometheusHandle {
             // process); then this handle renders what was recorded through
             // it, which is nothing.
             let _ = metrics::set_global_recorder(recorder);
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the metrics upkeep thread; histograms are folded only when /metrics is read");
+            }
             handle
         })
         .clone()
