@@ -40,6 +40,24 @@ pub async fn load(ch: &ClickHouse, db: &str, users: u64, per_day: u64, now: i64)
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
 }
 
+/// The per-user span rows summed from `db.rollups_minute` rows, as the
+/// aggregator keeps them, stamped `written_at = written`; `filter` narrows
+/// the minute rows read (`""` for all, or a `WHERE` clause).
+pub fn span_rollups_sql(db: &str, written: i64, filter: &str) -> String {
+    format!(
+        "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
+         billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
+         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
+         e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({written}) \
+         FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
+         sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
+         sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
+         FROM {db}.rollups_minute {filter} GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
+        meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ")
+    )
+}
+
 /// The statements that fill `db` with `users` users x 30 days ending at `now`.
 pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> {
     let rows = users * 30 * per_day;
@@ -54,18 +72,7 @@ pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<Stri
          toDateTime({now}) FROM system.numbers LIMIT {rows}"
     ),
     // The per-user span table as the aggregator keeps it (summed from the same rows).
-        format!(
-        "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
-         billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
-         reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
-         e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({now}) \
-         FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
-         sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
-         sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
-         FROM {db}.rollups_minute GROUP BY t, d, u, c) ARRAY JOIN [{}] AS span",
-        meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ")
-    ),
+    span_rollups_sql(db, now, ""),
     // The user-first daily table as the aggregator keeps it.
         format!(
         "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \

@@ -217,7 +217,6 @@ async fn late_events(ch: &ClickHouse, db: &str, api: &QueryApi, users: u64, now:
 fn late_statements(db: &str, users: u64, now: i64, run: i64) -> Vec<String> {
     let at = (now - 10 * 86_400 - run * 60).div_euclid(60) * 60;
     let written = now + 100_000 + run;
-    let spans = meterline_domain::SPAN_DAYS.map(|d| d.to_string()).join(", ");
     vec![
         format!(
             "INSERT INTO {db}.rollups_minute (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
@@ -227,17 +226,7 @@ fn late_statements(db: &str, users: u64, now: i64, run: i64) -> Vec<String> {
              'chat', 'gpt-4o', 'production', 1, '', -1, -1, 1, 1000, 200, 0, 0, toInt64(1000000 + number), toInt64(500000), 0, 0, 0, \
              toDateTime({written}) FROM system.numbers LIMIT 20"
         ),
-        format!(
-            "INSERT INTO {db}.rollups_user_span (span_days, tenant, window_start, user_id, customer_id, feature, model, environment, \
-             billable, source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, \
-             reasoning_tokens, cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-             SELECT span, t, toDateTime(intDiv(d, 86400 * span) * (86400 * span)), u, c, '', '', '', toUInt8(0), '', toInt32(-1), toInt64(-1), \
-             e, it, ot, ct, rt, co, re, cr, un, toUInt64(0), toDateTime({written}) \
-             FROM (SELECT tenant AS t, intDiv(toUInt32(window_start), 86400) * 86400 AS d, user_id AS u, customer_id AS c, sum(events) AS e, \
-             sum(input_tokens) AS it, sum(output_tokens) AS ot, sum(cached_input_tokens) AS ct, sum(reasoning_tokens) AS rt, \
-             sum(cost_nanos) AS co, sum(revenue_nanos) AS re, sum(credits_nanos) AS cr, sum(unpriced_events) AS un \
-             FROM {db}.rollups_minute WHERE written_at = toDateTime({written}) GROUP BY t, d, u, c) ARRAY JOIN [{spans}] AS span"
-        ),
+        meterline_bench::span_rollups_sql(db, written, &format!("WHERE written_at = toDateTime({written})")),
         format!(
             "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
              source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
