@@ -58,6 +58,21 @@ pub fn span_rollups_sql(db: &str, written: i64, filter: &str) -> String {
     )
 }
 
+/// The user-first daily rows summed from `db.rollups_minute` rows, as the
+/// aggregator keeps them, stamped `written_at = written`; `filter` as in
+/// [`span_rollups_sql`].
+pub fn daily_rollups_sql(db: &str, written: i64, filter: &str) -> String {
+    format!(
+        "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
+         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
+         billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
+         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
+         toDateTime({written}) FROM {db}.rollups_minute {filter} GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
+    )
+}
+
 /// The statements that fill `db` with `users` users x 30 days ending at `now`.
 pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<String> {
     let rows = users * 30 * per_day;
@@ -74,15 +89,7 @@ pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<Stri
     // The per-user span table as the aggregator keeps it (summed from the same rows).
     span_rollups_sql(db, now, ""),
     // The user-first daily table as the aggregator keeps it.
-        format!(
-        "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
-         source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-         cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
-         billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
-         sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
-         toDateTime({now}) FROM {db}.rollups_minute GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
-    ),
+    daily_rollups_sql(db, now, ""),
     ]
 }
 

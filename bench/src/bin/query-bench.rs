@@ -227,16 +227,7 @@ fn late_statements(db: &str, users: u64, now: i64, run: i64) -> Vec<String> {
              toDateTime({written}) FROM system.numbers LIMIT 20"
         ),
         meterline_bench::span_rollups_sql(db, written, &format!("WHERE written_at = toDateTime({written})")),
-        format!(
-            "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
-             source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-             cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-             SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
-             billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
-             sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
-             toDateTime({written}) FROM {db}.rollups_minute WHERE written_at = toDateTime({written}) \
-             GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
-        ),
+        meterline_bench::daily_rollups_sql(db, written, &format!("WHERE written_at = toDateTime({written})")),
     ]
 }
 
