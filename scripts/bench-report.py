@@ -194,7 +194,7 @@ def rows(b):
             # The target is for the standing question, asked again or moved
             # by the hour; a cold row (no cache) is what a first ask costs.
             top = q["query"].startswith("top spenders") and not q["query"].endswith("cold")
-            out.append({"n": f"5{'abcdefgh'[i]}", "metric": f"Query: {q['query']} ({r['users']:,} users, {r['minute_rows']:,} minute rows)",
+            out.append({"n": f"5{'abcdefghijklmnop'[i]}", "metric": f"Query: {q['query']} ({r['users']:,} users, {r['minute_rows']:,} minute rows)",
                         "meterline": f"p50 {num(q['p50_ms'])} ms, p99 {num(q['p99_ms'])} ms",
                         "raw": f"p50 {num(q['raw_p50_ms'])} ms, p99 {num(q['raw_p99_ms'])} ms (clickhouse-client, same statements in sequence)" if "raw_p50_ms" in q else "—",
                         "ratio": num(q["ratio"], 2) if "ratio" in q else "—",
@@ -259,7 +259,7 @@ def dashboard_rows(b, out):
                     "meterline": "—", "raw": "—", "ratio": "—", "goal": "< 1 s", "met": "not run: " + b.get("error", "no result")})
         return
     for i, v in enumerate(r["views"]):
-        out.append({"n": f"9{'abcdefgh'[i]}",
+        out.append({"n": f"9{'abcdefghijklmnop'[i]}",
                     "metric": f"Dashboard: {v['view']} loaded in headless Chromium ({r['users']:,} users, {r['minute_rows']:,} minute rows, "
                               f"{r['runs']} page loads and {r['runs']} in-app navigations)",
                     "meterline": f"cold {num(v['cold_ms'])} ms; page load p50 {num(v['p50_ms'])} ms, p99 {num(v['p99_ms'])} ms; "
@@ -294,7 +294,7 @@ def limit_rows(b, out):
                   if ok.get(key) is False]
         if d["errors"]:
             failed.append(f"{d['errors']} errors")
-        out.append({"n": f"8{'abcdefgh'[i]}",
+        out.append({"n": f"8{'abcdefghijklmnop'[i]}",
                     "metric": f"Limits, distributed: reserve-then-commit pairs, {c} concurrent client{'s' if c != 1 else ''} "
                               f"(one ingest process, Redis with an fsync per write, {r['users']:,} users, {r['seconds_per_level']} s)",
                     "meterline": latencies(d),
