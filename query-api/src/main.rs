@@ -2,6 +2,10 @@
 
 use anyhow::Context;
 
+/// jemalloc, as in every Meterline binary (why: the `meterline` binary's `src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
