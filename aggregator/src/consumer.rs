@@ -4,7 +4,7 @@ use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use std::future::Future;
@@ -101,10 +101,11 @@ impl ConsumerContext for Ctx {
 
 type Consumer_ = StreamConsumer<Ctx>;
 
-enum Step {
+enum Step<'c> {
     Stop,
     Housekeeping,
-    Record(Result<OwnedMessage, rdkafka::error::KafkaError>),
+    /// Borrowed from the consumer's queue: copied once, into the buffer, not first into an owned message.
+    Record(Result<BorrowedMessage<'c>, rdkafka::error::KafkaError>),
     Tick,
     Written,
 }
@@ -171,13 +172,13 @@ impl Runner {
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let consumer = &*self.consumer;
-        let write_done = self.state.lock().await.write_done();
+        let write_done = {
+            let mut p = self.state.lock().await;
+            p.apply_changes(consumer).await;
+            p.apply_backpressure(consumer);
+            p.write_done()
+        };
         loop {
-            {
-                let mut p = self.state.lock().await;
-                p.apply_changes(consumer).await;
-                p.apply_backpressure(consumer);
-            }
             // The lock is not held while polling: the revoke callback runs
             // inside the poll and takes it.
             let step = tokio::select! {
@@ -186,7 +187,7 @@ impl Runner {
                 _ = tick.tick() => Step::Tick,
                 // Before records: a write that ended frees the queue and lets the next one start.
                 _ = write_done.notified() => Step::Written,
-                m = consumer.recv() => Step::Record(m.map(|m| m.detach())),
+                m = consumer.recv() => Step::Record(m),
                 _ = housekeeping.tick() => Step::Housekeeping,
             };
             let mut p = self.state.lock().await;
@@ -199,6 +200,7 @@ impl Runner {
                     // An assignment seen in this poll is applied before the record is kept.
                     p.apply_recorded();
                     p.take(&m);
+                    drop(m);
                     if p.buffered() >= p.config.flush.max_batch_events {
                         p.flush(consumer).await;
                     }
@@ -208,8 +210,14 @@ impl Runner {
                     tracing::warn!(error = %e, "consumer error");
                     // The broker is down or restarting: no busy loop.
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    p = self.state.lock().await;
                 }
             }
+            // Before the next poll, under the same lock as the step: one lock
+            // per record (each lock of the async mutex is a few hundred
+            // instructions, and the loop takes one record per turn).
+            p.apply_changes(consumer).await;
+            p.apply_backpressure(consumer);
         }
         let mut p = self.state.lock().await;
         let deadline = Instant::now() + Duration::from_secs(p.config.server.shutdown_grace_secs);

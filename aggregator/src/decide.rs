@@ -11,7 +11,7 @@
 //! `inputs.found` holds those already written anywhere.
 
 use meterline_clickhouse::{DeadLetterRow, Range};
-use meterline_domain::{Decision, EventRow, Source, fingerprint, key_hash, price};
+use meterline_domain::{Decision, EventRow, Source, fingerprint, price};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
 use meterline_schemas::wire::{Envelope, home_partition};
@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::dedupe::Known;
 use crate::forward::Forward;
-use crate::partitions::Buffered;
+use crate::partitions::{Buffered, Decoded};
 
 /// The record a new event was made from: what a refused events insert writes
 /// to `dead_letters` instead, as it came (its key, its wire encoding).
@@ -86,10 +86,10 @@ pub(crate) struct Decided {
 }
 
 /// Decides every record of `batches` (per partition, in offset order),
-/// given what each partition's dedupe state `known`s of a key and, for
+/// given what is `known` of each record's key on its partition and, for
 /// the keys it only maybe knows, `inputs.found`. A key new to the dedupe
 /// state is new unless an earlier record of the same batch wrote it.
-pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, known: impl Fn(i32, u128) -> Known) -> Decided {
+pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, known: impl Fn(i32, &Decoded) -> Known) -> Decided {
     let written_at = inputs.written_at;
     let mut decided = Decided {
         flush: Flush { written_at, ..Flush::default() },
@@ -106,8 +106,8 @@ pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, kn
         let mut dead = Vec::new();
         let last_offset = taken.last().map(|b| b.offset);
         for b in taken {
-            let env = match b.decoded {
-                Ok(env) => env,
+            let d = match b.decoded {
+                Ok(d) => d,
                 Err((reason, payload)) => {
                     dead.push(DeadLetterRow {
                         kafka_topic: inputs.topic.to_owned(),
@@ -121,18 +121,19 @@ pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, kn
                     continue;
                 }
             };
+            let env = &d.envelope;
             if let Placement::Home { partitions } = inputs.placement {
                 let home = home_partition(&env.tenant, &env.event.idempotency_key, partitions);
                 if home != p {
-                    decided.flush.forwards.entry(p).or_default().push(Forward::of(&env, home));
+                    decided.flush.forwards.entry(p).or_default().push(Forward::of(env, home));
                     continue;
                 }
             }
-            let h = key_hash(&env.tenant, &env.event.idempotency_key);
+            let h = d.hash;
             let fp = fingerprint(&env.tenant, &env.event);
             let seen = match batch_new.get(&h) {
                 Some(f) => Some(*f),
-                None => match known(p, h) {
+                None => match known(p, &d) {
                     Known::Seen(f) => Some(f),
                     Known::Maybe => {
                         let f = inputs.found.get(&h).copied();
@@ -148,14 +149,14 @@ pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, kn
             };
             match Decision::of(seen, fp) {
                 Decision::Retry => decided.retries += 1,
-                Decision::Conflict => decided.conflicts.push((env.tenant, env.event.idempotency_key)),
+                Decision::Conflict => decided.conflicts.push((d.envelope.tenant, d.envelope.event.idempotency_key)),
                 Decision::New => {
                     batch_new.insert(h, fp);
                     new_keys.push((h, fp));
                     let priced = price(&env.event, inputs.tenants.tenant(&env.tenant), inputs.catalog);
                     let source = Source::Kafka { topic: inputs.topic, partition: p, offset: b.offset };
-                    rows.push(EventRow::new(&env, fp, priced, source, written_at));
-                    originals.push(Original { key: b.key, envelope: env });
+                    rows.push(EventRow::new(env, fp, priced, source, written_at));
+                    originals.push(Original { key: b.key, envelope: d.envelope });
                 }
             }
         }
@@ -182,6 +183,7 @@ pub(crate) fn decide(inputs: &Inputs<'_>, batches: Vec<(i32, Vec<Buffered>)>, kn
 mod tests {
     use super::*;
     use crate::testing::{TENANT, buffered, garbage};
+    use meterline_domain::key_hash;
 
     fn inputs<'a>(found: &'a HashMap<u128, u64>, tenants: &'a KeyRing, catalog: &'a Catalog) -> Inputs<'a> {
         Inputs { topic: "events", written_at: 1_800_000_000, tenants, catalog, found, placement: Placement::InPlace }
@@ -195,14 +197,14 @@ mod tests {
     fn each_record_is_new_a_duplicate_or_a_dead_letter() {
         let (tenants, catalog) = (KeyRing::default(), Catalog::builtin().unwrap());
         let first = buffered(10, "a", "user-1", 100);
-        let fp_a = first.decoded.as_ref().map(|e| fingerprint(&e.tenant, &e.event)).unwrap();
+        let fp_a = first.decoded.as_ref().map(|d| fingerprint(&d.envelope.tenant, &d.envelope.event)).unwrap();
         // "seen" was written before with this payload, "changed" with another,
         // "maybe" and "cleared" are in a bloom filter: the look-up finds
         // "maybe" written, "cleared" not (a false positive).
         let seen = buffered(11, "seen", "user-1", 100);
-        let fp_seen = seen.decoded.as_ref().map(|e| fingerprint(&e.tenant, &e.event)).unwrap();
+        let fp_seen = seen.decoded.as_ref().map(|d| fingerprint(&d.envelope.tenant, &d.envelope.event)).unwrap();
         let maybe = buffered(12, "maybe", "user-1", 100);
-        let fp_maybe = maybe.decoded.as_ref().map(|e| fingerprint(&e.tenant, &e.event)).unwrap();
+        let fp_maybe = maybe.decoded.as_ref().map(|d| fingerprint(&d.envelope.tenant, &d.envelope.event)).unwrap();
         let found = HashMap::from([(key_hash(TENANT, "maybe"), fp_maybe)]);
         let batch = vec![
             first,
@@ -215,7 +217,8 @@ mod tests {
             buffered(17, "a", "user-1", 999),  // ... with another payload: a conflict
             buffered(18, "b", "user-2", 100),
         ];
-        let known = |p: i32, h: u128| {
+        let known = |p: i32, d: &Decoded| {
+            let h = d.hash;
             assert_eq!(p, 3);
             if h == key_hash(TENANT, "seen") {
                 Known::Seen(fp_seen)
@@ -260,7 +263,7 @@ mod tests {
             (2, vec![garbage(7, b"")]),
             (4, vec![garbage(99, b"?"), buffered(100, "z", "u", 1), buffered(101, "dup", "u", 1)]),
         ];
-        let known = |_: i32, h: u128| if h == key_hash(TENANT, "dup") { Known::Seen(0) } else { Known::New };
+        let known = |_: i32, d: &Decoded| if d.hash == key_hash(TENANT, "dup") { Known::Seen(0) } else { Known::New };
         let d = decide(&inputs(&found, &tenants, &catalog), batches, known);
         assert_eq!(d.flush.commits, BTreeMap::from([(0, 7), (1, 41), (2, 8), (4, 102)]));
         assert_eq!(

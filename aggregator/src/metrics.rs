@@ -87,8 +87,25 @@ fn describe() {
     describe_counter!(WEBHOOK_FAILURES, "Alert notifications given up on after every retry.");
 }
 
-pub fn consumed(n: u64) {
-    counter!(EVENTS_IN).increment(n);
+/// The metrics updated for every record taken, registered once: a registry
+/// look-up per record (key built and hashed, map searched) cost more than
+/// buffering the record. Made after the recorder is installed (`serve`).
+#[derive(Debug, Clone)]
+pub(crate) struct PerRecord {
+    consumed: metrics::Counter,
+    buffered: metrics::Gauge,
+}
+
+impl PerRecord {
+    pub(crate) fn new() -> PerRecord {
+        PerRecord { consumed: counter!(EVENTS_IN), buffered: gauge!(BUFFERED) }
+    }
+
+    /// One record consumed and kept; `buffered` now in all.
+    pub(crate) fn taken(&self, buffered: usize) {
+        self.consumed.increment(1);
+        self.buffered.set(buffered as f64);
+    }
 }
 pub fn written(tenant: &str, n: u64) {
     counter!(EVENTS_WRITTEN, "tenant" => tenant.to_owned()).increment(n);

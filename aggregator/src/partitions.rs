@@ -20,17 +20,39 @@ pub(crate) struct Buffered {
     pub(crate) offset: i64,
     pub(crate) key: Vec<u8>,
     /// The envelope, or why it could not be decoded and the bytes that could not.
-    pub(crate) decoded: Result<Envelope, (String, Vec<u8>)>,
+    pub(crate) decoded: Result<Decoded, (String, Vec<u8>)>,
+}
+
+/// A decoded record, with what the flush's decision reads of it more than
+/// once, computed once: its key hash, and what its partition's dedupe state
+/// knew of that key when the flush checked it.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) envelope: Envelope,
+    /// `key_hash(tenant, idempotency key)`.
+    pub(crate) hash: u128,
+    /// The dedupe state's answer, once `Partitions::check` asked it (the
+    /// state does not change between that check and the decision).
+    pub(crate) known: Option<Known>,
 }
 
 impl Buffered {
     /// Decodes one record; one that cannot be decoded keeps its bytes for `dead_letters`.
     pub(crate) fn decode(offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) -> Buffered {
-        let decoded = match payload {
-            None => Err(("record has no payload".to_owned(), Vec::new())),
-            Some(bytes) => wire::decode(bytes).map_err(|e| (e.to_string(), bytes.to_vec())),
-        };
-        Buffered { offset, key: key.unwrap_or_default().to_vec(), decoded }
+        let key = key.unwrap_or_default().to_vec();
+        match payload {
+            None => Buffered { offset, key, decoded: Err(("record has no payload".to_owned(), Vec::new())) },
+            Some(bytes) => match wire::decode(bytes) {
+                Ok(envelope) => Buffered::new(offset, key, envelope),
+                Err(e) => Buffered { offset, key, decoded: Err((e.to_string(), bytes.to_vec())) },
+            },
+        }
+    }
+
+    /// A record that decoded to `envelope`.
+    pub(crate) fn new(offset: i64, key: Vec<u8>, envelope: Envelope) -> Buffered {
+        let hash = key_hash(&envelope.tenant, &envelope.event.idempotency_key);
+        Buffered { offset, key, decoded: Ok(Decoded { envelope, hash, known: None }) }
     }
 }
 
@@ -160,39 +182,47 @@ impl Partitions {
         quota
     }
 
-    /// The (tenant, idempotency key) of every record in `quota` that a bloom
-    /// filter may hold: they need an exact answer from ClickHouse.
-    pub(crate) fn maybe_keys(&self, quota: &BTreeMap<i32, usize>) -> Vec<(&str, &str)> {
-        let mut maybe = Vec::new();
+    /// Asks each partition's dedupe state about every record of `quota`,
+    /// once: the look-up below and the decision read the answer.
+    pub(crate) fn check(&mut self, quota: &BTreeMap<i32, usize>) {
         for (p, n) in quota {
-            let Some(state) = self.states.get(p) else { continue };
-            for b in state.buffer.iter().take(*n) {
-                if let Ok(env) = &b.decoded
-                    && state.dedupe.check(key_hash(&env.tenant, &env.event.idempotency_key)) == Known::Maybe
-                {
-                    maybe.push((env.tenant.as_str(), env.event.idempotency_key.as_str()));
+            let Some(state) = self.states.get_mut(p) else { continue };
+            let dedupe = &state.dedupe;
+            for b in state.buffer.iter_mut().take(*n) {
+                if let Ok(d) = &mut b.decoded {
+                    d.known = Some(dedupe.check(d.hash));
                 }
             }
         }
-        maybe
+    }
+
+    /// The (tenant, idempotency key) of every record in `quota` that a bloom
+    /// filter may hold (after `check`): they need an exact answer from ClickHouse.
+    pub(crate) fn maybe_keys(&self, quota: &BTreeMap<i32, usize>) -> Vec<(&str, &str)> {
+        self.keys_where(quota, |known| known == Known::Maybe)
     }
 
     /// The (tenant, idempotency key) of every record in `quota` that its
-    /// partition's dedupe state does not know as seen (maybe or new): during
-    /// the keying upgrade all of them need an exact answer (`decide.rs`).
+    /// partition's dedupe state does not know as seen (maybe or new, after
+    /// `check`): during the keying upgrade all of them need an exact answer
+    /// (`decide.rs`).
     pub(crate) fn unseen_keys(&self, quota: &BTreeMap<i32, usize>) -> Vec<(&str, &str)> {
-        let mut unseen = Vec::new();
+        self.keys_where(quota, |known| !matches!(known, Known::Seen(_)))
+    }
+
+    fn keys_where(&self, quota: &BTreeMap<i32, usize>, wanted: impl Fn(Known) -> bool) -> Vec<(&str, &str)> {
+        let mut keys = Vec::new();
         for (p, n) in quota {
             let Some(state) = self.states.get(p) else { continue };
             for b in state.buffer.iter().take(*n) {
-                if let Ok(env) = &b.decoded
-                    && !matches!(state.dedupe.check(key_hash(&env.tenant, &env.event.idempotency_key)), Known::Seen(_))
+                if let Ok(d) = &b.decoded
+                    && wanted(d.known.unwrap_or_else(|| state.dedupe.check(d.hash)))
                 {
-                    unseen.push((env.tenant.as_str(), env.event.idempotency_key.as_str()));
+                    keys.push((d.envelope.tenant.as_str(), d.envelope.event.idempotency_key.as_str()));
                 }
             }
         }
-        unseen
+        keys
     }
 
     /// Takes the records of `quota` out of their buffers.

@@ -12,7 +12,7 @@ use meterline_domain::{CostSource, EventRow, datetime_secs};
 use meterline_schemas::prices::Catalog;
 use meterline_schemas::tenants::KeyRing;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,8 @@ pub struct Pipeline {
     next_attempt: Instant,
     next_load: Instant,
     business: metrics::BusinessLabels,
+    /// Updated once per record: registered once, not looked up each time.
+    per_record: metrics::PerRecord,
     alerts: crate::alerts::Evaluator,
     last_evaluation: Instant,
     /// Counts written events toward limits, when limits are configured.
@@ -97,6 +99,7 @@ impl Pipeline {
             next_attempt: now,
             next_load: now,
             business: metrics::BusinessLabels::new(config.metrics.max_label_values),
+            per_record: metrics::PerRecord::new(),
             alerts: crate::alerts::Evaluator::new(config.alerts.clone(), &config.tenants),
             last_evaluation: now,
             config,
@@ -152,13 +155,12 @@ impl Pipeline {
     }
 
     /// Keeps one record from the topic in its partition's buffer.
-    pub(crate) fn take(&mut self, m: &OwnedMessage) {
+    pub(crate) fn take<M: Message>(&mut self, m: &M) {
         if m.topic() != self.topic {
             return;
         }
         if self.partitions.take(m.partition(), m.offset(), m.key(), m.payload()) {
-            metrics::consumed(1);
-            metrics::buffered(self.buffered());
+            self.per_record.taken(self.partitions.buffered());
         }
     }
 
@@ -196,6 +198,10 @@ impl Pipeline {
     /// Applies assignments recorded by the rebalance callback.
     pub(crate) fn apply_recorded(&mut self) {
         let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()));
+        // Called once per record: the gauge only when something changed.
+        if changes.is_empty() {
+            return;
+        }
         for change in changes {
             match change {
                 Change::Assign(ps) => {
@@ -282,6 +288,7 @@ impl Pipeline {
         // Keys a bloom filter may hold need an exact answer from ClickHouse;
         // during the keying upgrade's transition, so does every key not seen here.
         let transition = self.keying.as_mut().is_some_and(|k| k.lookup_unseen(now_secs()));
+        self.partitions.check(&quota);
         let maybe = if transition { self.partitions.unseen_keys(&quota) } else { self.partitions.maybe_keys(&quota) };
         let found = if maybe.is_empty() { HashMap::new() } else { self.store.lookup(&maybe).await? };
         let looked_up = maybe.len() as u64;
@@ -297,7 +304,9 @@ impl Pipeline {
         let (partitions, writes) = (&self.partitions, &self.writes);
         // A key of a flush not yet durable is seen, whatever the dedupe state
         // answers: ClickHouse cannot confirm it yet (`writes.rs`).
-        let decided = decide(&inputs, batches, |p, h| writes.known(p, h).map_or_else(|| partitions.known(p, h), Known::Seen));
+        let decided = decide(&inputs, batches, |p, d| {
+            writes.known(p, d.hash).map_or_else(|| d.known.unwrap_or_else(|| partitions.known(p, d.hash)), Known::Seen)
+        });
 
         metrics::duplicates("retry", decided.retries);
         metrics::duplicates("conflict", decided.conflicts.len() as u64);

@@ -32,7 +32,7 @@ pub(crate) fn buffered(offset: i64, key: &str, user: &str, input_tokens: u64) ->
         metadata: None,
     };
     let envelope = Envelope { tenant: TENANT.to_owned(), received_at: at, event };
-    Buffered { offset, key: wire::message_key(TENANT, user), decoded: Ok(envelope) }
+    Buffered::new(offset, wire::message_key(TENANT, user), envelope)
 }
 
 /// A record at `offset` whose payload does not decode.

@@ -10,6 +10,10 @@
 //! user and counted in place) or `transition` (`key` while rows counted
 //! under the user keying are in the dedupe window: every new key is looked
 //! up in ClickHouse).
+//!
+//! FRESHNESS_RATE `fill` only fills a topic and stops: it prints the
+//! standalone aggregator's config for that topic and a fresh database, for
+//! profiling `meterline-aggregator` on exactly this workload (`PROFILE.md`).
 
 use meterline_aggregator::DedupeConfig;
 use meterline_aggregator::{Known, PartitionDedupe};
@@ -24,12 +28,15 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-fn aggregator_config(brokers: &str, topic: &str, ch: &str, db: &str, port: u16) -> meterline_aggregator::Config {
-    let text = format!(
+fn aggregator_config_text(brokers: &str, topic: &str, ch: &str, db: &str, port: u16) -> String {
+    format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n[kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup_id = \"bench-{topic}\"\n\
          session_timeout_ms = 2000\n[clickhouse]\nurl = \"{ch}\"\ndatabase = \"{db}\"\n[[tenants]]\nid = \"acme\"\ncredit_price_usd = \"0.001\"\n"
-    );
-    meterline_aggregator::Config::load(&text, []).expect("bench config")
+    )
+}
+
+fn aggregator_config(brokers: &str, topic: &str, ch: &str, db: &str, port: u16) -> meterline_aggregator::Config {
+    meterline_aggregator::Config::load(&aggregator_config_text(brokers, topic, ch, db, port), []).expect("bench config")
 }
 
 async fn count(ch: &ClickHouse, sql: &str) -> u64 {
@@ -74,6 +81,17 @@ async fn main() -> anyhow::Result<()> {
     });
     for r in futures::future::join_all(sends).await {
         r.map_err(|(e, _)| e)?;
+    }
+
+    if fresh_arg == "fill" {
+        let db = ch.database(&format!("prof_{}", free_port())).await;
+        let mut text = aggregator_config_text(&brokers, &topic, &ch.url, &db, free_port());
+        if by_user {
+            text = text.replace("[clickhouse]", "keying = \"user\"\n[clickhouse]");
+        }
+        println!("{text}");
+        eprintln!("aggregator-bench: filled {topic} with {events} events; database {db}");
+        return Ok(());
     }
 
     // 1. Raw consumer: drain the topic, nothing else.
