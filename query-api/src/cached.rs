@@ -106,6 +106,12 @@ mod tests {
     }
 
     impl Fake {
+        /// One event a minute past each of 30 hours from `T0`, over four users.
+        fn thirty_hours() -> Fake {
+            let rows = (0..30).map(|h| (T0 + h * H + 60, format!("u{}", h % 4), 10 + h)).collect();
+            Fake { rows: Mutex::new(rows), ..Fake::default() }
+        }
+
         fn sums(&self, ranges: &[(i64, i64)]) -> Vec<SumRow> {
             let mut by_user: std::collections::BTreeMap<String, SumRow> = Default::default();
             for (at, user, cost) in self.rows.lock().unwrap().iter() {
@@ -166,13 +172,7 @@ mod tests {
 
     #[tokio::test]
     async fn hits_stale_reads_and_slides_agree_with_a_fresh_read() {
-        let fake = Fake::default();
-        {
-            let mut rows = fake.rows.lock().unwrap();
-            for h in 0..30 {
-                rows.push((T0 + h * H + 60, format!("u{}", h % 4), 10 + h));
-            }
-        }
+        let fake = Fake::thirty_hours();
         let cache = GroupCache::new(1_000);
         let (from, to) = (T0 + 30, T0 + 20 * H + 30);
         assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "miss");
@@ -192,13 +192,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_refresher_rereads_late_hours_so_the_next_ask_reads_no_groups() {
-        let fake = Fake::default();
-        {
-            let mut rows = fake.rows.lock().unwrap();
-            for h in 0..30 {
-                rows.push((T0 + h * H + 60, format!("u{}", h % 4), 10 + h));
-            }
-        }
+        let fake = Fake::thirty_hours();
         let cache = GroupCache::new(1_000);
         let idle = std::time::Duration::from_secs(60);
         let (from, to) = (T0 + 30, T0 + 20 * H + 30);

@@ -290,11 +290,15 @@ pub struct Process {
 impl Process {
     /// Writes `config` to a temp file and starts `binary --config FILE`.
     pub fn start(binary: &str, config: &str) -> Process {
-        let dir = std::env::temp_dir();
+        Process::start_config_env(binary, config, &[])
+    }
+
+    /// [`Process::start`] with the extra environment `env` (kept for restarts).
+    pub fn start_config_env(binary: &str, config: &str, env: &[(&str, &str)]) -> Process {
         let tag = format!("{binary}-{}-{}", std::process::id(), free_port());
-        let path = dir.join(format!("{tag}.toml"));
+        let path = std::env::temp_dir().join(format!("{tag}.toml"));
         std::fs::write(&path, config).expect("write config");
-        Process::start_args(binary, &["--config".as_ref(), path.as_os_str()])
+        Process::start_env(binary, &["--config".as_ref(), path.as_os_str()], env)
     }
 
     /// Starts `binary` with `args`.

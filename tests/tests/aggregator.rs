@@ -309,10 +309,8 @@ async fn sigkill_while_one_flush_is_written_and_the_next_decided_loses_and_doubl
     let work = workload::generate(8, 15_000, 300, 250, chrono::Utc::now());
     let port = free_port();
     let config = aggregator_config(&brokers(), &r.topic, &ch, &r.database, port);
-    let path = std::env::temp_dir().join(format!("meterline-aggregator-overlap-{}-{port}.toml", std::process::id()));
-    std::fs::write(&path, &config).expect("write config");
     let pause = [("METERLINE_TEST_AGGREGATOR_PAUSE_BEFORE_ROLLUPS_MS", "1500")];
-    let mut agg = Process::start_env("meterline-aggregator", &["--config".as_ref(), path.as_os_str()], &pause);
+    let mut agg = Process::start_config_env("meterline-aggregator", &config, &pause);
     let url = r.ingest.url.clone();
     let batches = work.batches.clone();
     let poster = tokio::spawn(async move {

@@ -25,9 +25,7 @@ fn config(brokers: &str, topic: &str, ch: &ClickHouse, database: &str, snapshot_
 
 /// The aggregator binary on `config`, with `env`.
 fn aggregator(config: &str, env: &[(&str, &str)]) -> Process {
-    let path = std::env::temp_dir().join(format!("assignment-snapshot-{}-{}.toml", std::process::id(), free_port()));
-    std::fs::write(&path, config).expect("write config");
-    Process::start_env("meterline-aggregator", &["--config".as_ref(), path.as_os_str()], env)
+    Process::start_config_env("meterline-aggregator", config, env)
 }
 
 /// Every user's events `n` in `range`: fixed payloads, so that sending them
