@@ -1,14 +1,13 @@
 //! The query API's store trait answered from the embedded database: the same
-//! plans as ClickHouse ([`queries::plan`]), the same sums and orderings, in
-//! SQLite's dialect, plus the embedded store's per-dimension daily rollup
-//! for whole days of questions no user is in ("usage by day and model").
+//! plans as ClickHouse ([`plan`]: minute, per-user daily or per-dimension
+//! daily rows), the same sums and orderings, in SQLite's dialect.
 //! Rankings (top spenders, margins) go through the query API's ranking cache
 //! ([`GroupCache`]), which this store feeds as a [`GroupReader`]; see the
 //! query API's `ranking.rs` for why its answers stay exact. Values are only
 //! ever bound, never formatted into the text.
 
 use futures::future::BoxFuture;
-use meterline_domain::{AlertRow, EventRow, Granularity, SumRow, TimeColumn, whole_days};
+use meterline_domain::{AlertRow, EventRow, Granularity, SumRow, TimeColumn};
 use meterline_query_api::{AlertsQuery, Cursor, GroupCache, GroupReader, QueryError, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, cached_ranking, refresh_rankings, separately, whole_hours};
 use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, resums, sums_as};
 use std::sync::Arc;
@@ -32,28 +31,18 @@ impl EmbeddedQueries {
 const LITE: Dialect = Dialect::Sqlite;
 const MINUTES: &str = "rollups_minute";
 
-/// True when a read needs no user or customer: it may sum the per-dimension
-/// daily rows (whole-day buckets, grouped and filtered by feature, model,
-/// environment or billable only, on window time).
-fn by_dims(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> bool {
-    granularity.whole_days()
-        && group_by.iter().all(|d| matches!(*d, "feature" | "model"))
-        && scope.filters.iter().all(|(c, _)| matches!(*c, "feature" | "model" | "environment" | "billable"))
-        && scope.time_column == TimeColumn::WindowStart
-}
-
-/// The tables and ranges a read of `scope` sums: the per-dimension daily
-/// rows for whole days when [`by_dims`], else [`plan`]'s (per-user daily
-/// rows or none), and minute rows for the rest. Every rollup table gets
-/// every event in the same commit, so any choice sums the same events.
+/// The tables and ranges a read of `scope` sums, as [`plan`] picks them:
+/// whole days from the per-dimension or per-user daily rows, and minute
+/// rows for the rest. Every rollup table gets every event in the same
+/// commit, so any choice sums the same events.
 fn sources(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(&'static str, (i64, i64))> {
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
     // One branch per edge: an OR of two ranges would scan every minute row.
     let days = |table, day_from, day_to| vec![(table, (day_from, day_to)), (MINUTES, (from, day_from)), (MINUTES, (day_to, to))];
-    match (by_dims(scope, granularity, group_by), whole_days(from, to), plan(scope, granularity, group_by)) {
-        (true, Some((day_from, day_to)), _) => days(store::DIMS_TABLE, day_from, day_to),
-        (_, _, Plan::Days { day_from, day_to, .. }) => days(store::DAILY_TABLE, day_from, day_to),
-        (_, _, Plan::Minutes { from, to }) => vec![(MINUTES, (from, to))],
+    match plan(scope, granularity, group_by) {
+        Plan::DimDays { day_from, day_to, .. } => days(store::DIMS_TABLE, day_from, day_to),
+        Plan::Days { day_from, day_to, .. } => days(store::DAILY_TABLE, day_from, day_to),
+        Plan::Minutes { from, to } => vec![(MINUTES, (from, to))],
     }
 }
 

@@ -188,9 +188,9 @@ impl Evaluator {
         for (tenant, users) in self.book.targets(touched) {
             let periods = Periods::at(&self.book.config().rules_for(&tenant), now);
             let spend = Spend {
-                window: store.user_sums(&user_sums(UserSum::Cost, &tenant, periods.window, None)).await?,
-                week: store.user_sums(&user_sums(UserSum::Cost, &tenant, periods.week, Some(&users))).await?,
-                loss: store.user_sums(&user_sums(UserSum::Loss, &tenant, periods.month, Some(&users))).await?,
+                window: store.user_sums(&user_sums(UserSum::Cost, &tenant, periods.window, now.timestamp(), None)).await?,
+                week: store.user_sums(&user_sums(UserSum::Cost, &tenant, periods.week, now.timestamp(), Some(&users))).await?,
+                loss: store.user_sums(&user_sums(UserSum::Loss, &tenant, periods.month, now.timestamp(), Some(&users))).await?,
             };
             let mut transitions = self.book.decide(&tenant, &users, &spend, now.timestamp());
             if transitions.iter().any(|t| t.notice == Some(Notice::Opened)) {

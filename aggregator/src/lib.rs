@@ -19,7 +19,9 @@
 //!    1 to 32 days, with markers of its own (each rollup table has its own
 //!    progress and its own repair);
 //! 5. `rollups_user_daily`: the same, into daily rows ordered by user;
-//! 6. the Kafka offset commit (best effort).
+//! 6. `rollups_daily_by_dims`: the same, into daily rows per feature, model,
+//!    environment and billable (no user or customer), ordered by time;
+//! 7. the Kafka offset commit (best effort).
 //!
 //! # Overlapping flushes
 //!

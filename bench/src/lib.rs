@@ -27,8 +27,8 @@ pub async fn database(ch: &ClickHouse, prefix: &str) -> anyhow::Result<(String, 
 }
 
 /// Fills `db` (already migrated) with `users` users x 30 days ending at `now`,
-/// `per_day` minute rows per user-day, and the span and user-first daily rows
-/// the aggregator would keep for them; then merges every part, as a settled
+/// `per_day` minute rows per user-day, and the span, user-first daily and
+/// by-dimension daily rows the aggregator would keep for them; then merges every part, as a settled
 /// table is.
 pub async fn load(ch: &ClickHouse, db: &str, users: u64, per_day: u64, now: i64) {
     // Server-side generation: user n spends on `per_day` minutes of each of 30 days.
@@ -38,6 +38,7 @@ pub async fn load(ch: &ClickHouse, db: &str, users: u64, per_day: u64, now: i64)
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_minute FINAL")).await;
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_span FINAL")).await;
     ch.query(&format!("OPTIMIZE TABLE {db}.rollups_user_daily FINAL")).await;
+    ch.query(&format!("OPTIMIZE TABLE {db}.rollups_daily_by_dims FINAL")).await;
 }
 
 /// The per-user span rows summed from `db.rollups_minute` rows, as the
@@ -62,14 +63,27 @@ pub fn span_rollups_sql(db: &str, written: i64, filter: &str) -> String {
 /// aggregator keeps them, stamped `written_at = written`; `filter` as in
 /// [`span_rollups_sql`].
 pub fn daily_rollups_sql(db: &str, written: i64, filter: &str) -> String {
+    day_rows_sql(db, "rollups_user_daily", "user_id, customer_id", "user_id, customer_id, ", written, filter)
+}
+
+/// The daily rows by dimension (user and customer '') summed from
+/// `db.rollups_minute` rows, as the aggregator keeps them; arguments as in
+/// [`daily_rollups_sql`].
+pub fn dims_rollups_sql(db: &str, written: i64, filter: &str) -> String {
+    day_rows_sql(db, "rollups_daily_by_dims", "'', ''", "", written, filter)
+}
+
+/// Day rows of `table` from minute rows, with `people` as the user and
+/// customer columns and `grouped` the same in the GROUP BY.
+fn day_rows_sql(db: &str, table: &str, people: &str, grouped: &str, written: i64, filter: &str) -> String {
     format!(
-        "INSERT INTO {db}.rollups_user_daily (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
+        "INSERT INTO {db}.{table} (tenant, window_start, user_id, customer_id, feature, model, environment, billable, \
          source_topic, source_partition, source_offset, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
          cost_nanos, revenue_nanos, credits_nanos, unpriced_events, markers, written_at) \
-         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, user_id, customer_id, feature, model, environment, \
+         SELECT tenant, toDateTime(intDiv(toUInt32(window_start), 86400) * 86400) AS d, {people}, feature, model, environment, \
          billable, '', toInt32(-1), toInt64(-1), sum(events), sum(input_tokens), sum(output_tokens), sum(cached_input_tokens), \
          sum(reasoning_tokens), sum(cost_nanos), sum(revenue_nanos), sum(credits_nanos), sum(unpriced_events), toUInt64(0), \
-         toDateTime({written}) FROM {db}.rollups_minute {filter} GROUP BY tenant, d, user_id, customer_id, feature, model, environment, billable"
+         toDateTime({written}) FROM {db}.rollups_minute {filter} GROUP BY tenant, d, {grouped}feature, model, environment, billable"
     )
 }
 
@@ -90,6 +104,8 @@ pub fn load_statements(db: &str, users: u64, per_day: u64, now: i64) -> Vec<Stri
     span_rollups_sql(db, now, ""),
     // The user-first daily table as the aggregator keeps it.
     daily_rollups_sql(db, now, ""),
+    // The daily rows by dimension as the aggregator keeps them.
+    dims_rollups_sql(db, now, ""),
     ]
 }
 

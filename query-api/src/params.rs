@@ -118,15 +118,15 @@ impl<'a> Params<'a> {
 }
 
 /// The rollups a usage question reads, each with where its read starts, for
-/// the retention check: whole days from the day rollups and partial edge
-/// days from the minute rollups, or only minutes (see `meterline_sql::plan`;
-/// a question about one user reads its whole days from day rows whatever
-/// it groups by). Both stores plan the same way.
+/// the retention check: whole days from the day rollups (per user or per
+/// dimension) and partial edge days from the minute rollups, or only minutes
+/// (see `meterline_sql::plan`; in ClickHouse, a question about one user
+/// reads its whole days from day rows whatever it groups by).
 pub fn rollup_reads(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(Kept, i64)> {
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
     let one_user_days = scope.one_user() && granularity.whole_days() && scope.time_column == TimeColumn::WindowStart;
     let days = match plan(scope, granularity, group_by) {
-        Plan::Days { day_from, day_to, .. } => Some((day_from, day_to)),
+        Plan::Days { day_from, day_to, .. } | Plan::DimDays { day_from, day_to, .. } => Some((day_from, day_to)),
         Plan::Minutes { .. } if one_user_days => whole_days(from, to),
         Plan::Minutes { .. } => None,
     };
@@ -189,7 +189,8 @@ mod tests {
         let days = scope("2026-01-01T10:00:00Z", "2026-01-31T00:00:00Z", vec![]);
         let (edge, first_day) = (at("2026-01-01T10:00:00Z").timestamp(), at("2026-01-02T00:00:00Z").timestamp());
         assert_eq!(rollup_reads(&days, Granularity::Total, &["user_id"]), vec![(Kept::RollupsDaily, first_day), (Kept::RollupsMinute, edge)]);
-        assert_eq!(rollup_reads(&days, Granularity::Total, &["model"]), vec![(Kept::RollupsMinute, edge)]);
+        assert_eq!(rollup_reads(&days, Granularity::Total, &["model"]), vec![(Kept::RollupsDaily, first_day), (Kept::RollupsMinute, edge)]);
+        assert_eq!(rollup_reads(&days, Granularity::Total, &["model", "user_id"]), vec![(Kept::RollupsMinute, edge)]);
         assert_eq!(rollup_reads(&days, Granularity::Hour, &[]), vec![(Kept::RollupsMinute, edge)]);
         let one_user = scope("2026-01-01T00:00:00Z", "2026-01-31T00:00:00Z", vec![("user_id", s("u")), ("feature", s("f"))]);
         assert_eq!(rollup_reads(&one_user, Granularity::Day, &["model"]), vec![(Kept::RollupsDaily, at("2026-01-01T00:00:00Z").timestamp())]);

@@ -134,26 +134,32 @@ pub fn having(negative_only: bool, after: Option<&GroupCursor>) -> Sql {
     out
 }
 
-/// Which rollup rows answer a request. Whole UTC days come from the per-user
-/// day rollups, and the range's partial edge days from minute rows, when the
-/// request needs nothing the per-user rows drop: minute or hour buckets, or a
-/// feature, model, environment or billable filter or grouping.
+/// Which rollup rows answer a request. Whole UTC days of window time come
+/// from a daily rollup when one holds every dimension the request groups or
+/// filters by, and the range's partial edge days from minute rows:
+/// - no user or customer in it (grouped by feature or model, filtered by
+///   feature, model, environment or billable, or neither): the per-dimension
+///   daily rows, about a day's distinct (feature, model, environment,
+///   billable) rows whatever the users;
+/// - only users and customers: the per-user daily rows;
+/// - anything else, or minute and hour buckets: minute rows throughout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     /// Minute rows over `[from, to)`.
     Minutes { from: i64, to: i64 },
-    /// Daily rows over `[day_from, day_to)`, minute rows over `[from, day_from)` and `[day_to, to)`.
+    /// Per-user daily rows over `[day_from, day_to)`, minute rows over `[from, day_from)` and `[day_to, to)`.
     Days { from: i64, day_from: i64, day_to: i64, to: i64 },
+    /// Per-dimension daily rows over `[day_from, day_to)`, minute rows over the edges.
+    DimDays { from: i64, day_from: i64, day_to: i64, to: i64 },
 }
 
 pub fn plan(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Plan {
-    let daily_ok = granularity.whole_days()
-        && group_by.iter().all(|d| matches!(*d, "user_id" | "customer_id"))
-        && scope.filters.iter().all(|(c, _)| matches!(*c, "user_id" | "customer_id"))
-        && scope.time_column == TimeColumn::WindowStart;
+    let days_ok = granularity.whole_days() && scope.time_column == TimeColumn::WindowStart;
+    let only = |allowed: &[&str]| group_by.iter().all(|d| allowed.contains(d)) && scope.filters.iter().all(|(c, _)| allowed.contains(c));
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
     match whole_days(from, to) {
-        Some((day_from, day_to)) if daily_ok => Plan::Days { from, day_from, day_to, to },
+        Some((day_from, day_to)) if days_ok && only(&["feature", "model", "environment", "billable"]) => Plan::DimDays { from, day_from, day_to, to },
+        Some((day_from, day_to)) if days_ok && only(&["user_id", "customer_id"]) => Plan::Days { from, day_from, day_to, to },
         _ => Plan::Minutes { from, to },
     }
 }
@@ -174,6 +180,35 @@ mod tests {
         assert_eq!(group_keys(Granularity::Total, &["model", "user_id"]), "g_model, g_user");
         assert_eq!(group_keys(Granularity::Total, &[]), "g_bucket");
         assert_eq!(dims(&["feature"]), "'' AS g_user, '' AS g_customer, feature AS g_feature, '' AS g_model");
+    }
+
+    #[test]
+    fn plans_read_the_daily_rows_that_hold_every_dimension_asked() {
+        use chrono::DateTime;
+        let scope = |filters: Vec<(&'static str, crate::Value)>| Scope {
+            tenant: "t".into(),
+            time_column: TimeColumn::WindowStart,
+            from: DateTime::from_timestamp(86_400 * 10 + 600, 0).unwrap_or_default(),
+            to: DateTime::from_timestamp(86_400 * 40 + 60, 0).unwrap_or_default(),
+            filters,
+        };
+        let (from, day_from, day_to, to) = (86_400 * 10 + 600, 86_400 * 11, 86_400 * 40, 86_400 * 40 + 60);
+        let dims = Plan::DimDays { from, day_from, day_to, to };
+        let users = Plan::Days { from, day_from, day_to, to };
+        let minutes = Plan::Minutes { from, to };
+        assert_eq!(plan(&scope(vec![]), Granularity::Day, &["model"]), dims);
+        assert_eq!(plan(&scope(vec![("environment", s("prod")), ("billable", i(1))]), Granularity::Total, &["feature", "model"]), dims);
+        assert_eq!(plan(&scope(vec![]), Granularity::Total, &[]), dims);
+        assert_eq!(plan(&scope(vec![]), Granularity::Total, &["user_id"]), users);
+        assert_eq!(plan(&scope(vec![("customer_id", s("c"))]), Granularity::Month, &["user_id"]), users);
+        assert_eq!(plan(&scope(vec![("customer_id", s("c"))]), Granularity::Day, &["model"]), minutes);
+        assert_eq!(plan(&scope(vec![]), Granularity::Day, &["model", "user_id"]), minutes);
+        assert_eq!(plan(&scope(vec![]), Granularity::Hour, &["model"]), minutes);
+        let mut by_event_time = scope(vec![]);
+        by_event_time.time_column = TimeColumn::EventTime;
+        assert_eq!(plan(&by_event_time, Granularity::Day, &["model"]), minutes);
+        let short = scope(vec![]).with_range(86_400 * 10 + 600, 86_400 * 11 + 60);
+        assert_eq!(plan(&short, Granularity::Day, &["model"]), Plan::Minutes { from, to: 86_400 * 11 + 60 });
     }
 
     #[test]

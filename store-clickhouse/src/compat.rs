@@ -111,9 +111,13 @@ fn writer_statements() -> Vec<String> {
     };
     out.push(values_insert("alerts", &alert));
     out.push(Sql::new(statements::OPEN_ALERTS).render(&fields::<AlertRow>()));
-    out.push(statements::user_sums(UserSum::Cost, "acme", 0, None).render(""));
+    // The runaway rules: the last hour (minutes only), the week and the
+    // month to date (whole days from the spans, edges from minutes).
+    let now = 1_800_000_000;
+    out.push(statements::user_sums(UserSum::Cost, "acme", now - 3_600, now, None).render(""));
     let users: BTreeSet<String> = ["u-1", "it's-u-2"].map(str::to_owned).into_iter().collect();
-    out.push(statements::user_sums(UserSum::Loss, "acme", 0, Some(&users)).render(""));
+    out.push(statements::user_sums(UserSum::Cost, "acme", now - 7 * 86_400, now, Some(&users)).render(""));
+    out.push(statements::user_sums(UserSum::Loss, "acme", 1_798_761_600, now, Some(&users)).render(""));
     out.push(statements::keys_since("topic", 3, 0).render(&fields::<KeyRow>()));
     out.push(statements::record_keying_upgrade("topic", written_at, written_at + 86_400).render(""));
     out.push(statements::keying_upgrade("topic").render(""));
@@ -221,6 +225,6 @@ mod tests {
     fn every_placeholder_is_bound() {
         let all = super::compat_statements();
         assert!(all.iter().all(|s| !s.contains('?')), "every placeholder bound");
-        assert_eq!(all.len(), 103);
+        assert_eq!(all.len(), 112);
     }
 }

@@ -288,6 +288,27 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         PARTITION BY kafka_partition
         ORDER BY (kafka_topic, kafka_partition)",
     ],
+}, Migration {
+    version: 9,
+    name: "daily rollups by dimension",
+    statements: &[
+        // Daily sums per (feature, model, environment, billable), user and
+        // customer '': what "usage by day and model" over 30 days reads for
+        // whole days, about a day's distinct dimension rows whatever the
+        // users, where `rollups_minute` holds every user's minutes (and late
+        // events spread those over the whole range). Ordered by time, so a
+        // range reads only its days. The embedded store's
+        // `rollups_daily_by_dims`, same name. An existing deployment
+        // backfills it from events on the next assignment.
+        concat!(
+            "CREATE TABLE IF NOT EXISTS rollups_daily_by_dims (",
+            rollup_columns!(),
+            rollup_engine!(),
+            "
+        ORDER BY (tenant, window_start, feature, model, environment, billable, user_id, customer_id,
+            source_topic, source_partition, source_offset)"
+        ),
+    ],
 }];
 
 #[cfg(test)]

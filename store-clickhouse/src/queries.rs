@@ -1,6 +1,6 @@
 //! The query API's statements in ClickHouse's dialect, built from a
 //! request's [`Scope`]: which rollup rows answer it (per-user spans, the
-//! user-first daily table, minutes), and the sums, rankings, audit trail and
+//! user-first daily table, the daily rows by dimension, minutes), and the sums, rankings, audit trail and
 //! alerts over them. Pure: the compatibility check renders the same builders.
 
 use meterline_domain::{Granularity, Metric, TimeColumn, spans};
@@ -31,7 +31,7 @@ const ROLLUP_COLUMNS: &str = "window_start, user_id, customer_id, feature, model
 /// for a total, the fewest aligned spans (about four for 30 days); for day
 /// or month buckets, the one-day rows. Consecutive spans of one length
 /// become one range condition.
-fn span_condition(day_from: i64, day_to: i64, granularity: Granularity) -> Sql {
+pub(crate) fn span_condition(day_from: i64, day_to: i64, granularity: Granularity) -> Sql {
     let spans = if granularity == Granularity::Total {
         spans(day_from / 86_400, day_to / 86_400)
     } else {
@@ -61,7 +61,7 @@ fn one_user_days(scope: &Scope, granularity: Granularity) -> Option<(i64, i64)> 
 
 /// Whole days from `table` (rows matching `days`) plus the range's partial
 /// edge days from `rollups_minute`, as one UNION ALL.
-fn days_and_edges(scope: &Scope, table: &str, days: Sql, (day_from, day_to): (i64, i64)) -> Sql {
+pub(crate) fn days_and_edges(scope: &Scope, table: &str, days: Sql, (day_from, day_to): (i64, i64)) -> Sql {
     let edges = scope.clause(CH, &[(scope.from.timestamp(), day_from), (day_to, scope.to.timestamp())]);
     let mut sql = Sql::new(format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM {table} WHERE "));
     sql.append(days);
@@ -87,6 +87,7 @@ pub fn source(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql
     }
     match plan(scope, granularity, group_by) {
         Plan::Minutes { from, to } => minutes(scope, &[(from, to)]),
+        Plan::DimDays { day_from, day_to, .. } => days_and_edges(scope, "rollups_daily_by_dims", scope.clause(CH, &[(day_from, day_to)]), (day_from, day_to)),
         Plan::Days { day_from, day_to, .. } => {
             let spans = scope.clause_on(span_condition(day_from, day_to, granularity));
             days_and_edges(scope, "rollups_user_span", spans, (day_from, day_to))

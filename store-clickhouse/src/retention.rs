@@ -42,6 +42,7 @@ const TABLES: &[(Kept, &str, Option<Rollup>)] = &[
     (Kept::RollupsMinute, "rollups_minute", Some(Rollup::Minute)),
     (Kept::RollupsDaily, "rollups_user_span", Some(Rollup::UserSpans)),
     (Kept::RollupsDaily, "rollups_user_daily", Some(Rollup::UserDaily)),
+    (Kept::RollupsDaily, "rollups_daily_by_dims", Some(Rollup::Dims)),
     (Kept::DeadLetters, "dead_letters", None),
     (Kept::BillingWindows, "billing_windows", None),
 ];

@@ -114,7 +114,7 @@ impl ClickHouse {
 
     /// True once the aggregator has migrated `database`.
     pub async fn migrated(&self, database: &str) -> bool {
-        self.try_query(&format!("EXISTS TABLE {database}.rollups_user_daily")).await.is_some_and(|t| t.trim() == "1")
+        self.try_query(&format!("EXISTS TABLE {database}.rollups_daily_by_dims")).await.is_some_and(|t| t.trim() == "1")
     }
 
     /// Rows of `sql` (which must end in `FORMAT JSONEachRow`) as JSON values.

@@ -260,7 +260,7 @@ pub fn event_count(totals: &BTreeMap<(String, i64), Totals>) -> u64 {
 }
 
 /// Waits (up to two minutes) until ClickHouse's rollups (minute, per-user
-/// span and day) hold `want` events for each (tenant, count).
+/// span and day, day by dimension) hold `want` events for each (tenant, count).
 pub async fn wait_rolled_up(ch: &crate::stack::ClickHouse, database: &str, want: &[(&str, u64)]) {
     crate::poll_until(std::time::Duration::from_secs(120), "every event rolled up in ClickHouse", || async {
         if !ch.migrated(database).await {
@@ -271,8 +271,8 @@ pub async fn wait_rolled_up(ch: &crate::stack::ClickHouse, database: &str, want:
                 return None;
             }
             // A flush writes the minute rollup first, then the per-user spans
-            // and days: queries read all three, so wait for the last.
-            for table in ["rollups_user_span WHERE span_days = 1 AND", "rollups_user_daily WHERE"] {
+            // and days and the days by dimension: queries read them all.
+            for table in ["rollups_user_span WHERE span_days = 1 AND", "rollups_user_daily WHERE", "rollups_daily_by_dims WHERE"] {
                 let got = ch.query(&format!("SELECT sum(events) FROM {database}.{table} tenant = '{tenant}'")).await;
                 if got.trim().parse::<u64>().ok() != Some(*n) {
                     return None;

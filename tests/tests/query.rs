@@ -1,6 +1,7 @@
 //! The query API against the real stack: after the ground-truth workload,
 //! every endpoint's numbers equal what the test computes itself.
 
+use meterline_clickhouse::write::{UserSum, user_sums};
 use meterline_schemas::Nanos;
 use meterline_tests::stack::Process;
 use meterline_tests::workload::{self, Totals};
@@ -154,6 +155,33 @@ async fn every_endpoint_equals_the_ground_truth() {
     }
     let unique: std::collections::BTreeSet<&String> = keys.iter().collect();
     assert_eq!((keys.len() as u64, unique.len() as u64), (top.events, top.events));
+
+    // The runaway rules' per-user sums (the aggregator's statement): whole
+    // days from the per-user spans and partial days from minutes, equal to
+    // the ground truth over the week, 20 days (the workload's late events
+    // span 30) and the last hour (minutes only).
+    let store = meterline_clickhouse::connect(&meterline_clickhouse::ClickHouseConfig {
+        url: ch.url.clone(),
+        database: database.clone(),
+        user: "default".into(),
+        password: String::new(),
+        request_timeout_ms: 30_000,
+    })
+    .await
+    .expect("connect");
+    let now_s = now.timestamp();
+    for (what, since) in [(UserSum::Cost, now_s - 7 * 86_400 - 1_234), (UserSum::Loss, now_s - 20 * 86_400), (UserSum::Cost, now_s - 3_600)] {
+        let mut want: BTreeMap<String, i64> = BTreeMap::new();
+        for ((user, _), t) in work.expected.iter().filter(|((_, window), _)| *window >= since) {
+            *want.entry(user.clone()).or_default() += match what {
+                UserSum::Cost => t.cost_nanos,
+                UserSum::Loss => t.cost_nanos - t.revenue_nanos,
+            };
+        }
+        let got = store.user_sums(&user_sums(what, "acme", since, now_s, None)).await.expect("user sums");
+        let got: BTreeMap<String, i64> = got.into_iter().collect();
+        assert_eq!(got, want, "{what:?} since {since}");
+    }
 
     // Tenants are isolated; keys are scoped.
     let (status, body) = api.get(&format!("/v1/top-spenders?limit=1000&{range}"), Some("globex-read-key")).await;

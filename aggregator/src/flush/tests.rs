@@ -190,6 +190,7 @@ fn a_failed_rollup_is_checked_for_its_markers_before_it_is_sent_again() {
         Call::MarkersPresent(Rollup::UserSpans),
         Call::RollUp(Rollup::UserSpans, ranges()),
         Call::RollUp(Rollup::UserDaily, ranges()),
+        Call::RollUp(Rollup::Dims, ranges()),
     ]);
     let minute = fake.with(|s| s.rolled.iter().filter(|(r, _)| *r == Rollup::Minute).count());
     assert_eq!(minute, 1, "the minute rollup that landed is not sent twice");

@@ -228,6 +228,7 @@ fn late_statements(db: &str, users: u64, now: i64, run: i64) -> Vec<String> {
         ),
         meterline_bench::span_rollups_sql(db, written, &format!("WHERE written_at = toDateTime({written})")),
         meterline_bench::daily_rollups_sql(db, written, &format!("WHERE written_at = toDateTime({written})")),
+        meterline_bench::dims_rollups_sql(db, written, &format!("WHERE written_at = toDateTime({written})")),
     ]
 }
 
