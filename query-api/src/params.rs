@@ -1,7 +1,7 @@
 //! Request parameters: parsed strictly, with 400s that name the parameter.
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
-use meterline_domain::{Granularity, Kept, TimeColumn, whole_days};
+use meterline_domain::{Granularity, Kept, TimeColumn};
 use meterline_http::ApiError;
 use meterline_sql::{DIMENSIONS, Plan, Scope, i, plan, s};
 use std::collections::HashMap;
@@ -118,24 +118,25 @@ impl<'a> Params<'a> {
 }
 
 /// The rollups a usage question reads, each with where its read starts, for
-/// the retention check: whole days from the day rollups (per user or per
-/// dimension) and partial edge days from the minute rollups, or only minutes
-/// (see `meterline_sql::plan`; in ClickHouse, a question about one user
-/// reads its whole days from day rows whatever it groups by).
+/// the retention check, as the shared `meterline_sql::plan` picks them:
+/// whole days from the day rollups (per user or per dimension) and partial
+/// edge days from the minute rollups, or only minutes. A store that reads
+/// other rows says so in `QueryStore::rollup_reads`.
 pub fn rollup_reads(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(Kept, i64)> {
-    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
-    let one_user_days = scope.one_user() && granularity.whole_days() && scope.time_column == TimeColumn::WindowStart;
-    let days = match plan(scope, granularity, group_by) {
-        Plan::Days { day_from, day_to, .. } | Plan::DimDays { day_from, day_to, .. } => Some((day_from, day_to)),
-        Plan::Minutes { .. } if one_user_days => whole_days(from, to),
-        Plan::Minutes { .. } => None,
-    };
-    let Some((day_from, day_to)) = days else { return vec![(Kept::RollupsMinute, from)] };
-    let mut reads = vec![(Kept::RollupsDaily, day_from)];
-    if from < day_from {
-        reads.push((Kept::RollupsMinute, from));
+    match plan(scope, granularity, group_by) {
+        Plan::Days { day_from, day_to, .. } | Plan::DimDays { day_from, day_to, .. } => day_reads(scope, (day_from, day_to)),
+        Plan::Minutes { from, .. } => vec![(Kept::RollupsMinute, from)],
     }
-    if to > day_to {
+}
+
+/// Whole days `[day_from, day_to)` from the day rollups, the range's partial
+/// edge days from the minute rollups.
+pub fn day_reads(scope: &Scope, (day_from, day_to): (i64, i64)) -> Vec<(Kept, i64)> {
+    let mut reads = vec![(Kept::RollupsDaily, day_from)];
+    if scope.from.timestamp() < day_from {
+        reads.push((Kept::RollupsMinute, scope.from.timestamp()));
+    }
+    if scope.to.timestamp() > day_to {
         reads.push((Kept::RollupsMinute, day_to));
     }
     reads
@@ -192,8 +193,9 @@ mod tests {
         assert_eq!(rollup_reads(&days, Granularity::Total, &["model"]), vec![(Kept::RollupsDaily, first_day), (Kept::RollupsMinute, edge)]);
         assert_eq!(rollup_reads(&days, Granularity::Total, &["model", "user_id"]), vec![(Kept::RollupsMinute, edge)]);
         assert_eq!(rollup_reads(&days, Granularity::Hour, &[]), vec![(Kept::RollupsMinute, edge)]);
+        // One user by feature: the shared plan has no daily rows with both.
         let one_user = scope("2026-01-01T00:00:00Z", "2026-01-31T00:00:00Z", vec![("user_id", s("u")), ("feature", s("f"))]);
-        assert_eq!(rollup_reads(&one_user, Granularity::Day, &["model"]), vec![(Kept::RollupsDaily, at("2026-01-01T00:00:00Z").timestamp())]);
+        assert_eq!(rollup_reads(&one_user, Granularity::Day, &["model"]), vec![(Kept::RollupsMinute, at("2026-01-01T00:00:00Z").timestamp())]);
     }
 
     #[test]

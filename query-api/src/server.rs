@@ -22,7 +22,7 @@ use crate::billing::ClickHouseBilling;
 use crate::config::Config;
 use crate::export::{ClickHouseExport, ExportSource};
 use crate::gate::TenantGate;
-use crate::params::{Params, rollup_reads};
+use crate::params::Params;
 use crate::store::{AlertsQuery, ClickHouseStore, Order, QueryStore, RankQuery, Ranking, SumsQuery};
 use crate::refresh::Refresher;
 use crate::{QueryError, metrics, pages};
@@ -304,7 +304,7 @@ async fn usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query(r
         let limit = p.limit(10_000, 100_000)?;
         let after = p.get("cursor").map(|c| pages::decode(c, granularity, &group_by)).transpose()?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        state.kept(&rollup_reads(&scope, granularity, &group_by), scope.from)?;
+        state.kept(&state.store.rollup_reads(&scope, granularity, &group_by), scope.from)?;
         let read = after.as_ref().map_or_else(|| scope.clone(), |a| pages::rest(&scope, granularity, a));
         // One row more than asked tells whether the answer is cut.
         let q = SumsQuery { granularity, group_by: group_by.clone(), negative_only: false, order_by_margin: false, after, limit: limit + 1 };
@@ -326,7 +326,7 @@ async fn top_spenders(State(state): State<Shared>, ReadKey { tenant }: ReadKey, 
         let descending = p.choice("order", &["desc", "asc"], "desc")? == "desc";
         let limit = p.limit(10, 1_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        state.kept(&rollup_reads(&scope, Granularity::Total, &[by]), scope.from)?;
+        state.kept(&state.store.rollup_reads(&scope, Granularity::Total, &[by]), scope.from)?;
         let q = RankQuery { group_by: vec![by], order: Order::Metric { metric, descending }, negative_only: false, limit: limit + 1, count_negative: false };
         let Ranking { mut rows, total, .. } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
         let truncated = cut(&mut rows, limit);
@@ -354,7 +354,7 @@ async fn margins(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Query
         };
         let limit = p.limit(100, 10_000)?;
         let scope = p.scope(&tenant, TimeColumn::WindowStart, Some(30), state.max_days)?;
-        state.kept(&rollup_reads(&scope, Granularity::Total, &group_by), scope.from)?;
+        state.kept(&state.store.rollup_reads(&scope, Granularity::Total, &group_by), scope.from)?;
         let q = RankQuery { group_by: group_by.clone(), order: Order::Margin, negative_only, limit: limit + 1, count_negative: true };
         let Ranking { mut rows, total, negative } = state.store.ranking(&scope, &q).await.map_err(unavailable)?;
         let truncated = cut(&mut rows, limit);
@@ -385,7 +385,7 @@ async fn user_usage(State(state): State<Shared>, ReadKey { tenant }: ReadKey, Pa
         let scope = p.scope(&tenant, TimeColumn::WindowStart, None, state.max_days)?;
         let reads: Vec<(Kept, i64)> = [(Granularity::Total, &["feature"][..]), (Granularity::Day, &[][..])]
             .iter()
-            .flat_map(|(g, by)| rollup_reads(&scope, *g, by))
+            .flat_map(|(g, by)| state.store.rollup_reads(&scope, *g, by))
             .collect();
         state.kept(&reads, scope.from)?;
         // One row past the cut tells a cut list from a whole one.

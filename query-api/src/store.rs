@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use meterline_clickhouse::query as queries;
 use meterline_clickhouse::Store;
-use meterline_domain::{AlertRow, EventRow, Granularity, Metric, SumRow, TimeColumn};
+use meterline_domain::{AlertRow, EventRow, Granularity, Kept, Metric, SumRow, TimeColumn};
 use meterline_sql::{Dialect, Scope};
 
 pub use meterline_sql::{AlertsQuery, Cursor, GroupCursor};
@@ -61,6 +61,15 @@ pub trait QueryStore: Send + Sync + std::fmt::Debug {
     /// The latest version of each alert, newest first.
     fn alerts<'a>(&'a self, q: &'a AlertsQuery) -> BoxFuture<'a, Result<Vec<AlertRow>, QueryError>>;
     fn ping(&self) -> BoxFuture<'_, bool>;
+
+    /// The rollups a usage question of `scope` reads, each with where its
+    /// read starts, for the retention check: by default what the shared
+    /// plan reads. A store that answers some questions from other rows
+    /// must say so here, or a range its minute rows no longer hold would
+    /// pass the check and answer a partial sum.
+    fn rollup_reads(&self, scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(Kept, i64)> {
+        crate::params::rollup_reads(scope, granularity, group_by)
+    }
 
     /// A ranking with the scope's total: by default three independent
     /// statements side by side.
@@ -164,6 +173,15 @@ impl QueryStore for ClickHouseStore {
 
     fn ping(&self) -> BoxFuture<'_, bool> {
         Box::pin(self.store.ping())
+    }
+
+    /// A question about one user reads its whole days from
+    /// `rollups_user_daily` (every dimension), whatever it groups by.
+    fn rollup_reads(&self, scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(Kept, i64)> {
+        match queries::one_user_days(scope, granularity) {
+            Some(days) => crate::params::day_reads(scope, days),
+            None => crate::params::rollup_reads(scope, granularity, group_by),
+        }
     }
 
     fn ranking<'a>(&'a self, scope: &'a Scope, q: &'a RankQuery) -> BoxFuture<'a, Result<Ranking, QueryError>> {

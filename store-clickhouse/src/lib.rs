@@ -26,7 +26,7 @@ pub use store::{DeadLetterRow, KeyRow, Progress, ReadLimits, Store, bind, connec
 
 /// The query API's statements, by endpoint.
 pub mod query {
-    pub use crate::queries::{bucket, edge_groups, event_count, groups, negative_count, source, sums, sums_after, top};
+    pub use crate::queries::{bucket, edge_groups, event_count, groups, negative_count, one_user_days, source, sums, sums_after, top};
 }
 
 /// The aggregator's statements.

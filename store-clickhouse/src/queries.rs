@@ -52,7 +52,7 @@ pub(crate) fn span_condition(day_from: i64, day_to: i64, granularity: Granularit
 /// Whole UTC days `[day_from, day_to)` of a request about one user that
 /// `rollups_user_daily` (every dimension, ordered user first) can answer:
 /// day, month or total buckets over window time, with at least one whole day.
-fn one_user_days(scope: &Scope, granularity: Granularity) -> Option<(i64, i64)> {
+pub fn one_user_days(scope: &Scope, granularity: Granularity) -> Option<(i64, i64)> {
     if !scope.one_user() || !granularity.whole_days() || scope.time_column != TimeColumn::WindowStart {
         return None;
     }

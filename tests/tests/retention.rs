@@ -257,6 +257,13 @@ async fn the_embedded_writer_purges_back_dated_rows_and_queries_before_the_horiz
     let (status, body) = get_json(&format!("{}/v1/usage?granularity=total&group_by=user_id&{range}", server.url), key).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["rows"][0]["cost_usd"], "0.000000007", "{body}");
+    // One user by feature, and a user's statement (by feature and model),
+    // read minute rows here: the per-user day rows hold no feature or model.
+    // Refused, where the day rows alone would have answered a partial sum.
+    let (status, body) = get_json(&format!("{}/v1/usage?granularity=day&user_id=u&feature=f&{range}", server.url), key).await;
+    assert_not_kept(status, &body, oldest_minutes);
+    let (status, body) = get_json(&format!("{}/v1/users/u/usage?{range}", server.url), key).await;
+    assert_not_kept(status, &body, oldest_minutes);
     let (status, body) = get_json(&format!("{}/v1/events?user_id=u&from={}&to={}", server.url, rfc(now - Duration::days(420)), rfc(now - Duration::days(300))), key).await;
     assert_not_kept(status, &body, oldest_events);
     server.stop().await;
