@@ -310,8 +310,14 @@ impl Pipeline {
 
         metrics::duplicates("retry", decided.retries);
         metrics::duplicates("conflict", decided.conflicts.len() as u64);
+        // One warning per flush, naming the first: a client reusing keys
+        // would otherwise write a log line per event.
         for (tenant, idempotency_key) in &decided.conflicts {
-            tracing::warn!(%tenant, %idempotency_key, "dropped a copy whose payload differs from the first");
+            tracing::debug!(%tenant, %idempotency_key, "dropped a copy whose payload differs from the first");
+        }
+        if let Some((tenant, idempotency_key)) = decided.conflicts.first() {
+            let conflicts = decided.conflicts.len();
+            tracing::warn!(conflicts, %tenant, %idempotency_key, "dropped copies whose payload differs from the first copy of their key (the first of them named)");
         }
         let now = i64::from(written_at);
         for p in quota.keys() {

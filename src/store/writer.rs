@@ -33,6 +33,9 @@ use crate::config::Config;
 struct Written {
     rows: Vec<EventRow>,
     duplicates: Vec<&'static str>,
+    /// The first conflicting copy dropped (tenant, idempotency key): named
+    /// in the one warning a commit logs for all of them.
+    first_conflict: Option<(String, String)>,
     transitions: Vec<Transition>,
     /// Limit crossings stored by this commit, for the webhook.
     limit_alerts: Vec<LimitAlert>,
@@ -203,7 +206,8 @@ impl Writer {
                     match Decision::of(seen, fp) {
                         Decision::Retry => out.duplicates.push("retry"),
                         Decision::Conflict => {
-                            tracing::warn!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
+                            tracing::debug!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
+                            out.first_conflict.get_or_insert_with(|| (env.tenant.clone(), env.event.idempotency_key.clone()));
                             out.duplicates.push("conflict");
                         }
                         Decision::New => {
@@ -254,8 +258,14 @@ impl Writer {
                 agg_metrics::unpriced(tenant, unpriced);
             }
         }
-        for reason in written.duplicates {
+        for reason in &written.duplicates {
             agg_metrics::duplicate(reason);
+        }
+        // One warning per commit, naming the first: a client reusing keys
+        // would otherwise write a log line per event.
+        if let Some((tenant, idempotency_key)) = &written.first_conflict {
+            let conflicts = written.duplicates.iter().filter(|r| **r == "conflict").count();
+            tracing::warn!(conflicts, %tenant, %idempotency_key, "dropped copies whose payload differs from the first copy of their key (the first of them named)");
         }
         agg_metrics::flushed(started.elapsed().as_secs_f64(), written.rows.len());
         written.phases.record(written.rows.len(), started.elapsed());
