@@ -195,4 +195,5 @@ pub use alerts::{Evaluator, Notifier};
 pub use dedupe::{Known, PartitionDedupe};
 pub use config::{Config, DedupeConfig, FlushConfig, KafkaConfig, MetricsConfig, ServerConfig};
 pub use error::AggregatorError;
+pub use pipeline::{conflict_dropped, warn_conflicts};
 pub use server::serve;

@@ -310,14 +310,11 @@ impl Pipeline {
 
         metrics::duplicates("retry", decided.retries);
         metrics::duplicates("conflict", decided.conflicts.len() as u64);
-        // One warning per flush, naming the first: a client reusing keys
-        // would otherwise write a log line per event.
         for (tenant, idempotency_key) in &decided.conflicts {
-            tracing::debug!(%tenant, %idempotency_key, "dropped a copy whose payload differs from the first");
+            conflict_dropped(tenant, idempotency_key);
         }
         if let Some((tenant, idempotency_key)) = decided.conflicts.first() {
-            let conflicts = decided.conflicts.len();
-            tracing::warn!(conflicts, %tenant, %idempotency_key, "dropped copies whose payload differs from the first copy of their key (the first of them named)");
+            warn_conflicts(decided.conflicts.len(), tenant, idempotency_key);
         }
         let now = i64::from(written_at);
         for p in quota.keys() {
@@ -441,4 +438,17 @@ impl Pipeline {
 
 pub(crate) fn now_secs() -> u32 {
     datetime_secs(Utc::now())
+}
+
+/// One conflicting copy dropped, at debug level: the warning is per flush
+/// ([`warn_conflicts`]).
+pub fn conflict_dropped(tenant: &str, idempotency_key: &str) {
+    tracing::debug!(%tenant, %idempotency_key, "dropped a copy whose payload differs from the first");
+}
+
+/// One warning per flush (or embedded commit) for the conflicting copies it
+/// dropped, naming the first: a client reusing keys would otherwise write a
+/// log line per event. Both modes log through here.
+pub fn warn_conflicts(conflicts: usize, tenant: &str, idempotency_key: &str) {
+    tracing::warn!(conflicts, %tenant, %idempotency_key, "dropped copies whose payload differs from the first copy of their key (the first of them named)");
 }

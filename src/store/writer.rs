@@ -206,7 +206,7 @@ impl Writer {
                     match Decision::of(seen, fp) {
                         Decision::Retry => out.duplicates.push("retry"),
                         Decision::Conflict => {
-                            tracing::debug!(tenant = %env.tenant, idempotency_key = %env.event.idempotency_key, "dropped a copy whose payload differs from the first");
+                            meterline_aggregator::conflict_dropped(&env.tenant, &env.event.idempotency_key);
                             out.first_conflict.get_or_insert_with(|| (env.tenant.clone(), env.event.idempotency_key.clone()));
                             out.duplicates.push("conflict");
                         }
@@ -261,11 +261,9 @@ impl Writer {
         for reason in &written.duplicates {
             agg_metrics::duplicate(reason);
         }
-        // One warning per commit, naming the first: a client reusing keys
-        // would otherwise write a log line per event.
         if let Some((tenant, idempotency_key)) = &written.first_conflict {
             let conflicts = written.duplicates.iter().filter(|r| **r == "conflict").count();
-            tracing::warn!(conflicts, %tenant, %idempotency_key, "dropped copies whose payload differs from the first copy of their key (the first of them named)");
+            meterline_aggregator::warn_conflicts(conflicts, tenant, idempotency_key);
         }
         agg_metrics::flushed(started.elapsed().as_secs_f64(), written.rows.len());
         written.phases.record(written.rows.len(), started.elapsed());
