@@ -23,8 +23,13 @@ use std::path::{Path, PathBuf};
 /// resident memory kept rising at a steady load while the bytes it had in
 /// use did not: freed memory fragments across glibc's per-thread arenas and
 /// stays with the process. jemalloc gives it back; vector and quickwit make
-/// the same choice. Libraries, tests and benches keep the system allocator,
-/// so the benches' raw baselines are unchanged. Measured in bench/SOAK.md.
+/// the same choice. It is built unprefixed (the workspace's
+/// `unprefixed_malloc_on_supported_platforms`), so on Linux it is also the C
+/// libraries' `malloc`: librdkafka's prefetch buffers and SQLite's pages.
+/// Under glibc the aggregator kept 60-70 MiB of librdkafka's freed catch-up
+/// buffers after every restart. Libraries, tests and benches keep the
+/// system allocator, so the benches' raw baselines are unchanged. Measured
+/// in bench/SOAK.md.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

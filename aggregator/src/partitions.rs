@@ -7,6 +7,22 @@ use crate::config::DedupeConfig;
 use crate::dedupe::{Known, PartitionDedupe};
 use meterline_domain::key_hash;
 
+/// The spare records' room a partition's buffer keeps after a flush takes
+/// from it, at least (it keeps up to twice what it still holds beyond that).
+const SPARE_RECORDS: usize = 4_096;
+
+/// Gives back a buffer's room beyond what it holds and the spare. A
+/// catch-up after a restart fills the buffers to `max_buffered_events` and a
+/// `Vec` keeps its largest capacity for good: at a few hundred bytes a
+/// record, that room stayed allocated for the life of the process, the
+/// aggregator's step at a restart in the soak (bench/SOAK.md).
+fn shrink_spare(buffer: &mut Vec<Buffered>) {
+    let keep = (2 * buffer.len()).max(SPARE_RECORDS);
+    if buffer.capacity() > 2 * keep {
+        buffer.shrink_to(keep);
+    }
+}
+
 /// A partition's assignment change, recorded by the rebalance callbacks and
 /// acted on by the loop between polls.
 #[derive(Debug)]
@@ -232,7 +248,9 @@ impl Partitions {
             .filter_map(|(p, n)| {
                 let state = self.states.get_mut(p)?;
                 let n = (*n).min(state.buffer.len());
-                Some((*p, state.buffer.drain(..n).collect()))
+                let taken = state.buffer.drain(..n).collect();
+                shrink_spare(&mut state.buffer);
+                Some((*p, taken))
             })
             .collect()
     }
@@ -313,6 +331,31 @@ mod tests {
         ps.revoke(0);
         assert_eq!(ps.len(), 2);
         assert_eq!(ps.loading(), vec![2]);
+    }
+
+    #[test]
+    fn a_buffer_gives_back_the_room_of_a_catch_up() {
+        let mut ps = Partitions::default();
+        ps.assign(0, &config());
+        ps.ready(0, 0, PartitionDedupe::new(&config()), None);
+        for o in 0..100_000 {
+            ps.take(0, o, None, None);
+        }
+        let capacity = |ps: &mut Partitions| ps.get_mut(0).map_or(0, |s| s.buffer.capacity());
+        assert!(capacity(&mut ps) >= 100_000);
+        ps.drain(&BTreeMap::from([(0, 90_000)]));
+        let after = capacity(&mut ps);
+        assert!((10_000..=4 * 10_000).contains(&after), "room for 10,000 records kept {after}");
+        ps.drain(&BTreeMap::from([(0, 10_000)]));
+        let after = capacity(&mut ps);
+        assert!(after <= 4 * SPARE_RECORDS, "an empty buffer kept room for {after}");
+        // A steady load does not reallocate at every flush.
+        for o in 100_000..101_000 {
+            ps.take(0, o, None, None);
+        }
+        let steady = capacity(&mut ps);
+        ps.drain(&BTreeMap::from([(0, 1_000)]));
+        assert_eq!(capacity(&mut ps), steady);
     }
 
     #[test]
