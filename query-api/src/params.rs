@@ -82,11 +82,14 @@ impl<'a> Params<'a> {
 
     /// The time range (`to` exclusive) and the filters, as a WHERE clause on
     /// `time_column` for `tenant`. A window belongs to the range if it starts in it.
+    /// The stores compare whole seconds, so a bound with a fraction of a second
+    /// is rounded up: `to` defaults to now, and an event posted this second
+    /// (its minute window starting this second) is in that range.
     pub fn scope(&self, tenant: &str, time_column: TimeColumn, default_days: Option<i64>, max_days: i64) -> Result<Scope, ApiError> {
         let now = Utc::now();
-        let to = self.time("to")?.unwrap_or(now);
+        let to = ceil_second(self.time("to")?.unwrap_or(now));
         let from = match (self.time("from")?, default_days) {
-            (Some(f), _) => f,
+            (Some(f), _) => ceil_second(f),
             (None, Some(days)) => to - Duration::days(days),
             (None, None) => Utc.with_ymd_and_hms(to.year(), to.month(), 1, 0, 0, 0).single().unwrap_or(to),
         };
@@ -115,6 +118,11 @@ impl<'a> Params<'a> {
         }
         Ok(Scope { tenant: tenant.to_owned(), time_column, from, to, filters })
     }
+}
+
+/// `t` rounded up to a whole second.
+fn ceil_second(t: DateTime<Utc>) -> DateTime<Utc> {
+    if t.timestamp_subsec_nanos() == 0 { t } else { DateTime::from_timestamp(t.timestamp() + 1, 0).unwrap_or(t) }
 }
 
 /// The rollups a usage question reads, each with where its read starts, for
@@ -181,6 +189,20 @@ mod tests {
         let long = "x".repeat(257);
         let r = raw(&[("feature", long.as_str())]);
         assert_eq!(field(Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap_err()), "feature");
+    }
+
+    #[test]
+    fn a_bound_with_a_fraction_keeps_the_window_of_its_second() {
+        // The stores bind whole seconds: truncating `to` would drop a window
+        // starting in the current second (the README's post-then-ask, CI run of stop 21).
+        let before = Utc::now();
+        let r = raw(&[]);
+        let scope = Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap();
+        assert!(scope.to.timestamp() > before.timestamp() || before.timestamp_subsec_nanos() == 0, "{} vs {before}", scope.to);
+        let r = raw(&[("from", "2026-11-28T20:40:00.5Z"), ("to", "2026-11-28T20:41:00.240Z")]);
+        let scope = Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap();
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().timestamp();
+        assert_eq!((scope.from.timestamp(), scope.to.timestamp()), (at("2026-11-28T20:40:01Z"), at("2026-11-28T20:41:01Z")));
     }
 
     #[test]
