@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn a_bound_with_a_fraction_keeps_the_window_of_its_second() {
         // The stores bind whole seconds: truncating `to` would drop a window
-        // starting in the current second (the README's post-then-ask, CI run of stop 21).
+        // starting in the current second (the README's post-then-ask failed so in CI).
         let before = Utc::now();
         let r = raw(&[]);
         let scope = Params::new(&r, &[]).unwrap().scope("t", TimeColumn::WindowStart, Some(30), 400).unwrap();
