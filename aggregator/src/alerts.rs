@@ -1,12 +1,13 @@
 //! Runaway alerts in the distributed pipeline: the domain's rules
-//! ([`AlertBook`]) evaluated against ClickHouse's exact rollups after every
-//! flush, transitions stored there, and the webhook and metrics that every
-//! store's alerts share ([`Notifier`]).
+//! ([`AlertBook`]) evaluated against ClickHouse's exact rollups for the
+//! users flushes wrote (by the task in `evaluations.rs`), transitions stored
+//! there, and the webhook and metrics that every store's alerts share
+//! ([`Notifier`]).
 //!
 //! Why here: the aggregator is the component that knows, flush by flush,
 //! which users just spent, and the rollups it has just written are exact (no
-//! replay is ever counted twice), so evaluating right after a flush is both
-//! near real time and exact. Events are partitioned by idempotency key, so
+//! replay is ever counted twice), so evaluating those users once their
+//! flushes are durable is both near real time and exact. Events are partitioned by idempotency key, so
 //! with several aggregators one user's events are written by several of
 //! them, and each evaluates the users its own flushes touched against the
 //! rollups of all: two may find the same user over a threshold. Before an

@@ -223,6 +223,7 @@ impl Runner {
         let deadline = Instant::now() + Duration::from_secs(p.config.server.shutdown_grace_secs);
         p.apply_changes(consumer).await;
         p.flush_until_empty(consumer, None, deadline).await;
+        p.drain_evaluations(deadline).await;
         drop(p);
         let c = self.consumer.clone();
         let _ = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await;

@@ -28,9 +28,9 @@
 //! Flushes overlap (`writes.rs`): while flush N goes through the stages
 //! above in a task of its own, the loop goes on consuming, and decides flush
 //! N+1 (decode, dedupe, price). At most two flushes are decided and not yet
-//! durable, the one being written included; while both are there, or a write
-//! is failing, or the buffers are full, consumption pauses, so memory stays
-//! bounded. One writer at a time, in decision order, so each partition's
+//! durable, the one being written included; while both are there and a whole
+//! batch waits behind them, or a write is failing, or the buffers are full,
+//! consumption pauses, so memory stays bounded. One writer at a time, in decision order, so each partition's
 //! flushes land in offset order, and a failed flush is retried before
 //! anything decided after it. What keeps this exact:
 //!
@@ -177,6 +177,7 @@ mod consumer;
 mod decide;
 mod dedupe;
 mod error;
+mod evaluations;
 mod flush;
 mod forward;
 mod keying;

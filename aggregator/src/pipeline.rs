@@ -14,13 +14,14 @@ use meterline_schemas::tenants::KeyRing;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::AggregatorError;
 use crate::config::Config;
 use crate::decide::{Flush, Inputs, Placement, decide};
+use crate::evaluations::Evaluations;
 use crate::dedupe::Known;
 use crate::keying::KeyingState;
 use crate::flush::Pending;
@@ -53,8 +54,8 @@ pub struct Pipeline {
     business: metrics::BusinessLabels,
     /// Updated once per record: registered once, not looked up each time.
     per_record: metrics::PerRecord,
-    alerts: crate::alerts::Evaluator,
-    last_evaluation: Instant,
+    /// Runaway evaluations, in a task beside the loop (`evaluations.rs`).
+    alerts: Evaluations,
     /// Counts written events toward limits, when limits are configured.
     limits: Option<LimitsApplier>,
     /// The `key` keying's state; `None` under the `user` keying (count in place).
@@ -90,6 +91,11 @@ impl Pipeline {
             topic: config.kafka.topic.clone(),
             catalog: Catalog::builtin()?,
             tenants: KeyRing::from_config(&config.tenants)?,
+            alerts: Evaluations::start(
+                crate::alerts::Evaluator::new(config.alerts.clone(), &config.tenants),
+                store.clone(),
+                Duration::from_secs(config.alerts.interval_secs),
+            ),
             store,
             changes,
             partitions: Partitions::default(),
@@ -100,8 +106,6 @@ impl Pipeline {
             next_load: now,
             business: metrics::BusinessLabels::new(config.metrics.max_label_values),
             per_record: metrics::PerRecord::new(),
-            alerts: crate::alerts::Evaluator::new(config.alerts.clone(), &config.tenants),
-            last_evaluation: now,
             config,
         })
     }
@@ -164,11 +168,18 @@ impl Pipeline {
         }
     }
 
-    /// Pauses fetching while a write is failing, the queue of decided
-    /// flushes is full or the buffer is, so memory stays bounded; the loop
-    /// keeps polling to stay in the group.
+    /// Pauses fetching while a write is failing or the buffer is full, and
+    /// while the queue of decided flushes is full once a whole batch waits
+    /// behind it, so memory stays bounded; the loop keeps polling to stay in
+    /// the group. A full queue alone does not pause: librdkafka drops what
+    /// it prefetched for a paused partition and fetches it again on resume,
+    /// and the batch the next decision needs would then arrive only after
+    /// the write it waits for has ended (`bench/PROFILE.md`).
     pub(crate) fn apply_backpressure<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        let hold = self.writes.full() || self.writes.failing() || self.buffered() >= self.config.flush.max_buffered_events;
+        let buffered = self.buffered();
+        let hold = self.writes.failing()
+            || buffered >= self.config.flush.max_buffered_events
+            || (self.writes.full() && buffered >= self.config.flush.max_batch_events);
         for (p, want) in self.partitions.pause_changes(hold) {
             let mut list = TopicPartitionList::new();
             list.add_partition(&self.topic, p);
@@ -219,11 +230,6 @@ impl Pipeline {
     /// next write, or retries a failed one when its backoff is over.
     pub(crate) async fn flush<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
         self.flush_some(consumer, None, true).await;
-        // Open alerts resolve when their user calms down, even with no traffic.
-        let idle = Duration::from_secs(self.config.alerts.interval_secs);
-        if self.writes.is_empty() && self.alerts.has_open() && self.last_evaluation.elapsed() >= idle {
-            self.evaluate_alerts(&Default::default()).await;
-        }
         if self.writes.is_empty()
             && let Some(limits) = self.limits.as_mut()
         {
@@ -231,23 +237,18 @@ impl Pipeline {
         }
     }
 
-    /// Runs the runaway rules; a failure is logged and retried next time,
-    /// never allowed to hold up the pipeline.
-    async fn evaluate_alerts(&mut self, touched: &BTreeSet<(String, String)>) {
-        if !self.alerts.enabled() {
-            return;
-        }
-        self.last_evaluation = Instant::now();
-        if let Err(e) = self.alerts.evaluate(&self.store, touched).await {
-            tracing::warn!(error = %e, "runaway evaluation failed; it runs again after the next flush");
-        }
+    /// Waits (until `deadline`) for the runaway evaluations of every
+    /// flush written so far: on shutdown, after the last flush.
+    pub(crate) async fn drain_evaluations(&self, deadline: Instant) {
+        self.alerts.drain(deadline).await;
     }
 
-    /// Finishes a write that ended and starts the next one, without deciding
-    /// more: new flushes are decided on the flush interval or a full batch,
-    /// so that batches stay large.
+    /// Finishes a write that ended and starts the next one, deciding more
+    /// only if a whole batch waits: otherwise new flushes are decided on the
+    /// flush interval or a full batch, so that batches stay large.
     pub(crate) async fn written<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        self.flush_some(consumer, None, false).await;
+        let decide = self.buffered() >= self.config.flush.max_batch_events;
+        self.flush_some(consumer, None, decide).await;
     }
 
     /// Finishes a write that ended, decides one more flush if `decide` and
@@ -413,8 +414,7 @@ impl Pipeline {
         // Distinct users first: a flush holds many rows per user, and only the users are copied.
         let users: HashSet<(&str, &str)> =
             flush.events.values().flatten().map(|r: &EventRow| (r.tenant.as_str(), r.user_id.as_str())).collect();
-        let touched: BTreeSet<(String, String)> = users.into_iter().map(|(t, u)| (t.to_owned(), u.to_owned())).collect();
-        self.evaluate_alerts(&touched).await;
+        self.alerts.touched(users.into_iter().map(|(t, u)| (t.to_owned(), u.to_owned())));
     }
 
     /// Commits the flush's offsets to Kafka. Best effort: ClickHouse is the

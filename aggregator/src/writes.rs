@@ -5,7 +5,7 @@
 //! ClickHouse half; with one flush decided while the previous one is written,
 //! both cores work. The depth is [`DEPTH`] flushes, the one being written
 //! included, so memory stays bounded: the loop pauses consumption while the
-//! queue is full (`Pipeline::apply_backpressure`).
+//! queue is full and a whole batch waits behind it (`Pipeline::apply_backpressure`).
 //!
 //! Order: one writer at a time, first in first written, so each partition's
 //! flushes land in offset order, and a flush whose write fails goes back to
