@@ -249,6 +249,22 @@ def rows(b):
                     "meterline": f"{r['ingest_events_per_sec']:,.0f} events/s (request p99 {r['ingest_p99_ms']:,.0f} ms); "
                     f"top spenders p50 {q['p50_ms']:,.0f} ms, p99 {q['p99_ms']:,.0f} ms; peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB",
                     "raw": "—", "ratio": "—", "goal": "its stated scale (README)", "met": "see numbers"})
+        if "raw_events_per_sec" in r:
+            # Issue 15: the writer against the same rows and upserts written by
+            # a plain rusqlite loop (one transaction per batch, WAL, synchronous=FULL).
+            ok = r["embedded_over_raw"] >= 0.5 and r["ingest_events_per_sec"] >= 50_000
+            out.append({"n": "7b", "metric": "Embedded mode: sustained ingest against the raw SQLite baseline (the same event rows and rollup upserts "
+                                             "by a plain `rusqlite` loop, one transaction per 1,000, WAL, `synchronous=FULL`)",
+                        "meterline": f"{r['ingest_events_per_sec']:,.0f} events/s", "raw": f"{r['raw_events_per_sec']:,.0f} events/s (rusqlite loop)",
+                        "ratio": num(r["embedded_over_raw"], 2), "goal": "≥ 0.5 and ≥ 50,000 events/s",
+                        "met": verdict(ok) + ("" if r["ingest_events_per_sec"] >= 50_000 else " (events/s)")})
+        qs = r.get("queries", {})
+        if all(k in qs for k in ("top_spenders", "margins", "usage_day_model")):
+            out.append({"n": "7c", "metric": f"Embedded mode: queries over 30 days at {r['users']:,} users x {r['days']} days "
+                                             "(top spenders / lowest margins / usage by day and model)",
+                        "meterline": " / ".join(f"p50 {qs[k]['p50_ms']:,.0f} ms, p99 {qs[k]['p99_ms']:,.0f} ms" for k in ("top_spenders", "margins", "usage_day_model")),
+                        "raw": "—", "ratio": "—", "goal": "< 200 / < 200 / < 500 ms p99 (issue 15 sets these at 10M events stored: the scale row, not in the suite)",
+                        "met": "n/a"})
     else:
         out.append({"n": "7", "metric": "Embedded mode: sustained events/s and top-spenders p99 at its claimed scale",
                     "meterline": "—", "raw": "—", "ratio": "—", "goal": "its stated scale", "met": e.get("error", "not run")})
