@@ -95,7 +95,16 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 1. Raw consumer: drain the topic, nothing else.
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).set("group.id", "bench-raw").create()?;
+    // librdkafka stops fetching for `fetch.queue.backoff.ms` (1 s by default)
+    // once its local queue holds `queued.min.messages`; this reader empties
+    // that queue in a fraction of a second, so with the default it stalled
+    // a second in most runs (`bench/PROFILE.md`). The baseline is the client
+    // at its best, not its default back-off.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "bench-raw")
+        .set("fetch.queue.backoff.ms", "10")
+        .create()?;
     let mut list = TopicPartitionList::new();
     for p in 0..4 {
         list.add_partition_offset(&topic, p, Offset::Beginning)?;
