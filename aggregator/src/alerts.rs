@@ -7,10 +7,11 @@
 //! Why here: the aggregator is the component that knows, flush by flush,
 //! which users just spent, and the rollups it has just written are exact (no
 //! replay is ever counted twice), so evaluating those users once their
-//! flushes are durable is both near real time and exact. Events are partitioned by idempotency key, so
-//! with several aggregators one user's events are written by several of
-//! them, and each evaluates the users its own flushes touched against the
-//! rollups of all: two may find the same user over a threshold. Before an
+//! flushes are durable is both near real time and exact. Events are
+//! partitioned by idempotency key, so with several aggregators one user's
+//! events are written by several of them, and each evaluates the users its
+//! own flushes touched against the rollups of all: two may find the same
+//! user over a threshold. Before an
 //! alert is opened the stored open alerts are read again, so one that
 //! another aggregator opened is adopted rather than opened twice (what is
 //! left is the moment between that read and the other's insert: two

@@ -201,7 +201,7 @@ impl Runner {
                     p.apply_recorded();
                     p.take(&m);
                     drop(m);
-                    if p.buffered() >= p.config.flush.max_batch_events {
+                    if p.batch_waits() {
                         p.flush(consumer).await;
                     }
                 }

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use crate::alerts::Evaluator;
 
 /// The least time between the starts of two evaluations.
-pub(crate) const SPACING: Duration = Duration::from_secs(1);
+const SPACING: Duration = Duration::from_secs(1);
 
 /// Users waiting for an evaluation, and whether one is running.
 #[derive(Debug, Default)]

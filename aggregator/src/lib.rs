@@ -30,9 +30,10 @@
 //! N+1 (decode, dedupe, price). At most two flushes are decided and not yet
 //! durable, the one being written included; while both are there and a whole
 //! batch waits behind them, or a write is failing, or the buffers are full,
-//! consumption pauses, so memory stays bounded. One writer at a time, in decision order, so each partition's
-//! flushes land in offset order, and a failed flush is retried before
-//! anything decided after it. What keeps this exact:
+//! consumption pauses, so memory stays bounded. One writer at a time, in
+//! decision order, so each partition's flushes land in offset order, and a
+//! failed flush is retried before anything decided after it. What keeps
+//! this exact:
 //!
 //! - **Commit only after durable**: a flush's offsets are committed after
 //!   its last stage, and every earlier flush of that partition reached its

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use crate::AggregatorError;
 use crate::config::Config;
 use crate::decide::{Flush, Inputs, Placement, decide};
-use crate::evaluations::Evaluations;
 use crate::dedupe::Known;
+use crate::evaluations::Evaluations;
 use crate::keying::KeyingState;
 use crate::flush::Pending;
 use crate::limits::LimitsApplier;
@@ -176,10 +176,7 @@ impl Pipeline {
     /// and the batch the next decision needs would then arrive only after
     /// the write it waits for has ended (`bench/PROFILE.md`).
     pub(crate) fn apply_backpressure<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        let buffered = self.buffered();
-        let hold = self.writes.failing()
-            || buffered >= self.config.flush.max_buffered_events
-            || (self.writes.full() && buffered >= self.config.flush.max_batch_events);
+        let hold = self.writes.failing() || self.buffered() >= self.config.flush.max_buffered_events || (self.writes.full() && self.batch_waits());
         for (p, want) in self.partitions.pause_changes(hold) {
             let mut list = TopicPartitionList::new();
             list.add_partition(&self.topic, p);
@@ -247,8 +244,13 @@ impl Pipeline {
     /// only if a whole batch waits: otherwise new flushes are decided on the
     /// flush interval or a full batch, so that batches stay large.
     pub(crate) async fn written<X: ConsumerContext + 'static, C: Consumer<X>>(&mut self, consumer: &C) {
-        let decide = self.buffered() >= self.config.flush.max_batch_events;
+        let decide = self.batch_waits();
         self.flush_some(consumer, None, decide).await;
+    }
+
+    /// A whole batch (`flush.max_batch_events`) is buffered: enough to decide a flush now.
+    pub(crate) fn batch_waits(&self) -> bool {
+        self.buffered() >= self.config.flush.max_batch_events
     }
 
     /// Finishes a write that ended, decides one more flush if `decide` and
