@@ -9,7 +9,7 @@
 use futures::future::BoxFuture;
 use meterline_domain::{AlertRow, EventRow, Granularity, SumRow, TimeColumn};
 use meterline_query_api::{AlertsQuery, Cursor, GroupCache, GroupReader, QueryError, QueryStore, RankQuery, Ranking, SumsQuery, TopQuery, cached_ranking, refresh_rankings, separately, whole_hours};
-use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, resums, sums_as};
+use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, HAS_EVENTS, NEGATIVE_ONLY, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, negated_sums_as, plan, resums, split_days, sums_as};
 use std::sync::Arc;
 
 use crate::store::{self, Embedded};
@@ -31,18 +31,26 @@ impl EmbeddedQueries {
 const LITE: Dialect = Dialect::Sqlite;
 const MINUTES: &str = "rollups_minute";
 
+/// One part of a read: a table's rows over a range, added, or subtracted
+/// when `minus`.
+type Part = (&'static str, (i64, i64), bool);
+
 /// The tables and ranges a read of `scope` sums, as [`plan`] picks them:
 /// whole days from the per-dimension or per-user daily rows, and minute
-/// rows for the rest. Every rollup table gets every event in the same
-/// commit, so any choice sums the same events.
-fn sources(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<(&'static str, (i64, i64))> {
-    let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
+/// rows for the rest; a last day under way is its day's rows minus the
+/// minute rows after `to` ([`split_days`]). Every rollup table gets every
+/// event in the same commit, so any choice sums the same events.
+fn sources(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<Part> {
     // One branch per edge: an OR of two ranges would scan every minute row.
-    let days = |table, day_from, day_to| vec![(table, (day_from, day_to)), (MINUTES, (from, day_from)), (MINUTES, (day_to, to))];
+    let days = |table, whole| {
+        let split = split_days(scope.from.timestamp(), whole, scope.to.timestamp(), chrono::Utc::now().timestamp());
+        let minutes = |ranges: Vec<(i64, i64)>, minus| ranges.into_iter().map(move |r| (MINUTES, r, minus));
+        std::iter::once((table, split.days, false)).chain(minutes(split.plus, false)).chain(minutes(split.minus, true)).collect()
+    };
     match plan(scope, granularity, group_by) {
-        Plan::DimDays { day_from, day_to, .. } => days(store::DIMS_TABLE, day_from, day_to),
-        Plan::Days { day_from, day_to, .. } => days(store::DAILY_TABLE, day_from, day_to),
-        Plan::Minutes { from, to } => vec![(MINUTES, (from, to))],
+        Plan::DimDays { day_from, day_to, .. } => days(store::DIMS_TABLE, (day_from, day_to)),
+        Plan::Days { day_from, day_to, .. } => days(store::DAILY_TABLE, (day_from, day_to)),
+        Plan::Minutes { from, to } => vec![(MINUTES, (from, to), false)],
     }
 }
 
@@ -55,38 +63,41 @@ fn source_clause(scope: &Scope, table: &str, ranges: &[(i64, i64)]) -> Sql {
     scope.clause_with_column(LITE, ranges, column)
 }
 
-/// Sums by bucket and dimensions over `sources`, as a complete SELECT
-/// (callers add HAVING, ORDER BY, LIMIT). Each table is summed on its own
-/// first: SQLite then aggregates the daily table in its user-first key order
-/// without sorting, and the outer GROUP BY sees only partial sums. The
-/// partial sums are named `p_*`, not `s_*`: in the outer ORDER BY and HAVING
-/// expressions SQLite would resolve such a name to the subquery's column
-/// (one row's partial sum), not to the total.
-fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sources: &[(&str, Vec<(i64, i64)>)]) -> Sql {
+/// Sums by bucket and dimensions over `sources` (a table, its ranges, and
+/// whether its rows are subtracted), as a complete SELECT (callers add
+/// HAVING, ORDER BY, LIMIT). Each table is summed on its own first: SQLite
+/// then aggregates the daily table in its user-first key order without
+/// sorting, and the outer GROUP BY sees only partial sums. The partial sums
+/// are named `p_*`, not `s_*`: in the outer ORDER BY and HAVING expressions
+/// SQLite would resolve such a name to the subquery's column (one row's
+/// partial sum), not to the total.
+fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sources: &[(&str, Vec<(i64, i64)>, bool)]) -> Sql {
     let keys = group_keys(granularity, group_by);
-    let inner = |table: &str, ranges: &[(i64, i64)]| {
-        let mut q = Sql::new(format!("SELECT {} AS g_bucket, {}, {} FROM {table} WHERE ", bucket(granularity), dims(group_by), sums_as("p_")));
+    let inner = |table: &str, ranges: &[(i64, i64)], minus: bool| {
+        let sums = if minus { negated_sums_as("p_") } else { sums_as("p_") };
+        let mut q = Sql::new(format!("SELECT {} AS g_bucket, {}, {sums} FROM {table} WHERE ", bucket(granularity), dims(group_by)));
         q.append(source_clause(scope, table, ranges));
         q.push(&format!(" GROUP BY {keys}"), []);
         q
     };
     let mut q = Sql::new(format!("SELECT g_bucket, g_user, g_customer, g_feature, g_model, {} FROM (", resums("p_")));
-    q.append(Sql::join(sources.iter().map(|(table, ranges)| inner(table, ranges)), " UNION ALL "));
+    q.append(Sql::join(sources.iter().map(|(table, ranges, minus)| inner(table, ranges, *minus)), " UNION ALL "));
     q.push(&format!(") GROUP BY {keys}"), []);
     q
 }
 
 /// [`grouped_over`] the scope's [`sources`].
 fn grouped(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql {
-    let sources: Vec<(&str, Vec<(i64, i64)>)> = sources(scope, granularity, group_by).into_iter().map(|(t, r)| (t, vec![r])).collect();
+    let sources: Vec<(&str, Vec<(i64, i64)>, bool)> = sources(scope, granularity, group_by).into_iter().map(|(t, r, minus)| (t, vec![r], minus)).collect();
     grouped_over(scope, granularity, group_by, &sources)
 }
 
 /// The events in the rows [`grouped`] reads for the same scope and
 /// grouping (totals): one column summed, nothing grouped.
 fn event_count(scope: &Scope, group_by: &[&str]) -> Sql {
-    let parts = sources(scope, Granularity::Total, group_by).into_iter().map(|(table, range)| {
-        let mut q = Sql::new(format!("SELECT COALESCE(SUM(events), 0) AS n FROM {table} WHERE "));
+    let parts = sources(scope, Granularity::Total, group_by).into_iter().map(|(table, range, minus)| {
+        let sign = if minus { "-" } else { "" };
+        let mut q = Sql::new(format!("SELECT {sign}COALESCE(SUM(events), 0) AS n FROM {table} WHERE "));
         q.append(source_clause(scope, table, &[range]));
         q
     });
@@ -197,7 +208,7 @@ impl QueryStore for EmbeddedQueries {
         Box::pin(async move {
             let mut q = grouped(scope, Granularity::Total, &[t.by]);
             let dir = if t.descending { "DESC" } else { "ASC" };
-            q.push(&format!(" ORDER BY {} {dir}, g_user, g_customer LIMIT ?", metric_order(t.metric)), [i(t.limit)]);
+            q.push(&format!(" HAVING {HAS_EVENTS} ORDER BY {} {dir}, g_user, g_customer LIMIT ?", metric_order(t.metric)), [i(t.limit)]);
             self.rows(q, sum_row).await
         })
     }
@@ -244,12 +255,14 @@ impl QueryStore for EmbeddedQueries {
 
 impl GroupReader for EmbeddedQueries {
     fn groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
-        Box::pin(self.rows(grouped(scope, Granularity::Total, group_by), sum_row))
+        let mut q = grouped(scope, Granularity::Total, group_by);
+        q.push(&format!(" HAVING {HAS_EVENTS}"), []);
+        Box::pin(self.rows(q, sum_row))
     }
 
     fn edge_groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str], ranges: &'a [(i64, i64)]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         // One branch per range: an OR of two ranges would scan every minute row.
-        let sources: Vec<(&str, Vec<(i64, i64)>)> = ranges.iter().map(|r| (MINUTES, vec![*r])).collect();
+        let sources: Vec<(&str, Vec<(i64, i64)>, bool)> = ranges.iter().map(|r| (MINUTES, vec![*r], false)).collect();
         Box::pin(self.rows(grouped_over(scope, Granularity::Total, group_by, &sources), sum_row))
     }
 

@@ -12,15 +12,19 @@
 //!    keyed by topic/partition/offset, so rewriting one is harmless);
 //! 2. `events`: the new (deduplicated) events, each with its Kafka partition
 //!    and offset, in offset order per partition;
-//! 3. `rollups_minute`: one server-side `INSERT ... SELECT` that sums the
-//!    flush's events into minute rollups *and* writes one progress marker per
-//!    Kafka partition (the last offset it covers), in the same INSERT;
-//! 4. `rollups_user_span`: the same, into per-user rows over aligned spans of
-//!    1 to 32 days, with markers of its own (each rollup table has its own
-//!    progress and its own repair);
-//! 5. `rollups_user_daily`: the same, into daily rows ordered by user;
-//! 6. `rollups_daily_by_dims`: the same, into daily rows per feature, model,
+//! 3. `rollups_user_span`: one server-side `INSERT ... SELECT` that sums the
+//!    flush's events into per-user rows over aligned spans of 1 to 32 days
+//!    *and* writes one progress marker per Kafka partition (the last offset
+//!    it covers), in the same INSERT;
+//! 4. `rollups_user_daily`: the same, into daily rows ordered by user, with
+//!    markers of its own (each rollup table has its own progress and its
+//!    own repair);
+//! 5. `rollups_daily_by_dims`: the same, into daily rows per feature, model,
 //!    environment and billable (no user or customer), ordered by time;
+//! 6. `rollups_minute`: the same, into minute rows, last: the query API reads
+//!    a day under way as its day rows minus the minute rows after the
+//!    range's end, which needs a flush's day rows in place whenever its
+//!    minute rows are (`Rollup::ALL`);
 //! 7. the Kafka offset commit (best effort).
 //!
 //! # Overlapping flushes

@@ -16,6 +16,6 @@ pub use billing::{BillingSums, MAX_BOUNDARIES, billing_sums, boundary_runs};
 pub use builder::{Sql, Value, i, quote, repeat, s};
 pub use metered::{MeteredSum, metered_sum};
 pub use meter_sync::{HourlySums, hourly_sums};
-pub use rollups::{BY_BUCKET, BY_MARGIN, DIMENSIONS, GroupCursor, NEGATIVE_ONLY, Plan, dims, group_keys, having, metric_order, plan, resums, sums, sums_as};
+pub use rollups::{BY_BUCKET, BY_MARGIN, DIMENSIONS, DaySplit, GroupCursor, HAS_EVENTS, NEGATIVE_ONLY, Plan, dims, group_keys, having, metric_order, negated_sums_as, plan, resums, split_days, sums, sums_as};
 pub use scope::{Dialect, Scope};
 pub use statements::{AlertCursor, AlertsQuery, Cursor, alerts, events};

@@ -2,7 +2,7 @@
 //! measures, the grouped dimensions and their keys, ranking orders, and the
 //! plan that picks which rollup rows answer a request.
 
-use meterline_domain::{Granularity, Measure, Metric, TimeColumn, whole_days};
+use meterline_domain::{DAY_SECS, Granularity, Measure, Metric, TimeColumn, whole_days};
 
 use crate::builder::{Sql, i, s};
 use crate::scope::Scope;
@@ -16,9 +16,19 @@ pub fn sums() -> String {
 /// [`sums`] with aliases starting `prefix` instead of `s_` (partial sums
 /// that an outer query sums again).
 pub fn sums_as(prefix: &str) -> String {
+    signed_sums_as(prefix, "")
+}
+
+/// [`sums_as`] negated, for rows a read subtracts, where integers are
+/// signed (SQLite's).
+pub fn negated_sums_as(prefix: &str) -> String {
+    signed_sums_as(prefix, "-")
+}
+
+fn signed_sums_as(prefix: &str, sign: &str) -> String {
     Measure::ALL
         .iter()
-        .map(|m| format!("sum({}) AS {prefix}{}", m.column(), &m.alias()[2..]))
+        .map(|m| format!("{sign}sum({}) AS {prefix}{}", m.column(), &m.alias()[2..]))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -97,12 +107,18 @@ pub struct GroupCursor {
     pub model: String,
 }
 
-/// The HAVING clause of grouped sums: only negative margins, and only the
-/// groups after `after` in [`BY_BUCKET`] order (keyset paging: the keys are
-/// unique per group, so no group is skipped or repeated between pages, and
-/// both stores compare strings bytewise). Empty when neither applies.
+/// Only groups with events. A day read as its day rows minus the minute
+/// rows after `to` ([`split_days`]) leaves a group of zeros for a key whose
+/// rows there all lie after `to`; a group with rows in the range has events.
+pub const HAS_EVENTS: &str = "s_events != 0";
+
+/// The HAVING clause of grouped sums: only groups with events
+/// ([`HAS_EVENTS`]), only negative margins if asked, and only the groups
+/// after `after` in [`BY_BUCKET`] order (keyset paging: the keys are unique
+/// per group, so no group is skipped or repeated between pages, and both
+/// stores compare strings bytewise).
 pub fn having(negative_only: bool, after: Option<&GroupCursor>) -> Sql {
-    let mut conditions = Vec::new();
+    let mut conditions = vec![Sql::new(HAS_EVENTS)];
     if negative_only {
         conditions.push(Sql::new("s_revenue - s_cost < 0"));
     }
@@ -125,9 +141,6 @@ pub fn having(negative_only: bool, after: Option<&GroupCursor>) -> Sql {
             s(c.model.clone()),
         ];
         conditions.push(sql);
-    }
-    if conditions.is_empty() {
-        return Sql::default();
     }
     let mut out = Sql::new(" HAVING ");
     out.append(Sql::join(conditions, " AND "));
@@ -162,6 +175,52 @@ pub fn plan(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Plan 
         Some((day_from, day_to)) if days_ok && only(&["user_id", "customer_id"]) => Plan::Days { from, day_from, day_to, to },
         _ => Plan::Minutes { from, to },
     }
+}
+
+/// The rows a day plan (`Plan::Days`, `Plan::DimDays`, or a question about
+/// one user) sums: day rows over `days`, minute rows added over `plus` and
+/// subtracted over `minus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaySplit {
+    pub days: (i64, i64),
+    pub plus: Vec<(i64, i64)>,
+    pub minus: Vec<(i64, i64)>,
+}
+
+/// How the range `[from, to)` with whole days `[day_from, day_to)` is read at
+/// `now`. The left edge `[from, day_from)` is read from minute rows. The
+/// right edge `[day_to, to)` is read either so, or as its whole day's rows
+/// minus the minute rows of `[to, day_to + 1 day)`, whichever reads fewer
+/// minute rows, counting only time up to `now` (minute rows after `now` are
+/// few: only events stamped ahead of the clock). A dashboard's `to` is
+/// usually now, so its last day is read as that day's rows, whatever the
+/// hour, where the minute rows of the day so far grow all day.
+///
+/// Exact in integers: a day row is the sum of that day's minute rows, every
+/// store writes a flush's day rows no later than its minute rows (the
+/// aggregator's stage order; the embedded store's one transaction), so the
+/// difference never counts a minute row its day row lacks. The left edge
+/// keeps its minute rows: its complement lies before `from`, where retention
+/// may already have dropped the day rows the check at the range's start
+/// does not cover.
+pub fn split_days(from: i64, (day_from, day_to): (i64, i64), to: i64, now: i64) -> DaySplit {
+    let mut split = DaySplit { days: (day_from, day_to), plus: Vec::new(), minus: Vec::new() };
+    if from < day_from {
+        split.plus.push((from, day_from));
+    }
+    if to > day_to {
+        let rows_until = |a: i64, b: i64| (b.min(now) - a).max(0);
+        let day_end = day_to + DAY_SECS;
+        if rows_until(to, day_end) < rows_until(day_to, to) {
+            split.days.1 = day_end;
+            if to < day_end {
+                split.minus.push((to, day_end));
+            }
+        } else {
+            split.plus.push((day_to, to));
+        }
+    }
+    split
 }
 
 #[cfg(test)]
@@ -212,12 +271,33 @@ mod tests {
     }
 
     #[test]
+    fn a_last_day_under_way_is_read_as_its_day_row_minus_what_follows() {
+        let day = 86_400 * 40;
+        let (from, whole) = (86_400 * 10 + 600, (86_400 * 11, day));
+        // `to` is now, early in the day: the day row, minus the minute rows after now.
+        let split = split_days(from, whole, day + 3_600, day + 3_600);
+        assert_eq!(split, DaySplit { days: (86_400 * 11, day + 86_400), plus: vec![(from, 86_400 * 11)], minus: vec![(day + 3_600, day + 86_400)] });
+        // `to` hours past now: the day row alone would do, the minus range is kept anyway.
+        assert_eq!(split_days(from, whole, day + 7_200, day + 3_600).minus, vec![(day + 7_200, day + 86_400)]);
+        // A past day: whichever side of `to` is shorter.
+        let past = day + 5 * 86_400;
+        assert_eq!(split_days(from, whole, day + 3_600, past).plus, vec![(from, 86_400 * 11), (day, day + 3_600)]);
+        assert_eq!(split_days(from, whole, day + 80_000, past).minus, vec![(day + 80_000, day + 86_400)]);
+        // Halves read the same: minute rows as before.
+        assert_eq!(split_days(from, whole, day + 43_200, past).days, whole);
+        // A range in the future has no rows on either side: minute rows as before.
+        assert_eq!(split_days(from, whole, day + 3_600, day - 10).days, whole);
+        // No edges.
+        assert_eq!(split_days(86_400 * 11, whole, day, day + 10), DaySplit { days: whole, plus: vec![], minus: vec![] });
+    }
+
+    #[test]
     fn pages_resume_after_the_last_keys_bound() {
-        assert_eq!(having(false, None), Sql::default());
-        assert_eq!(having(true, None).text, NEGATIVE_ONLY);
+        assert_eq!(having(false, None).text, " HAVING s_events != 0");
+        assert_eq!(having(true, None).text, " HAVING s_events != 0 AND s_revenue - s_cost < 0");
         let c = GroupCursor { bucket: 86_400, user: "it's".into(), ..GroupCursor::default() };
         let sql = having(true, Some(&c));
-        assert!(sql.text.starts_with(" HAVING s_revenue - s_cost < 0 AND (g_bucket > ? OR (g_bucket = ? AND (g_user > ?"), "{}", sql.text);
+        assert!(sql.text.starts_with(" HAVING s_events != 0 AND s_revenue - s_cost < 0 AND (g_bucket > ? OR (g_bucket = ? AND (g_user > ?"), "{}", sql.text);
         assert!(!sql.text.contains("it's"));
         assert_eq!(sql.binds.len(), 9);
         assert_eq!(sql.binds[..3], [i(86_400), i(86_400), s("it's")]);

@@ -168,6 +168,12 @@ fn reader_statements() -> Vec<String> {
         out.push(queries::sums(&one_user, g, &["model"], false, false, 10).render(""));
     }
     out.push(queries::negative_count(&daily, &["user_id"]).render(""));
+    // A last day mostly gone by: its day's rows minus the minute rows after
+    // `to`, on the span, dimension and one-user paths.
+    let late = |filters| scope(TimeColumn::WindowStart, "2026-01-01T10:00:00Z", "2026-01-31T22:00:00Z", filters);
+    out.push(queries::sums(&late(vec![]), Granularity::Day, &["user_id"], false, false, 10).render(""));
+    out.push(queries::sums(&late(vec![]), Granularity::Total, &["model"], false, false, 10).render(""));
+    out.push(queries::sums(&late(vec![("user_id", s("u-1"))]), Granularity::Total, &["model"], false, false, 10).render(""));
     // Pages of usage: resuming after a group's keys, on the span and minute paths.
     let after = meterline_sql::GroupCursor { bucket: 1_767_312_000, user: "it's-u-1".into(), ..Default::default() };
     out.push(queries::sums_after(&daily, Granularity::Day, &["user_id"], false, Some(&after), 8).render(""));
@@ -225,6 +231,6 @@ mod tests {
     fn every_placeholder_is_bound() {
         let all = super::compat_statements();
         assert!(all.iter().all(|s| !s.contains('?')), "every placeholder bound");
-        assert_eq!(all.len(), 112);
+        assert_eq!(all.len(), 115);
     }
 }

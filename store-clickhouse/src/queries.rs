@@ -1,10 +1,12 @@
 //! The query API's statements in ClickHouse's dialect, built from a
 //! request's [`Scope`]: which rollup rows answer it (per-user spans, the
 //! user-first daily table, the daily rows by dimension, minutes), and the sums, rankings, audit trail and
-//! alerts over them. Pure: the compatibility check renders the same builders.
+//! alerts over them. Pure but for the clock, which only picks between reads
+//! that sum the same rows ([`split_days`]): the compatibility check renders
+//! the same builders.
 
-use meterline_domain::{Granularity, Metric, TimeColumn, spans};
-use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, GroupCursor, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, sums as sum_columns};
+use meterline_domain::{Granularity, Measure, Metric, TimeColumn, Unit, spans};
+use meterline_sql::{BY_BUCKET, BY_MARGIN, Dialect, GroupCursor, HAS_EVENTS, Plan, Scope, Sql, dims, group_keys, having, i, metric_order, plan, split_days, sums as sum_columns};
 
 const CH: Dialect = Dialect::ClickHouse;
 
@@ -59,14 +61,40 @@ pub fn one_user_days(scope: &Scope, granularity: Granularity) -> Option<(i64, i6
     meterline_domain::whole_days(scope.from.timestamp(), scope.to.timestamp())
 }
 
-/// Whole days from `table` (rows matching `days`) plus the range's partial
-/// edge days from `rollups_minute`, as one UNION ALL.
-pub(crate) fn days_and_edges(scope: &Scope, table: &str, days: Sql, (day_from, day_to): (i64, i64)) -> Sql {
-    let edges = scope.clause(CH, &[(scope.from.timestamp(), day_from), (day_to, scope.to.timestamp())]);
+/// [`ROLLUP_COLUMNS`] with every measure negated, for minute rows a read
+/// subtracts. Unsigned measures are negated in two's complement
+/// (`bitNot(x) + 1`, still `UInt64`, as UNION ALL needs the same types in
+/// every branch): `sum` wraps modulo 2^64, so a total that is not negative
+/// comes out exact.
+fn negated_columns() -> String {
+    let measures = Measure::ALL.iter().map(|m| match m.unit() {
+        Unit::Nanos => format!("-{0} AS {0}", m.column()),
+        Unit::Events | Unit::Tokens => format!("bitNot({0}) + 1 AS {0}", m.column()),
+    });
+    ["window_start", "user_id", "customer_id", "feature", "model", "environment", "billable"]
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(measures)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whole days from `table` (the rows `days` selects for a day range) plus
+/// the range's partial edge days from `rollups_minute`, as one UNION ALL; a
+/// last day under way is its day's rows minus the minute rows after `to`
+/// ([`split_days`]).
+pub(crate) fn days_and_edges(scope: &Scope, table: &str, days: impl Fn((i64, i64)) -> Sql, whole: (i64, i64)) -> Sql {
+    let split = split_days(scope.from.timestamp(), whole, scope.to.timestamp(), chrono::Utc::now().timestamp());
     let mut sql = Sql::new(format!(" FROM (SELECT {ROLLUP_COLUMNS} FROM {table} WHERE "));
-    sql.append(days);
-    sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
-    sql.append(edges);
+    sql.append(days(split.days));
+    if !split.plus.is_empty() {
+        sql.push(&format!(" UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups_minute WHERE "), []);
+        sql.append(scope.clause(CH, &split.plus));
+    }
+    if !split.minus.is_empty() {
+        sql.push(&format!(" UNION ALL SELECT {} FROM rollups_minute WHERE ", negated_columns()), []);
+        sql.append(scope.clause(CH, &split.minus));
+    }
     sql.push(")", []);
     sql
 }
@@ -82,14 +110,15 @@ fn minutes(scope: &Scope, ranges: &[(i64, i64)]) -> Sql {
 /// [`plan`]. A request about one user reads its whole days from
 /// `rollups_user_daily` instead, whatever it groups or filters by.
 pub fn source(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql {
-    if let Some(days) = one_user_days(scope, granularity) {
-        return days_and_edges(scope, "rollups_user_daily", scope.clause(CH, &[days]), days);
+    let days = |range: (i64, i64)| scope.clause(CH, &[range]);
+    if let Some(whole) = one_user_days(scope, granularity) {
+        return days_and_edges(scope, "rollups_user_daily", days, whole);
     }
     match plan(scope, granularity, group_by) {
         Plan::Minutes { from, to } => minutes(scope, &[(from, to)]),
-        Plan::DimDays { day_from, day_to, .. } => days_and_edges(scope, "rollups_daily_by_dims", scope.clause(CH, &[(day_from, day_to)]), (day_from, day_to)),
+        Plan::DimDays { day_from, day_to, .. } => days_and_edges(scope, "rollups_daily_by_dims", days, (day_from, day_to)),
         Plan::Days { day_from, day_to, .. } => {
-            let spans = scope.clause_on(span_condition(day_from, day_to, granularity));
+            let spans = |(day_from, day_to)| scope.clause_on(span_condition(day_from, day_to, granularity));
             days_and_edges(scope, "rollups_user_span", spans, (day_from, day_to))
         }
     }
@@ -123,7 +152,7 @@ pub fn top(scope: &Scope, by: &str, metric: Metric, descending: bool, limit: i64
     let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {}", dims(&[by]), sum_columns()));
     sql.append(source(scope, Granularity::Total, &[by]));
     sql.push(
-        &format!(" GROUP BY {} ORDER BY {} {dir}, g_user, g_customer LIMIT ?", group_keys(Granularity::Total, &[by]), metric_order(metric)),
+        &format!(" GROUP BY {} HAVING {HAS_EVENTS} ORDER BY {} {dir}, g_user, g_customer LIMIT ?", group_keys(Granularity::Total, &[by]), metric_order(metric)),
         [i(limit)],
     );
     sql
@@ -144,7 +173,7 @@ pub fn edge_groups(scope: &Scope, group_by: &[&str], ranges: &[(i64, i64)]) -> S
 fn grouped_totals(from: Sql, group_by: &[&str]) -> Sql {
     let mut sql = Sql::new(format!("SELECT toUInt32(0) AS g_bucket, {}, {}", dims(group_by), sum_columns()));
     sql.append(from);
-    sql.push(&format!(" GROUP BY {}", group_keys(Granularity::Total, group_by)), []);
+    sql.push(&format!(" GROUP BY {} HAVING {HAS_EVENTS}", group_keys(Granularity::Total, group_by)), []);
     sql
 }
 

@@ -29,7 +29,14 @@ pub enum Rollup {
 }
 
 impl Rollup {
-    pub const ALL: [Rollup; 4] = [Rollup::Minute, Rollup::UserSpans, Rollup::UserDaily, Rollup::Dims];
+    /// In the order a flush writes them: the day tables before the minutes,
+    /// so that at any moment each flush's events are in a day table if they
+    /// are in `rollups_minute`. A read of a day under way as its day rows
+    /// minus the minute rows after `to` (`meterline_sql::split_days`) then
+    /// never takes off what its day rows lack: a flush half written counts
+    /// its events stamped after `to` too, until its minute rows land, and
+    /// never goes below the truth.
+    pub const ALL: [Rollup; 4] = [Rollup::UserSpans, Rollup::UserDaily, Rollup::Dims, Rollup::Minute];
 
     pub fn table(self) -> &'static str {
         match self {
@@ -229,13 +236,16 @@ pub enum UserSum {
 /// Per-user sums for a tenant since a time (as of `now`), for the named
 /// users or (with `None`, or none named) every user.
 ///
-/// Whole UTC days between `since` and the start of `now`'s day come from the
-/// per-user spans (about four rows per user for a month), the rest from
-/// minute rows: the week and month-to-date rules run after every flush, and
-/// read over minutes alone they scanned every user's minutes of the month
-/// (late events spread those over every day), which took more of
-/// ClickHouse's core than the writes. Both tables get each flush's events
-/// from the same rows, so the sum is the same.
+/// Whole UTC days from `since` through `now`'s day come from the per-user
+/// spans (about four rows per user for a month), the rest (a partial first
+/// day, and anything stamped after today) from minute rows: the week and
+/// month-to-date rules run beside every flush, and read over minutes alone
+/// they scanned every user's minutes of the month (late events spread those
+/// over every day), which took more of ClickHouse's core than the writes;
+/// reading today from minutes scanned every minute of the day so far, a
+/// read that grew all day. A sum from `since` has no end, so today's day row
+/// needs nothing taken off. Both tables get each flush's events from the
+/// same rows, so the sum is the same.
 ///
 /// One array rather than a placeholder per user: the client fills
 /// placeholders by scanning from the first, so n of them cost n^2 (at 10,000
@@ -252,9 +262,9 @@ pub fn user_sums(what: UserSum, tenant: &str, since: i64, now: i64, users: Optio
             sql.push(" AND user_id IN (SELECT arrayJoin(?))", [users.clone()]);
         }
     };
-    let today = now.div_euclid(86_400) * 86_400;
+    let tomorrow = now.div_euclid(86_400) * 86_400 + 86_400;
     let mut sql = Sql::new(format!("SELECT user_id, {measure} AS total FROM "));
-    match whole_days(since, today) {
+    match whole_days(since, tomorrow) {
         Some((day_from, day_to)) => {
             sql.push("(SELECT user_id, cost_nanos, revenue_nanos FROM rollups_user_span WHERE tenant = ? AND (", [s(tenant)]);
             sql.append(span_condition(day_from, day_to, Granularity::Total));
@@ -299,4 +309,35 @@ pub fn markers_present(rollup: Rollup, topic: &str, ranges: &[Range]) -> Sql {
 /// [`meterline_sql::metered_sum`]); `None` if it names a column outside the whitelist.
 pub fn metered_sum(q: &MeteredSum) -> Option<Sql> {
     meterline_sql::metered_sum(Dialect::ClickHouse, q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_writes_every_day_table_before_its_minutes() {
+        // A day under way is read as its day rows minus minute rows: a flush
+        // half written must never have minute rows without its day rows.
+        let at = |r: Rollup| Rollup::ALL.iter().position(|x| *x == r);
+        for day_table in [Rollup::UserSpans, Rollup::UserDaily, Rollup::Dims] {
+            assert!(at(day_table) < at(Rollup::Minute), "{} is written after rollups_minute", day_table.table());
+        }
+        assert_eq!(Rollup::Minute.next(), None);
+    }
+
+    #[test]
+    fn a_rule_reads_today_from_the_day_rows() {
+        let now = 1_800_000_000; // 08:00 UTC
+        let today = now / 86_400 * 86_400;
+        let week = user_sums(UserSum::Cost, "acme", now - 7 * 86_400, now, None);
+        // Spans up to tomorrow, minutes only for the first partial day and after today.
+        assert!(week.binds.contains(&i(today + 86_400)), "{:?}", week.binds);
+        assert!(week.text.contains("window_start >= toDateTime(?)"));
+        let minute_binds = &week.binds[week.binds.len() - 3..];
+        assert_eq!(minute_binds, [i(now - 7 * 86_400), i(today - 6 * 86_400), i(today + 86_400)]);
+        // The trailing hour inside today stays on minutes.
+        let hour = user_sums(UserSum::Cost, "acme", now - 3_600, now, None);
+        assert!(!hour.text.contains("rollups_user_span"), "{}", hour.text);
+    }
 }

@@ -270,8 +270,8 @@ pub async fn wait_rolled_up(ch: &crate::stack::ClickHouse, database: &str, want:
             if event_count(&fetch_totals(ch, database, tenant).await) != *n {
                 return None;
             }
-            // A flush writes the minute rollup first, then the per-user spans
-            // and days and the days by dimension: queries read them all.
+            // A flush writes the per-user spans and days and the days by
+            // dimension, then the minute rollup: queries read them all.
             for table in ["rollups_user_span WHERE span_days = 1 AND", "rollups_user_daily WHERE", "rollups_daily_by_dims WHERE"] {
                 let got = ch.query(&format!("SELECT sum(events) FROM {database}.{table} tenant = '{tenant}'")).await;
                 if got.trim().parse::<u64>().ok() != Some(*n) {

@@ -112,6 +112,31 @@ async fn both_stores_give_the_same_answers() {
         assert_eq!((a, &body_a), (b, &body_b), "ClickHouse and embedded differ on {case}");
         assert_documented(case, a, &body_a);
     }
+    // Both stores against the ground truth where the last day is read as its
+    // day rows minus the minute rows after `to` (the `edges` range ends 3
+    // minutes ago, so that is the cheaper read): per-user totals over the range.
+    let (edges_from, edges_to) = ((now - chrono::Duration::hours(24 * 20 + 7)).timestamp(), (now - chrono::Duration::minutes(3)).timestamp());
+    let day_end = (edges_to.div_euclid(86_400) + 1) * 86_400;
+    let after_to = work.expected.keys().filter(|(_, w)| (edges_to..day_end).contains(w)).count();
+    assert!(after_to > 0, "the workload should have minute rows after the range's end on its last day");
+    let mut truth: BTreeMap<String, (u64, i64, i64)> = BTreeMap::new();
+    for ((user, w), t) in &work.expected {
+        if (edges_from..edges_to).contains(w) {
+            let e = truth.entry(user.clone()).or_default();
+            *e = (e.0 + t.events, e.1 + t.cost_nanos, e.2 + t.revenue_nanos);
+        }
+    }
+    for base in [api.url.as_str(), embedded.url.as_str()] {
+        let (status, body) = get_json(&format!("{base}/v1/usage?granularity=total&group_by=user_id&limit=100000&{edges}"), Some("acme-read-key")).await;
+        assert_eq!(status, 200, "{body}");
+        let got: BTreeMap<String, (u64, i64, i64)> = body["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| (r["user_id"].as_str().expect("user").to_owned(), (r["events"].as_u64().expect("n"), nanos(&r["cost_usd"]), nanos(&r["revenue_usd"]))))
+            .collect();
+        assert_eq!(got, truth, "{base}: per-user totals over {edges} differ from the ground truth");
+    }
     // Guard against agreeing on nothing: the wide range has rows.
     let (_, top) = api.get(&format!("/v1/top-spenders?limit=3&{wide}"), Some("acme-read-key")).await;
     assert_eq!(top["rows"].as_array().map(Vec::len), Some(3), "{top}");
