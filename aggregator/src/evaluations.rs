@@ -5,8 +5,11 @@
 //! flush, and the loop could neither consume nor decide while it waited
 //! (`bench/PROFILE.md`). Users touched while an evaluation runs are gathered
 //! into one set and evaluated together by the next one, and evaluations
-//! start at most once per [`SPACING`], so their load on ClickHouse stays
-//! the same whatever the event rate, and alerts stay seconds behind the
+//! start at most once per [`SPACING`], and at least four times their own
+//! last duration apart (as the embedded writer spaces its own), so their
+//! load on ClickHouse stays the same whatever the event rate, a fifth of
+//! its time at most when its reads slow down (its trailing window holds an
+//! hour of every user's minute rows), and alerts stay seconds behind the
 //! flush that crossed a threshold.
 //!
 //! Nothing is lost by the hand-over: a failed evaluation keeps its users for
@@ -26,6 +29,12 @@ use crate::alerts::Evaluator;
 
 /// The least time between the starts of two evaluations.
 const SPACING: Duration = Duration::from_secs(1);
+
+/// The least time between the starts of two evaluations after one that
+/// took `took`: [`SPACING`], or four times `took`.
+fn spacing(took: Duration) -> Duration {
+    SPACING.max(took * 4)
+}
 
 /// Users waiting for an evaluation, and whether one is running.
 #[derive(Debug, Default)]
@@ -54,10 +63,12 @@ impl Evaluations {
         let task = evaluator.enabled().then(|| {
             let (gathered, wake, settled) = (gathered.clone(), wake.clone(), settled.clone());
             tokio::spawn(async move {
+                // When the last evaluation started, and how long it took.
                 let mut last: Option<Instant> = None;
+                let mut took = Duration::ZERO;
                 loop {
                     let _ = tokio::time::timeout(idle, wake.notified()).await;
-                    if let Some(wait) = last.and_then(|l| SPACING.checked_sub(l.elapsed())) {
+                    if let Some(wait) = last.and_then(|l| spacing(took).checked_sub(l.elapsed())) {
                         tokio::time::sleep(wait).await;
                     }
                     let users = {
@@ -72,8 +83,11 @@ impl Evaluations {
                         }
                         users
                     };
-                    last = Some(Instant::now());
-                    if let Err(e) = evaluator.evaluate(&store, &users).await {
+                    let started = Instant::now();
+                    last = Some(started);
+                    let result = evaluator.evaluate(&store, &users).await;
+                    took = started.elapsed();
+                    if let Err(e) = result {
                         tracing::warn!(error = %e, users = users.len(), "runaway evaluation failed; its users are evaluated again with the next");
                         lock(&gathered).users.extend(users);
                         wake.notify_one();
@@ -126,4 +140,16 @@ impl Drop for Evaluations {
 
 fn lock(gathered: &Mutex<Gathered>) -> std::sync::MutexGuard<'_, Gathered> {
     gathered.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_evaluations_are_spaced_four_times_their_length_apart() {
+        assert_eq!(spacing(Duration::ZERO), SPACING);
+        assert_eq!(spacing(Duration::from_millis(200)), SPACING);
+        assert_eq!(spacing(Duration::from_millis(600)), Duration::from_millis(2_400));
+    }
 }
