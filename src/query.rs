@@ -31,9 +31,19 @@ impl EmbeddedQueries {
 const LITE: Dialect = Dialect::Sqlite;
 const MINUTES: &str = "rollups_minute";
 
-/// One part of a read: a table's rows over a range, added, or subtracted
+/// One part of a read: a table's rows over ranges, added, or subtracted
 /// when `minus`.
-type Part = (&'static str, (i64, i64), bool);
+struct Part {
+    table: &'static str,
+    ranges: Vec<(i64, i64)>,
+    minus: bool,
+}
+
+impl Part {
+    fn new(table: &'static str, range: (i64, i64), minus: bool) -> Part {
+        Part { table, ranges: vec![range], minus }
+    }
+}
 
 /// The tables and ranges a read of `scope` sums, as [`plan`] picks them:
 /// whole days from the per-dimension or per-user daily rows, and minute
@@ -44,13 +54,13 @@ fn sources(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Vec<Pa
     // One branch per edge: an OR of two ranges would scan every minute row.
     let days = |table, whole| {
         let split = split_days(scope.from.timestamp(), whole, scope.to.timestamp(), chrono::Utc::now().timestamp());
-        let minutes = |ranges: Vec<(i64, i64)>, minus| ranges.into_iter().map(move |r| (MINUTES, r, minus));
-        std::iter::once((table, split.days, false)).chain(minutes(split.plus, false)).chain(minutes(split.minus, true)).collect()
+        let minutes = |ranges: Vec<(i64, i64)>, minus| ranges.into_iter().map(move |r| Part::new(MINUTES, r, minus));
+        std::iter::once(Part::new(table, split.days, false)).chain(minutes(split.plus, false)).chain(minutes(split.minus, true)).collect()
     };
     match plan(scope, granularity, group_by) {
         Plan::DimDays { day_from, day_to, .. } => days(store::DIMS_TABLE, (day_from, day_to)),
         Plan::Days { day_from, day_to, .. } => days(store::DAILY_TABLE, (day_from, day_to)),
-        Plan::Minutes { from, to } => vec![(MINUTES, (from, to), false)],
+        Plan::Minutes { from, to } => vec![Part::new(MINUTES, (from, to), false)],
     }
 }
 
@@ -63,15 +73,14 @@ fn source_clause(scope: &Scope, table: &str, ranges: &[(i64, i64)]) -> Sql {
     scope.clause_with_column(LITE, ranges, column)
 }
 
-/// Sums by bucket and dimensions over `sources` (a table, its ranges, and
-/// whether its rows are subtracted), as a complete SELECT (callers add
+/// Sums by bucket and dimensions over `sources`, as a complete SELECT (callers add
 /// HAVING, ORDER BY, LIMIT). Each table is summed on its own first: SQLite
 /// then aggregates the daily table in its user-first key order without
 /// sorting, and the outer GROUP BY sees only partial sums. The partial sums
 /// are named `p_*`, not `s_*`: in the outer ORDER BY and HAVING expressions
 /// SQLite would resolve such a name to the subquery's column (one row's
 /// partial sum), not to the total.
-fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sources: &[(&str, Vec<(i64, i64)>, bool)]) -> Sql {
+fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sources: &[Part]) -> Sql {
     let keys = group_keys(granularity, group_by);
     let inner = |table: &str, ranges: &[(i64, i64)], minus: bool| {
         let sums = if minus { negated_sums_as("p_") } else { sums_as("p_") };
@@ -81,24 +90,23 @@ fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sour
         q
     };
     let mut q = Sql::new(format!("SELECT g_bucket, g_user, g_customer, g_feature, g_model, {} FROM (", resums("p_")));
-    q.append(Sql::join(sources.iter().map(|(table, ranges, minus)| inner(table, ranges, *minus)), " UNION ALL "));
+    q.append(Sql::join(sources.iter().map(|p| inner(p.table, &p.ranges, p.minus)), " UNION ALL "));
     q.push(&format!(") GROUP BY {keys}"), []);
     q
 }
 
 /// [`grouped_over`] the scope's [`sources`].
 fn grouped(scope: &Scope, granularity: Granularity, group_by: &[&str]) -> Sql {
-    let sources: Vec<(&str, Vec<(i64, i64)>, bool)> = sources(scope, granularity, group_by).into_iter().map(|(t, r, minus)| (t, vec![r], minus)).collect();
-    grouped_over(scope, granularity, group_by, &sources)
+    grouped_over(scope, granularity, group_by, &sources(scope, granularity, group_by))
 }
 
 /// The events in the rows [`grouped`] reads for the same scope and
 /// grouping (totals): one column summed, nothing grouped.
 fn event_count(scope: &Scope, group_by: &[&str]) -> Sql {
-    let parts = sources(scope, Granularity::Total, group_by).into_iter().map(|(table, range, minus)| {
-        let sign = if minus { "-" } else { "" };
-        let mut q = Sql::new(format!("SELECT {sign}COALESCE(SUM(events), 0) AS n FROM {table} WHERE "));
-        q.append(source_clause(scope, table, &[range]));
+    let parts = sources(scope, Granularity::Total, group_by).into_iter().map(|p| {
+        let sign = if p.minus { "-" } else { "" };
+        let mut q = Sql::new(format!("SELECT {sign}COALESCE(SUM(events), 0) AS n FROM {} WHERE ", p.table));
+        q.append(source_clause(scope, p.table, &p.ranges));
         q
     });
     let mut q = Sql::new("SELECT COALESCE(SUM(n), 0) FROM (");
@@ -262,7 +270,7 @@ impl GroupReader for EmbeddedQueries {
 
     fn edge_groups<'a>(&'a self, scope: &'a Scope, group_by: &'a [&'static str], ranges: &'a [(i64, i64)]) -> BoxFuture<'a, Result<Vec<SumRow>, QueryError>> {
         // One branch per range: an OR of two ranges would scan every minute row.
-        let sources: Vec<(&str, Vec<(i64, i64)>, bool)> = ranges.iter().map(|r| (MINUTES, vec![*r], false)).collect();
+        let sources: Vec<Part> = ranges.iter().map(|r| Part::new(MINUTES, *r, false)).collect();
         Box::pin(self.rows(grouped_over(scope, Granularity::Total, group_by, &sources), sum_row))
     }
 
