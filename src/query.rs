@@ -31,17 +31,17 @@ impl EmbeddedQueries {
 const LITE: Dialect = Dialect::Sqlite;
 const MINUTES: &str = "rollups_minute";
 
-/// One part of a read: a table's rows over ranges, added, or subtracted
+/// One part of a read: a table's rows over a range, added, or subtracted
 /// when `minus`.
 struct Part {
     table: &'static str,
-    ranges: Vec<(i64, i64)>,
+    range: (i64, i64),
     minus: bool,
 }
 
 impl Part {
     fn new(table: &'static str, range: (i64, i64), minus: bool) -> Part {
-        Part { table, ranges: vec![range], minus }
+        Part { table, range, minus }
     }
 }
 
@@ -73,13 +73,13 @@ fn source_clause(scope: &Scope, table: &str, ranges: &[(i64, i64)]) -> Sql {
     scope.clause_with_column(LITE, ranges, column)
 }
 
-/// Sums by bucket and dimensions over `sources`, as a complete SELECT (callers add
-/// HAVING, ORDER BY, LIMIT). Each table is summed on its own first: SQLite
-/// then aggregates the daily table in its user-first key order without
-/// sorting, and the outer GROUP BY sees only partial sums. The partial sums
-/// are named `p_*`, not `s_*`: in the outer ORDER BY and HAVING expressions
-/// SQLite would resolve such a name to the subquery's column (one row's
-/// partial sum), not to the total.
+/// Sums by bucket and dimensions over `sources`, as a complete SELECT
+/// (callers add HAVING, ORDER BY, LIMIT). Each table is summed on its own
+/// first: SQLite then aggregates the daily table in its user-first key order
+/// without sorting, and the outer GROUP BY sees only partial sums. The
+/// partial sums are named `p_*`, not `s_*`: in the outer ORDER BY and HAVING
+/// expressions SQLite would resolve such a name to the subquery's column
+/// (one row's partial sum), not to the total.
 fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sources: &[Part]) -> Sql {
     let keys = group_keys(granularity, group_by);
     let inner = |table: &str, ranges: &[(i64, i64)], minus: bool| {
@@ -90,7 +90,7 @@ fn grouped_over(scope: &Scope, granularity: Granularity, group_by: &[&str], sour
         q
     };
     let mut q = Sql::new(format!("SELECT g_bucket, g_user, g_customer, g_feature, g_model, {} FROM (", resums("p_")));
-    q.append(Sql::join(sources.iter().map(|p| inner(p.table, &p.ranges, p.minus)), " UNION ALL "));
+    q.append(Sql::join(sources.iter().map(|p| inner(p.table, &[p.range], p.minus)), " UNION ALL "));
     q.push(&format!(") GROUP BY {keys}"), []);
     q
 }
@@ -106,7 +106,7 @@ fn event_count(scope: &Scope, group_by: &[&str]) -> Sql {
     let parts = sources(scope, Granularity::Total, group_by).into_iter().map(|p| {
         let sign = if p.minus { "-" } else { "" };
         let mut q = Sql::new(format!("SELECT {sign}COALESCE(SUM(events), 0) AS n FROM {} WHERE ", p.table));
-        q.append(source_clause(scope, p.table, &p.ranges));
+        q.append(source_clause(scope, p.table, &[p.range]));
         q
     });
     let mut q = Sql::new("SELECT COALESCE(SUM(n), 0) FROM (");

@@ -67,14 +67,13 @@ pub fn one_user_days(scope: &Scope, granularity: Granularity) -> Option<(i64, i6
 /// every branch): `sum` wraps modulo 2^64, so a total that is not negative
 /// comes out exact.
 fn negated_columns() -> String {
-    let measures = Measure::ALL.iter().map(|m| match m.unit() {
-        Unit::Nanos => format!("-{0} AS {0}", m.column()),
-        Unit::Events | Unit::Tokens => format!("bitNot({0}) + 1 AS {0}", m.column()),
-    });
-    ["window_start", "user_id", "customer_id", "feature", "model", "environment", "billable"]
-        .iter()
-        .map(|c| (*c).to_owned())
-        .chain(measures)
+    ROLLUP_COLUMNS
+        .split(", ")
+        .map(|c| match Measure::ALL.iter().find(|m| m.column() == c).map(|m| m.unit()) {
+            Some(Unit::Nanos) => format!("-{c} AS {c}"),
+            Some(Unit::Events | Unit::Tokens) => format!("bitNot({c}) + 1 AS {c}"),
+            None => c.to_owned(),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
