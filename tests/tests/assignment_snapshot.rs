@@ -49,8 +49,13 @@ async fn number(ch: &ClickHouse, sql: &str) -> i64 {
 async fn written(ch: &ClickHouse, db: &str, unique: i64) {
     poll_until(Duration::from_secs(90), &format!("{unique} keys written and rolled up"), || async {
         let keys = number(ch, &format!("SELECT uniqExact(tenant, idempotency_key) FROM {db}.events")).await;
-        // Each rollup table has its own insert, in this order: the last one reaching it means all did.
-        let rolled = number(ch, &format!("SELECT sum(events) FROM {db}.rollups_user_daily WHERE tenant = 'acme'")).await;
+        // Each rollup table has its own insert: wait for every one of them
+        // rather than lean on the order a flush writes them in.
+        let mut rolled = i64::MAX;
+        for table in ["rollups_minute", "rollups_user_daily", "rollups_user_span"] {
+            let only = if table == "rollups_user_span" { " AND span_days = 1" } else { "" };
+            rolled = rolled.min(number(ch, &format!("SELECT sum(events) FROM {db}.{table} WHERE tenant = 'acme'{only}")).await);
+        }
         (keys >= unique && rolled >= unique).then_some(())
     })
     .await;

@@ -89,11 +89,21 @@ fn sentinels(round: usize) -> Vec<Value> {
 async fn drain(ch: &ClickHouse, database: &str, url: &str, rounds: std::ops::Range<usize>, logs: &[&Process]) {
     for round in rounds {
         post(url, &sentinels(round)).await;
-        // The last table a flush writes: its rows are the flush done.
-        let sql = format!("SELECT sum(events) FROM {database}.rollups_user_daily WHERE customer_id = 'c-sentinel-{round}'");
+        // Every rollup table holding the sentinels is the flush done, whatever
+        // order it writes them in.
+        let sqls = ["rollups_minute", "rollups_user_daily", "rollups_user_span"].map(|table| {
+            format!("SELECT sum(events) FROM {database}.{table} WHERE customer_id = 'c-sentinel-{round}'")
+        });
         let counted = tokio::time::timeout(
             Duration::from_secs(120),
-            poll_until(Duration::from_secs(120), "sentinels counted", || async { (scalar(ch, &sql).await >= PARTITIONS as u64).then_some(()) }),
+            poll_until(Duration::from_secs(120), "sentinels counted", || async {
+                for sql in &sqls {
+                    if scalar(ch, sql).await < PARTITIONS as u64 {
+                        return None;
+                    }
+                }
+                Some(())
+            }),
         )
         .await;
         if counted.is_err() {
