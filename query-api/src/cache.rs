@@ -9,8 +9,13 @@
 //!   most [`MAX_STANDING`] of them per pass, most recently asked first. An
 //!   entry asked no more is forgotten by the refresher (no statement is sent
 //!   for it again) but stays for requests until the group bound evicts it.
-//! - An entry that was slid to other hours (by a request or the refresher)
-//!   stops standing: the question moved on. Asked again, it stands again.
+//! - An entry slid to the hours its own question moved to (the hour turned
+//!   under "the last 30 days") is replaced by the slid entry, by a request
+//!   or the refresher alike: the question moved on, and keeping both would
+//!   grow the cache by a ranking's groups every hour until the bound. Slid
+//!   anywhere else (a request for a neighbouring range, or for the old
+//!   hours from a client clock behind the turn), both are kept: each is
+//!   still some client's question.
 //!
 //! Entries are keyed by tenant first ([`Key`]): nothing one tenant asked is
 //! ever answered to, or refreshed on behalf of, another.
@@ -131,40 +136,37 @@ impl GroupCache {
             .cloned()
     }
 
-    /// Keeps `entry`, asked for now by a request whose range `moves`
-    /// (replacing one with its key), evicting the least recently asked
-    /// beyond the bound; an entry larger than the bound is not kept. An
-    /// entry it was slid from (`from`) stops standing.
-    pub fn put(&self, entry: Entry, moves: Moves, from: Option<&Arc<Entry>>) -> Arc<Entry> {
+    /// Keeps `entry`, asked at `now` (Unix seconds) by a request whose
+    /// range `moves` (replacing one with its key), evicting the least
+    /// recently asked beyond the bound; an entry larger than the bound is
+    /// not kept. The entry it was slid from (`from`) is dropped if its own
+    /// question moved to `entry`'s hours, else kept as it is.
+    pub fn put(&self, entry: Entry, moves: Moves, from: Option<&Arc<Entry>>, now: i64) -> Arc<Entry> {
         let entry = Arc::new(entry);
         let mut slots = self.slots();
         slots.retain(|s| s.entry.key != entry.key);
-        if let Some(base) = from.and_then(|from| slots.iter_mut().find(|s| Arc::ptr_eq(&s.entry, from))) {
-            base.standing = None;
+        let moved_on = |s: &Slot| s.standing.is_some_and(|m| m.hours_at(s.entry.key.hours, now) == entry.key.hours);
+        if let Some(at) = from.and_then(|from| slots.iter().position(|s| Arc::ptr_eq(&s.entry, from) && moved_on(s))) {
+            slots.remove(at);
         }
         slots.push_front(Slot { entry: entry.clone(), asked: Instant::now(), standing: Some(moves) });
         self.bound(&mut slots);
         entry
     }
 
-    /// The refresher's write: `fresh` replaces `old` (read again over the
-    /// same hours), or stands in its place when slid to other hours (`old`
-    /// then stops standing), keeping when it was asked and its place in
-    /// line: refreshing is not asking. Nothing is written if `old` is no
-    /// longer kept, or a request kept an entry for `fresh`'s key meanwhile
-    /// (what a request keeps is as fresh as what the refresher read).
+    /// The refresher's write: `fresh` replaces `old`, read again over the
+    /// same hours or slid to the hours its question moved to, keeping when
+    /// it was asked and its place in line: refreshing is not asking.
+    /// Nothing is written if `old` is no longer kept, or a request kept an
+    /// entry for `fresh`'s key meanwhile (what a request keeps is as fresh
+    /// as what the refresher read).
     pub fn refreshed(&self, old: &Arc<Entry>, fresh: Entry) -> bool {
         let mut slots = self.slots();
         let Some(at) = slots.iter().position(|s| Arc::ptr_eq(&s.entry, old)) else { return false };
-        let fresh = Arc::new(fresh);
-        if fresh.key == old.key {
-            slots[at].entry = fresh;
-        } else if slots.iter().any(|s| s.entry.key == fresh.key) {
+        if fresh.key != old.key && slots.iter().any(|s| s.entry.key == fresh.key) {
             return false;
-        } else {
-            let (asked, standing) = (slots[at].asked, slots[at].standing.take());
-            slots.insert(at, Slot { entry: fresh, asked, standing });
         }
+        slots[at].entry = Arc::new(fresh);
         self.bound(&mut slots);
         true
     }
@@ -221,51 +223,71 @@ mod tests {
     #[test]
     fn the_cache_keeps_at_most_its_bound_of_groups() {
         let cache = GroupCache::new(5);
-        cache.put(entry((0, 1), 2), F, None);
-        cache.put(entry((0, 2), 2), F, None);
+        cache.put(entry((0, 1), 2), F, None, 0);
+        cache.put(entry((0, 2), 2), F, None, 0);
         assert!(cache.get(&key((0, 1)), F).is_some(), "used, so most recent");
-        cache.put(entry((0, 3), 2), F, None);
+        cache.put(entry((0, 3), 2), F, None, 0);
         assert_eq!(cache.groups(), 4);
         assert!(cache.get(&key((0, 2)), F).is_none(), "the least recently used went");
-        cache.put(entry((0, 1), 1), F, None);
+        cache.put(entry((0, 1), 1), F, None, 0);
         assert_eq!(cache.get(&key((0, 1)), F).map(|e| e.groups.len()), Some(1), "replaced, not duplicated");
-        let big = cache.put(entry((0, 4), 6), F, None);
+        let big = cache.put(entry((0, 4), 6), F, None, 0);
         assert_eq!(big.groups.len(), 6);
         assert!(cache.get(&key((0, 4)), F).is_none(), "larger than the bound: answered, not kept");
         assert!(!GroupCache::new(0).enabled());
     }
 
     #[test]
-    fn standing_questions_are_the_recently_asked_and_stop_when_slid_or_idle() {
+    fn standing_questions_are_the_recently_asked_and_slid_ones_are_replaced() {
         let h = 3_600;
         let cache = GroupCache::new(100);
-        let a = cache.put(entry((0, 10 * h), 2), Moves::Trailing, None);
+        let a = cache.put(entry((0, 10 * h), 2), Moves::Trailing, None, 10 * h + 30);
         let t0 = Instant::now();
         assert_eq!(cache.standing(t0, Duration::from_secs(60)).len(), 1);
         assert!(cache.standing(t0 + Duration::from_secs(61), Duration::from_secs(60)).is_empty(), "idle: forgotten by the refresher");
         assert!(cache.get(&key((0, 10 * h)), F).is_some(), "but still kept for requests");
 
-        // The refresher slides it: the slid entry stands in its place, with
-        // the time it was asked; the old one is kept but no longer stands.
+        // The refresher slides it: the slid entry takes its place, with the
+        // time it was asked; the old hours are no longer kept.
         assert!(cache.refreshed(&a, entry((h, 11 * h), 3)));
         let standing = cache.standing(Instant::now(), Duration::from_secs(60));
         assert_eq!(standing.iter().map(|s| s.entry.key.hours).collect::<Vec<_>>(), [(h, 11 * h)]);
-        assert_eq!(cache.groups(), 5, "both kept");
-        assert!(!cache.refreshed(&a, entry((h, 11 * h), 3)), "a slot for the key exists: the first write stands");
+        assert_eq!(cache.groups(), 3, "replaced, not kept beside");
+        assert!(cache.get(&key((0, 10 * h)), F).is_none());
+        assert!(!cache.refreshed(&a, entry((2 * h, 12 * h), 3)), "the old entry is gone: nothing written");
 
-        // A request asks the old range again: it stands again.
-        assert!(cache.get(&key((0, 10 * h)), F).is_some());
-        assert_eq!(cache.standing(Instant::now(), Duration::from_secs(60)).len(), 2);
+        // A request slides a trailing question to where the clock moved it:
+        // the base is replaced too.
+        let now = 11 * h + 30;
+        let base = cache.get(&key((h, 11 * h)), Moves::Trailing).expect("kept");
+        cache.put(entry((2 * h, 12 * h), 4), Moves::Trailing, Some(&base), now + h);
+        assert!(cache.get(&key((h, 11 * h)), F).is_none(), "the question moved on");
+        assert_eq!(cache.groups(), 4);
 
-        // A request slides from it: the base stops standing.
-        let base = cache.get(&key((0, 10 * h)), F).expect("kept");
-        cache.put(entry((2 * h, 12 * h), 1), F, Some(&base));
+        // Slid anywhere else (the old hours asked by a clock behind the
+        // turn): both kept, both standing.
+        let base = cache.get(&key((2 * h, 12 * h)), Moves::Trailing).expect("kept");
+        cache.put(entry((h, 11 * h), 3), Moves::Trailing, Some(&base), now + h);
         let hours: Vec<_> = cache.standing(Instant::now(), Duration::from_secs(60)).iter().map(|s| s.entry.key.hours).collect();
-        assert_eq!(hours, [(2 * h, 12 * h), (h, 11 * h)]);
+        assert_eq!(hours, [(h, 11 * h), (2 * h, 12 * h)]);
+        assert_eq!(cache.groups(), 7, "both kept");
 
         // Refreshing an entry no longer kept writes nothing.
         let gone = Arc::new(entry((50 * h, 60 * h), 1));
         assert!(!cache.refreshed(&gone, entry((50 * h, 60 * h), 1)));
+    }
+
+    #[test]
+    fn a_trailing_question_kept_for_a_day_holds_one_entry() {
+        let h = 3_600;
+        let cache = GroupCache::new(1_000_000);
+        let mut kept = cache.put(entry((0, 720 * h), 100), Moves::Trailing, None, 720 * h + 60);
+        for turn in 1..=24 {
+            let hours = (turn * h, (720 + turn) * h);
+            kept = cache.put(entry(hours, 100), Moves::Trailing, Some(&kept), (720 + turn) * h + 60);
+        }
+        assert_eq!(cache.groups(), 100, "one entry's groups, whatever the hours turned");
+        assert_eq!(kept.key.hours, (24 * h, 744 * h));
     }
 
     #[test]

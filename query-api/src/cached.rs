@@ -27,7 +27,8 @@ pub trait GroupReader: Send + Sync {
 /// before they are used: the refresher only saves this request the read.
 pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, scope: &Scope, q: &RankQuery, hours: (i64, i64)) -> Result<Ranking, QueryError> {
     let key = Key { tenant: scope.tenant.clone(), filters: scope.filters.clone(), group_by: q.group_by.clone(), hours };
-    let moves = Moves::of(scope.to.timestamp(), chrono::Utc::now().timestamp());
+    let now = chrono::Utc::now().timestamp();
+    let moves = Moves::of(scope.to.timestamp(), now);
     let inner = scope.with_range(hours.0, hours.1);
     let (from, to) = (scope.from.timestamp(), scope.to.timestamp());
     let edge_ranges: Vec<(i64, i64)> = [(from, hours.0), (hours.1, to)].into_iter().filter(|(a, b)| a < b).collect();
@@ -39,7 +40,7 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
     };
     let read = async {
         let groups = reader.groups(&inner, &q.group_by).await?;
-        Ok::<_, QueryError>(cache.put(Entry::new(key.clone(), groups), moves, None))
+        Ok::<_, QueryError>(cache.put(Entry::new(key.clone(), groups), moves, None, now))
     };
     let (entry, edges) = match cache.get(&key, moves) {
         Some(kept) => {
@@ -58,7 +59,7 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
             Some((slices, base)) => match tokio::try_join!(slide(reader, scope, &q.group_by, &base, key.clone(), slices), edges)? {
                 (Some(entry), edges) => {
                     metrics::ranking_cache("slide");
-                    (cache.put(entry, moves, Some(&base)), edges)
+                    (cache.put(entry, moves, Some(&base), now), edges)
                 }
                 (None, edges) => {
                     metrics::ranking_cache("stale");
@@ -235,14 +236,16 @@ mod tests {
         let (from2, to2) = (from + H, to + H);
         assert_eq!(ask(&cache, &fake, from2, to2).await, fresh(&fake, from2, to2), "exact");
         assert_eq!(fake.group_reads.load(Ordering::Relaxed), 3, "the request found the new hours kept: a hit, no slide of its own");
-        // The old range asked again after all (its end did not move): both
-        // stand, and a late event is read into each by the refresher.
-        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "kept beside the slid one");
+        // The slide replaced the old hours. Asked again after all (a client
+        // clock behind the turn): slid back, and from then on both stand,
+        // and a late event is read into each by the refresher.
+        assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to), "slid back from the new hours");
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 5, "the hour at each end, not the whole range");
         fake.rows.lock().unwrap().push((hour - 5 * H, "u9".into(), 1_000));
         crate::refresh::pass_at(&cache, &fake, std::time::Duration::from_secs(60), now + H).await;
-        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 5, "each read again where it is asked, not slid again");
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 7, "each read again where it is asked, not slid again");
         assert_eq!(ask(&cache, &fake, from, to).await, fresh(&fake, from, to));
         assert_eq!(ask(&cache, &fake, from2, to2).await, fresh(&fake, from2, to2));
-        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 5, "both hits");
+        assert_eq!(fake.group_reads.load(Ordering::Relaxed), 7, "both hits");
     }
 }
