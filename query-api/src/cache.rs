@@ -9,11 +9,11 @@
 //!   most [`MAX_STANDING`] of them per pass, most recently asked first. An
 //!   entry asked no more is forgotten by the refresher (no statement is sent
 //!   for it again) but stays for requests until the group bound evicts it.
-//! - An entry slid to the hours its own question moved to (the hour turned
-//!   under "the last 30 days") is replaced by the slid entry, by a request
-//!   or the refresher alike: the question moved on, and keeping both would
-//!   grow the cache by a ranking's groups every hour until the bound. Slid
-//!   anywhere else (a request for a neighbouring range, or for the old
+//! - An entry whose question moved to new hours (the hour turned under
+//!   "the last 30 days") is replaced by the entry kept for those hours,
+//!   slid or read whole, by a request or the refresher alike: the question
+//!   moved on, and keeping both would grow the cache by a ranking's groups
+//!   every hour until the bound. Slid or read anywhere else (a request for a neighbouring range, or for the old
 //!   hours from a client clock behind the turn), both are kept: each is
 //!   still some client's question.
 //!
@@ -137,18 +137,19 @@ impl GroupCache {
     }
 
     /// Keeps `entry`, asked at `now` (Unix seconds) by a request whose
-    /// range `moves` (replacing one with its key), evicting the least
-    /// recently asked beyond the bound; an entry larger than the bound is
-    /// not kept. The entry it was slid from (`from`) is dropped if its own
-    /// question moved to `entry`'s hours, else kept as it is.
-    pub fn put(&self, entry: Entry, moves: Moves, from: Option<&Arc<Entry>>, now: i64) -> Arc<Entry> {
+    /// range `moves`, evicting the least recently asked beyond the bound;
+    /// an entry larger than the bound is not kept. It replaces the entry
+    /// with its key, and any entry of the same question (tenant, filters,
+    /// grouping) whose hours moved to `entry`'s by `now`, however `entry`
+    /// was made (slid from it, or read whole because it was stale or too
+    /// far away).
+    pub fn put(&self, entry: Entry, moves: Moves, now: i64) -> Arc<Entry> {
         let entry = Arc::new(entry);
         let mut slots = self.slots();
-        slots.retain(|s| s.entry.key != entry.key);
-        let moved_on = |s: &Slot| s.standing.is_some_and(|m| m.hours_at(s.entry.key.hours, now) == entry.key.hours);
-        if let Some(at) = from.and_then(|from| slots.iter().position(|s| Arc::ptr_eq(&s.entry, from) && moved_on(s))) {
-            slots.remove(at);
-        }
+        let key = &entry.key;
+        let same_question = |k: &Key| k.tenant == key.tenant && k.filters == key.filters && k.group_by == key.group_by;
+        let moved_on = |s: &Slot| s.standing.is_some_and(|m| m.hours_at(s.entry.key.hours, now) == key.hours);
+        slots.retain(|s| s.entry.key != *key && !(same_question(&s.entry.key) && moved_on(s)));
         slots.push_front(Slot { entry: entry.clone(), asked: Instant::now(), standing: Some(moves) });
         self.bound(&mut slots);
         entry
@@ -223,15 +224,15 @@ mod tests {
     #[test]
     fn the_cache_keeps_at_most_its_bound_of_groups() {
         let cache = GroupCache::new(5);
-        cache.put(entry((0, 1), 2), F, None, 0);
-        cache.put(entry((0, 2), 2), F, None, 0);
+        cache.put(entry((0, 1), 2), F, 0);
+        cache.put(entry((0, 2), 2), F, 0);
         assert!(cache.get(&key((0, 1)), F).is_some(), "used, so most recent");
-        cache.put(entry((0, 3), 2), F, None, 0);
+        cache.put(entry((0, 3), 2), F, 0);
         assert_eq!(cache.groups(), 4);
         assert!(cache.get(&key((0, 2)), F).is_none(), "the least recently used went");
-        cache.put(entry((0, 1), 1), F, None, 0);
+        cache.put(entry((0, 1), 1), F, 0);
         assert_eq!(cache.get(&key((0, 1)), F).map(|e| e.groups.len()), Some(1), "replaced, not duplicated");
-        let big = cache.put(entry((0, 4), 6), F, None, 0);
+        let big = cache.put(entry((0, 4), 6), F, 0);
         assert_eq!(big.groups.len(), 6);
         assert!(cache.get(&key((0, 4)), F).is_none(), "larger than the bound: answered, not kept");
         assert!(!GroupCache::new(0).enabled());
@@ -241,7 +242,7 @@ mod tests {
     fn standing_questions_are_the_recently_asked_and_slid_ones_are_replaced() {
         let h = 3_600;
         let cache = GroupCache::new(100);
-        let a = cache.put(entry((0, 10 * h), 2), Moves::Trailing, None, 10 * h + 30);
+        let a = cache.put(entry((0, 10 * h), 2), Moves::Trailing, 10 * h + 30);
         let t0 = Instant::now();
         assert_eq!(cache.standing(t0, Duration::from_secs(60)).len(), 1);
         assert!(cache.standing(t0 + Duration::from_secs(61), Duration::from_secs(60)).is_empty(), "idle: forgotten by the refresher");
@@ -256,21 +257,26 @@ mod tests {
         assert!(cache.get(&key((0, 10 * h)), F).is_none());
         assert!(!cache.refreshed(&a, entry((2 * h, 12 * h), 3)), "the old entry is gone: nothing written");
 
-        // A request slides a trailing question to where the clock moved it:
-        // the base is replaced too.
+        // A request keeps a trailing question where the clock moved it
+        // (slid, or read whole after a late event): the old hours go too.
         let now = 11 * h + 30;
-        let base = cache.get(&key((h, 11 * h)), Moves::Trailing).expect("kept");
-        cache.put(entry((2 * h, 12 * h), 4), Moves::Trailing, Some(&base), now + h);
+        assert!(cache.get(&key((h, 11 * h)), Moves::Trailing).is_some());
+        cache.put(entry((2 * h, 12 * h), 4), Moves::Trailing, now + h);
         assert!(cache.get(&key((h, 11 * h)), F).is_none(), "the question moved on");
         assert_eq!(cache.groups(), 4);
 
-        // Slid anywhere else (the old hours asked by a clock behind the
+        // Kept anywhere else (the old hours asked by a clock behind the
         // turn): both kept, both standing.
-        let base = cache.get(&key((2 * h, 12 * h)), Moves::Trailing).expect("kept");
-        cache.put(entry((h, 11 * h), 3), Moves::Trailing, Some(&base), now + h);
+        assert!(cache.get(&key((2 * h, 12 * h)), Moves::Trailing).is_some());
+        cache.put(entry((h, 11 * h), 3), Moves::Trailing, now + h);
         let hours: Vec<_> = cache.standing(Instant::now(), Duration::from_secs(60)).iter().map(|s| s.entry.key.hours).collect();
         assert_eq!(hours, [(h, 11 * h), (2 * h, 12 * h)]);
         assert_eq!(cache.groups(), 7, "both kept");
+        // Another question's entries are never taken for this one's.
+        let other = Entry::new(Key { group_by: vec!["customer_id"], ..key((2 * h, 12 * h)) }, vec![row("c")]);
+        assert!(cache.get(&key((h, 11 * h)), Moves::Trailing).is_some());
+        cache.put(other, Moves::Trailing, now + h);
+        assert_eq!(cache.groups(), 8, "a grouping by customer replaces nothing grouped by user");
 
         // Refreshing an entry no longer kept writes nothing.
         let gone = Arc::new(entry((50 * h, 60 * h), 1));
@@ -281,10 +287,10 @@ mod tests {
     fn a_trailing_question_kept_for_a_day_holds_one_entry() {
         let h = 3_600;
         let cache = GroupCache::new(1_000_000);
-        let mut kept = cache.put(entry((0, 720 * h), 100), Moves::Trailing, None, 720 * h + 60);
+        let mut kept = cache.put(entry((0, 720 * h), 100), Moves::Trailing, 720 * h + 60);
         for turn in 1..=24 {
             let hours = (turn * h, (720 + turn) * h);
-            kept = cache.put(entry(hours, 100), Moves::Trailing, Some(&kept), (720 + turn) * h + 60);
+            kept = cache.put(entry(hours, 100), Moves::Trailing, (720 + turn) * h + 60);
         }
         assert_eq!(cache.groups(), 100, "one entry's groups, whatever the hours turned");
         assert_eq!(kept.key.hours, (24 * h, 744 * h));

@@ -40,7 +40,7 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
     };
     let read = async {
         let groups = reader.groups(&inner, &q.group_by).await?;
-        Ok::<_, QueryError>(cache.put(Entry::new(key.clone(), groups), moves, None, now))
+        Ok::<_, QueryError>(cache.put(Entry::new(key.clone(), groups), moves, now))
     };
     let (entry, edges) = match cache.get(&key, moves) {
         Some(kept) => {
@@ -59,7 +59,7 @@ pub async fn ranking<R: GroupReader + ?Sized>(cache: &GroupCache, reader: &R, sc
             Some((slices, base)) => match tokio::try_join!(slide(reader, scope, &q.group_by, &base, key.clone(), slices), edges)? {
                 (Some(entry), edges) => {
                     metrics::ranking_cache("slide");
-                    (cache.put(entry, moves, Some(&base), now), edges)
+                    (cache.put(entry, moves, now), edges)
                 }
                 (None, edges) => {
                     metrics::ranking_cache("stale");
