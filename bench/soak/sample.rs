@@ -51,6 +51,9 @@ pub struct Sample {
     pub queries: u64,
     pub query_errors: u64,
     pub query_p99_ms: Option<f64>,
+    /// The query side's `meterline_query_ranking_cache_groups`: the ranking
+    /// cache's groups, one entry per standing question once warm.
+    pub ranking_groups: Option<i64>,
 }
 
 impl Sample {
@@ -163,12 +166,13 @@ pub async fn parts(ch: &ClickHouse, db: &str) -> BTreeMap<String, (u64, u64, u64
         .collect()
 }
 
-async fn metric_lag(url: &str) -> Option<i64> {
+/// The sum of `name`'s series at `url` (a Prometheus text page), if it has any.
+async fn metric_sum(url: &str, name: &str) -> Option<i64> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
     let text = client.get(url).send().await.ok()?.text().await.ok()?;
     let lines: Vec<f64> = text
         .lines()
-        .filter(|l| l.starts_with(meterline_aggregator::metrics::CONSUMER_LAG))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .collect();
     (!lines.is_empty()).then(|| lines.iter().sum::<f64>() as i64)
@@ -180,6 +184,8 @@ pub struct Sampler {
     started: Instant,
     kafka: Option<KafkaLag>,
     metrics_url: Option<String>,
+    /// The query API's (or the all-in-one's) `/metrics`.
+    query_metrics_url: String,
     clickhouse: Option<(Arc<ClickHouse>, String)>,
     data_dir: Option<PathBuf>,
     queries: Arc<QueryStats>,
@@ -193,7 +199,7 @@ impl Sampler {
         let names: Vec<String> = PROCESSES.iter().map(|(n, _)| format!("rss_{n}_kib")).collect();
         writeln!(
             samples_csv,
-            "t_s,{},rss_bench_kib,lag_messages,lag_metric_messages,kafka_records,ch_events,ch_parts,ch_bytes,db_bytes,queries,query_errors,query_p99_ms",
+            "t_s,{},rss_bench_kib,lag_messages,lag_metric_messages,kafka_records,ch_events,ch_parts,ch_bytes,db_bytes,queries,query_errors,query_p99_ms,ranking_cache_groups",
             names.join(",")
         )?;
         let mut parts_csv = std::fs::File::create(args.out.join("parts.csv"))?;
@@ -205,6 +211,7 @@ impl Sampler {
             started,
             kafka,
             metrics_url: d.metrics_url.clone(),
+            query_metrics_url: format!("{}/metrics", d.query_url),
             clickhouse: d.clickhouse.clone(),
             data_dir: d.data_dir.clone(),
             queries,
@@ -223,8 +230,9 @@ impl Sampler {
             s.kafka_records = Some(records);
         }
         if let Some(url) = &self.metrics_url {
-            s.lag_metric = metric_lag(url).await;
+            s.lag_metric = metric_sum(url, meterline_aggregator::metrics::CONSUMER_LAG).await;
         }
+        s.ranking_groups = metric_sum(&self.query_metrics_url, meterline_query_api::metrics::RANKING_CACHE_GROUPS).await;
         if let Some((ch, db)) = &self.clickhouse {
             s.parts = parts(ch, db).await;
         }
@@ -235,7 +243,7 @@ impl Sampler {
         let (parts, bytes): (u64, u64) = s.parts.values().fold((0, 0), |(p, b), v| (p + v.0, b + v.2));
         writeln!(
             self.samples_csv,
-            "{t:.1},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{t:.1},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             rss.join(","),
             s.bench_rss_kib,
             opt(s.lag.map(|v| v.to_string())),
@@ -248,6 +256,7 @@ impl Sampler {
             s.queries,
             s.query_errors,
             opt(s.query_p99_ms.map(|v| format!("{v:.1}"))),
+            opt(s.ranking_groups.map(|v| v.to_string())),
         )?;
         for (table, (p, rows, bytes)) in &s.parts {
             writeln!(self.parts_csv, "{t:.1},{table},{p},{rows},{bytes}")?;
