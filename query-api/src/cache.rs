@@ -13,9 +13,11 @@
 //!   "the last 30 days") is replaced by the entry kept for those hours,
 //!   slid or read whole, by a request or the refresher alike: the question
 //!   moved on, and keeping both would grow the cache by a ranking's groups
-//!   every hour until the bound. Slid or read anywhere else (a request for a neighbouring range, or for the old
-//!   hours from a client clock behind the turn), both are kept: each is
-//!   still some client's question.
+//!   every hour until the bound. An entry kept for other hours (a
+//!   neighbouring range) replaces nothing. A client whose clock is behind
+//!   the turn gets the old hours slid back, kept beside the new ones until
+//!   the next request on the server's clock keeps the new hours again: it
+//!   costs that client a slide, never a wrong answer.
 //!
 //! Entries are keyed by tenant first ([`Key`]): nothing one tenant asked is
 //! ever answered to, or refreshed on behalf of, another.
@@ -80,8 +82,8 @@ struct Slot {
     entry: Arc<Entry>,
     /// When a request last asked for it (or for the entry it was slid from).
     asked: Instant,
-    /// None once the question moved on (see the module docs).
-    standing: Option<Moves>,
+    /// How the question that last asked for it moves with the clock.
+    moves: Moves,
 }
 
 /// The kept entries, most recently asked first, at most `max_groups` groups in all.
@@ -116,7 +118,7 @@ impl GroupCache {
         let mut slots = self.slots();
         let at = slots.iter().position(|s| &s.entry.key == key)?;
         let mut slot = slots.remove(at)?;
-        (slot.asked, slot.standing) = (Instant::now(), Some(moves));
+        (slot.asked, slot.moves) = (Instant::now(), moves);
         let entry = slot.entry.clone();
         slots.push_front(slot);
         Some(entry)
@@ -148,9 +150,9 @@ impl GroupCache {
         let mut slots = self.slots();
         let key = &entry.key;
         let same_question = |k: &Key| k.tenant == key.tenant && k.filters == key.filters && k.group_by == key.group_by;
-        let moved_on = |s: &Slot| s.standing.is_some_and(|m| m.hours_at(s.entry.key.hours, now) == key.hours);
+        let moved_on = |s: &Slot| s.moves.hours_at(s.entry.key.hours, now) == key.hours;
         slots.retain(|s| s.entry.key != *key && !(same_question(&s.entry.key) && moved_on(s)));
-        slots.push_front(Slot { entry: entry.clone(), asked: Instant::now(), standing: Some(moves) });
+        slots.push_front(Slot { entry: entry.clone(), asked: Instant::now(), moves });
         self.bound(&mut slots);
         entry
     }
@@ -183,7 +185,7 @@ impl GroupCache {
         self.slots()
             .iter()
             .filter(|s| now.saturating_duration_since(s.asked) <= idle)
-            .filter_map(|s| Some(Standing { entry: s.entry.clone(), moves: s.standing? }))
+            .map(|s| Standing { entry: s.entry.clone(), moves: s.moves })
             .take(MAX_STANDING)
             .collect()
     }
@@ -246,7 +248,7 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(cache.standing(t0, Duration::from_secs(60)).len(), 1);
         assert!(cache.standing(t0 + Duration::from_secs(61), Duration::from_secs(60)).is_empty(), "idle: forgotten by the refresher");
-        assert!(cache.get(&key((0, 10 * h)), F).is_some(), "but still kept for requests");
+        assert!(cache.get(&key((0, 10 * h)), Moves::Trailing).is_some(), "but still kept for requests");
 
         // The refresher slides it: the slid entry takes its place, with the
         // time it was asked; the old hours are no longer kept.
@@ -281,6 +283,31 @@ mod tests {
         // Refreshing an entry no longer kept writes nothing.
         let gone = Arc::new(entry((50 * h, 60 * h), 1));
         assert!(!cache.refreshed(&gone, entry((50 * h, 60 * h), 1)));
+    }
+
+    #[test]
+    fn an_open_ended_question_is_replaced_as_its_end_moves() {
+        let h = 3_600;
+        let cache = GroupCache::new(1_000);
+        // "Until 20:00", asked at 10:00 and again at 11:00: its start stays, its end follows the clock.
+        let moves = Moves::End { until: 20 * h };
+        cache.put(entry((0, 10 * h), 2), moves, 10 * h + 30);
+        cache.put(entry((0, 11 * h), 3), moves, 11 * h + 30);
+        assert!(cache.get(&key((0, 10 * h)), F).is_none(), "its end moved on");
+        assert_eq!(cache.groups(), 3);
+    }
+
+    #[test]
+    fn the_refresher_never_writes_over_hours_a_request_kept() {
+        let h = 3_600;
+        let cache = GroupCache::new(1_000);
+        let first = cache.put(entry((0, 10 * h), 2), Moves::Trailing, 10 * h + 30);
+        // A client clock ahead asks the next hours before the server's hour turns: both kept.
+        cache.put(entry((h, 11 * h), 3), Moves::Trailing, 10 * h + 40);
+        assert_eq!(cache.groups(), 5);
+        // The refresher then slides the first to those hours: the request's entry stands.
+        assert!(!cache.refreshed(&first, entry((h, 11 * h), 9)));
+        assert_eq!(cache.get(&key((h, 11 * h)), F).map(|e| e.groups.len()), Some(3));
     }
 
     #[test]
