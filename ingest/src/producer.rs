@@ -224,7 +224,11 @@ impl EventProducer {
     /// (the backpressure when the broker is slow), the send waits for this
     /// request's oldest outstanding ack, or briefly when it has none, and
     /// gives up after the produce timeout as `FutureProducer::send` would.
-    pub async fn send_all(&self, messages: &Outgoing) -> Result<(), IngestError> {
+    ///
+    /// `messages` is dropped once librdkafka holds its copy of every message,
+    /// before the wait for acks: while the broker is slow, a request in
+    /// flight holds only what librdkafka queued for it.
+    pub async fn send_all(&self, messages: Outgoing) -> Result<(), IngestError> {
         let producer = self.current();
         let deadline = Instant::now() + self.timeout;
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(messages.messages.len());
@@ -258,6 +262,7 @@ impl EventProducer {
                 }
             }
         }
+        drop(messages);
         // Every message handed over is awaited, even after a failure, so
         // the producer is replaced only once none of this request is queued.
         for delivery in pending {
@@ -380,7 +385,7 @@ mod tests {
         }
         let events: Vec<Envelope> = (0..1_000).map(envelope).collect();
         let outgoing = producer.outgoing(&events).await.unwrap();
-        producer.send_all(&outgoing).await.expect("every event acked despite the full queue");
+        producer.send_all(outgoing).await.expect("every event acked despite the full queue");
 
         // Read back from the start of every partition until each key is seen
         // (the test broker's watermarks count batches, not records).
