@@ -54,6 +54,10 @@ pub struct Sample {
     /// The query side's `meterline_query_ranking_cache_groups`: the ranking
     /// cache's groups, one entry per standing question once warm.
     pub ranking_groups: Option<i64>,
+    /// Ingest's mean time from handing a request's events to the broker to
+    /// the last ack, over the interval since the sample before: a request
+    /// holds its records for that long.
+    pub produce_ms: Option<f64>,
 }
 
 impl Sample {
@@ -167,7 +171,7 @@ pub async fn parts(ch: &ClickHouse, db: &str) -> BTreeMap<String, (u64, u64, u64
 }
 
 /// The sum of `name`'s series at `url` (a Prometheus text page), if it has any.
-async fn metric_sum(url: &str, name: &str) -> Option<i64> {
+async fn metric_sum(url: &str, name: &str) -> Option<f64> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
     let text = client.get(url).send().await.ok()?.text().await.ok()?;
     let lines: Vec<f64> = text
@@ -175,7 +179,7 @@ async fn metric_sum(url: &str, name: &str) -> Option<i64> {
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .collect();
-    (!lines.is_empty()).then(|| lines.iter().sum::<f64>() as i64)
+    (!lines.is_empty()).then(|| lines.iter().sum::<f64>())
 }
 
 /// Samples until told to stop, then once more; returns every sample.
@@ -186,6 +190,11 @@ pub struct Sampler {
     metrics_url: Option<String>,
     /// The query API's (or the all-in-one's) `/metrics`.
     query_metrics_url: String,
+    /// Ingest's (or the all-in-one's) `/metrics`.
+    ingest_metrics_url: String,
+    /// Ingest's produce-duration histogram (sum of seconds, count) at the
+    /// sample before.
+    produce_before: Option<(f64, f64)>,
     clickhouse: Option<(Arc<ClickHouse>, String)>,
     data_dir: Option<PathBuf>,
     queries: Arc<QueryStats>,
@@ -199,7 +208,7 @@ impl Sampler {
         let names: Vec<String> = PROCESSES.iter().map(|(n, _)| format!("rss_{n}_kib")).collect();
         writeln!(
             samples_csv,
-            "t_s,{},rss_bench_kib,lag_messages,lag_metric_messages,kafka_records,ch_events,ch_parts,ch_bytes,db_bytes,queries,query_errors,query_p99_ms,ranking_cache_groups",
+            "t_s,{},rss_bench_kib,lag_messages,lag_metric_messages,kafka_records,ch_events,ch_parts,ch_bytes,db_bytes,queries,query_errors,query_p99_ms,ranking_cache_groups,ingest_produce_ms",
             names.join(",")
         )?;
         let mut parts_csv = std::fs::File::create(args.out.join("parts.csv"))?;
@@ -212,6 +221,8 @@ impl Sampler {
             kafka,
             metrics_url: d.metrics_url.clone(),
             query_metrics_url: format!("{}/metrics", d.query_url),
+            ingest_metrics_url: format!("{}/metrics", d.ingest_url),
+            produce_before: None,
             clickhouse: d.clickhouse.clone(),
             data_dir: d.data_dir.clone(),
             queries,
@@ -230,9 +241,10 @@ impl Sampler {
             s.kafka_records = Some(records);
         }
         if let Some(url) = &self.metrics_url {
-            s.lag_metric = metric_sum(url, meterline_aggregator::metrics::CONSUMER_LAG).await;
+            s.lag_metric = metric_sum(url, meterline_aggregator::metrics::CONSUMER_LAG).await.map(|v| v as i64);
         }
-        s.ranking_groups = metric_sum(&self.query_metrics_url, meterline_query_api::metrics::RANKING_CACHE_GROUPS).await;
+        s.ranking_groups = metric_sum(&self.query_metrics_url, meterline_query_api::metrics::RANKING_CACHE_GROUPS).await.map(|v| v as i64);
+        s.produce_ms = self.produce_ms().await;
         if let Some((ch, db)) = &self.clickhouse {
             s.parts = parts(ch, db).await;
         }
@@ -243,7 +255,7 @@ impl Sampler {
         let (parts, bytes): (u64, u64) = s.parts.values().fold((0, 0), |(p, b), v| (p + v.0, b + v.2));
         writeln!(
             self.samples_csv,
-            "{t:.1},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{t:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             rss.join(","),
             s.bench_rss_kib,
             opt(s.lag.map(|v| v.to_string())),
@@ -257,11 +269,24 @@ impl Sampler {
             s.query_errors,
             opt(s.query_p99_ms.map(|v| format!("{v:.1}"))),
             opt(s.ranking_groups.map(|v| v.to_string())),
+            opt(s.produce_ms.map(|v| format!("{v:.1}"))),
         )?;
         for (table, (p, rows, bytes)) in &s.parts {
             writeln!(self.parts_csv, "{t:.1},{table},{p},{rows},{bytes}")?;
         }
         Ok(s)
+    }
+
+    /// Ingest's mean produce time since the sample before, from its
+    /// histogram's sum and count; `None` on the first sample, when nothing was
+    /// produced in between, or when ingest did not answer.
+    async fn produce_ms(&mut self) -> Option<f64> {
+        let name = meterline_ingest::metrics::PRODUCE_DURATION;
+        let url = &self.ingest_metrics_url;
+        let now = (metric_sum(url, &format!("{name}_sum")).await?, metric_sum(url, &format!("{name}_count")).await?);
+        let before = self.produce_before.replace(now)?;
+        let produced = now.1 - before.1;
+        (produced > 0.0).then(|| (now.0 - before.0) / produced * 1000.0)
     }
 
     /// Samples every `every` (on a fixed schedule) until `stop` turns true,
