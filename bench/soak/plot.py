@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Draws a soak-bench run's CSVs (samples.csv, freshness.csv, kills.csv,
 parts.csv in RUN_DIR) as PNGs with matplotlib: resident memory, consumer lag,
-freshness and storage over time, with the aggregator's SIGKILLs marked.
+freshness, storage, and ingest's memory beside its produce time over time,
+with the aggregator's SIGKILLs marked.
 
     python3 bench/soak/plot.py RUN_DIR --prefix distributed --out bench/soak [--warmup-min 10]
         [--loadavg FILE --start-epoch SECONDS]
@@ -142,6 +143,24 @@ def main():
         ax.legend(fontsize=8, loc="upper left")
         load_overlay(ax, loadavg, a.start_epoch)
         save(fig, a.out, a.prefix, "freshness")
+
+    t, v = series(samples, "ingest_produce_ms")
+    t_rss, rss = series(samples, "rss_ingest_kib", 1 / 1024)
+    if v and rss:
+        # Ingest holds a request's records until the broker acks them: its
+        # memory beside how long that takes.
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.plot(t_rss, rss, color="tab:blue", linewidth=1.2, label="ingest resident memory")
+        ax.set_ylabel("ingest resident memory (MiB)", color="tab:blue")
+        marks(ax, kills, a.warmup_min)
+        ax.legend(fontsize=8, loc="upper left")
+        ax2 = ax.twinx()
+        ax2.plot(t, v, color="tab:orange", linewidth=0.8, alpha=0.8, label="ingest's mean produce time per 10 s (handed to broker to acked)")
+        ax2.set_ylabel("produce time (ms)", color="tab:orange")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(fontsize=8, loc="lower right")
+        ax.set_title(f"{a.prefix}: ingest's memory and the broker's ack time")
+        save(fig, a.out, a.prefix, "ingest")
 
     fig, ax = plt.subplots(figsize=(10, 4))
     drawn = False
