@@ -170,16 +170,25 @@ pub async fn parts(ch: &ClickHouse, db: &str) -> BTreeMap<String, (u64, u64, u64
         .collect()
 }
 
-/// The sum of `name`'s series at `url` (a Prometheus text page), if it has any.
-async fn metric_sum(url: &str, name: &str) -> Option<f64> {
+/// The Prometheus text page at `url`, if it answers in time.
+async fn metrics_page(url: &str) -> Option<String> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
-    let text = client.get(url).send().await.ok()?.text().await.ok()?;
-    let lines: Vec<f64> = text
+    client.get(url).send().await.ok()?.text().await.ok()
+}
+
+/// The sum of `name`'s series in a Prometheus text page, if it has any.
+fn series_sum(page: &str, name: &str) -> Option<f64> {
+    let lines: Vec<f64> = page
         .lines()
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .collect();
     (!lines.is_empty()).then(|| lines.iter().sum::<f64>())
+}
+
+/// The sum of `name`'s series at `url`, if it has any.
+async fn metric_sum(url: &str, name: &str) -> Option<f64> {
+    series_sum(&metrics_page(url).await?, name)
 }
 
 /// Samples until told to stop, then once more; returns every sample.
@@ -282,8 +291,9 @@ impl Sampler {
     /// produced in between, or when ingest did not answer.
     async fn produce_ms(&mut self) -> Option<f64> {
         let name = meterline_ingest::metrics::PRODUCE_DURATION;
-        let url = &self.ingest_metrics_url;
-        let now = (metric_sum(url, &format!("{name}_sum")).await?, metric_sum(url, &format!("{name}_count")).await?);
+        // Both from one scrape, so the mean is of the same requests.
+        let page = metrics_page(&self.ingest_metrics_url).await?;
+        let now = (series_sum(&page, &format!("{name}_sum"))?, series_sum(&page, &format!("{name}_count"))?);
         let before = self.produce_before.replace(now)?;
         let produced = now.1 - before.1;
         (produced > 0.0).then(|| (now.0 - before.0) / produced * 1000.0)
